@@ -1,0 +1,83 @@
+"""`fxfuse.optimize(model)`: compile a model's forward through the fxfuse backend, in place."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable, Optional
+
+import torch
+
+from ..passes.lora import LoraPass
+from ..passes.manager import PassManager
+from ..runtime import cache
+from ..runtime.kernels import lora as lora_kernels
+from .backend import make_backend
+from .report import Report
+
+# Passes in the order they run. Each entry builds a fresh pass.
+PASSES = {
+    "lora": LoraPass,
+}
+
+_REPORT_ATTR = "_fxfuse_report"
+
+
+def build_manager(passes: Optional[Iterable[str]] = None) -> PassManager:
+    names = list(PASSES) if passes is None else list(passes)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; available: {list(PASSES)}")
+    return PassManager([PASSES[n]() for n in PASSES if n in names])
+
+
+def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",
+             dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True) -> torch.nn.Module:
+    """Compile `model` through fxfuse's torch.compile backend and return the same object.
+
+    The passes rewrite dynamo's graphs (including checkpointed decoder layers) before Inductor
+    compiles them; compilation happens at the first call. Parameters, names and state_dict keys
+    are untouched (no `_orig_mod.` prefix). `fxfuse.report(model)` tells what was rewritten.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if hasattr(model, _REPORT_ATTR):
+        raise ValueError("this model was already optimized by fxfuse")
+    manager = build_manager(passes)
+    report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in manager.passes])
+    if compiler == "inductor":
+        report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
+    report.start()
+    backend = make_backend(manager, report, compiler)
+    if verbose:
+        backend = _with_progress(backend, report)
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if (why := lora_kernels.triton_available(dev)) is not None:
+            print(f"fxfuse: note: Triton kernels cannot run on {dev} ({why}); fused ops will run their "
+                  "eager reference and count as fallbacks in the report", file=sys.stderr)
+        print(f"fxfuse: passes {report.pass_names} (uuid {report.manager_uuid}), compiler {compiler}; "
+              "graphs compile at the first call", file=sys.stderr)
+    model.compile(backend=backend, dynamic=dynamic)
+    object.__setattr__(model, _REPORT_ATTR, report)
+    return model
+
+
+def report(model: torch.nn.Module) -> Report:
+    """The report of an optimized model (filled in as its graphs compile)."""
+    rep = getattr(model, _REPORT_ATTR, None)
+    if rep is None:
+        raise ValueError("this model was not optimized by fxfuse (call fxfuse.optimize(model) first)")
+    return rep
+
+
+def _with_progress(backend, report: Report):
+    def run(gm, example_inputs):
+        t0 = time.perf_counter()
+        print(f"fxfuse: graph {len(report.graphs)}: running passes and compiling "
+              f"({len(gm.graph.nodes)} top-level nodes)...", file=sys.stderr, flush=True)
+        compiled = backend(gm, example_inputs)
+        rec = report.graphs[-1]
+        done = ", ".join(f"{p.name} {p.rewritten}/{p.candidates}" for p in rec.passes)
+        print(f"fxfuse: graph {rec.index}: rewrote {done} in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr, flush=True)
+        return compiled
+    return run

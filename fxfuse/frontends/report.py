@@ -1,0 +1,101 @@
+"""What optimize() did: per pass, candidates / rewritten / declined with reasons and HF module
+names; graphs compiled, graph breaks, and run-time fallbacks of the fused ops."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from ..passes.manager import PassStats, Site
+from ..runtime import stats as runtime_stats
+
+
+@dataclass
+class GraphRecord:
+    index: int
+    nodes_before: int
+    nodes_after: int
+    passes: list[PassStats]
+
+
+@dataclass
+class Report:
+    manager_uuid: str = ""
+    pass_names: list[str] = field(default_factory=list)
+    graphs: list[GraphRecord] = field(default_factory=list)
+    graph_breaks: Counter = field(default_factory=Counter)
+    cache_dir: str = ""
+    _breaks_at_start: Counter = field(default_factory=Counter)
+
+    def start(self) -> None:
+        self._breaks_at_start = Counter(_graph_break_counter())
+
+    def add_graph(self, before: int, after: int, passes: list[PassStats]) -> None:
+        self.graphs.append(GraphRecord(len(self.graphs), before, after, passes))
+        self.graph_breaks = Counter(_graph_break_counter()) - self._breaks_at_start
+
+    def sites(self, pass_name: str | None = None) -> list[Site]:
+        return [s for g in self.graphs for p in g.passes for s in p.sites
+                if pass_name is None or s.pass_name == pass_name]
+
+    def summary(self) -> dict:
+        """Per pass: candidates, rewritten, declined (reason -> count)."""
+        out = {}
+        for name in self.pass_names:
+            sites = self.sites(name)
+            out[name] = {
+                "candidates": len(sites),
+                "rewritten": sum(s.rewritten for s in sites),
+                "declined": dict(Counter(s.reason for s in sites if not s.rewritten)),
+            }
+        return out
+
+    @property
+    def runtime_fallbacks(self) -> int:
+        return sum(runtime_stats.fallbacks.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "manager_uuid": self.manager_uuid,
+            "graphs_compiled": len(self.graphs),
+            "graph_breaks": sum(self.graph_breaks.values()),
+            "graph_break_reasons": dict(self.graph_breaks),
+            "passes": self.summary(),
+            "sites": [s.__dict__ for s in self.sites()],
+            "runtime": runtime_stats.snapshot(),
+            "cache_dir": self.cache_dir,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def table(self, sites: bool = False) -> str:
+        lines = [f"fxfuse report (passes uuid {self.manager_uuid}): {len(self.graphs)} graph(s) compiled, "
+                 f"{sum(self.graph_breaks.values())} graph break(s)"]
+        for reason, n in self.graph_breaks.items():
+            lines.append(f"  graph break x{n}: {reason}")
+        lines.append(f"{'pass':<10} {'candidates':>10} {'rewritten':>10} {'declined':>9}")
+        for name, s in self.summary().items():
+            lines.append(f"{name:<10} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}")
+            for reason, n in s["declined"].items():
+                lines.append(f"  declined x{n}: {reason}")
+        snap = runtime_stats.snapshot()
+        lines.append(f"run-time: kernel calls {sum(snap['kernel_calls'].values())}, "
+                     f"fallbacks to reference {self.runtime_fallbacks}")
+        for what, n in snap["fallbacks"].items():
+            lines.append(f"  fallback x{n}: {what}")
+        if sites:
+            lines.append(f"{'pass':<8} {'status':<10} {'module':<45} {'node / reason'}")
+            for s in self.sites():
+                status = "rewritten" if s.rewritten else "declined"
+                detail = f"{s.node} -> {s.group}" if s.rewritten else s.reason
+                lines.append(f"{s.pass_name:<8} {status:<10} {s.module:<45} {detail}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+def _graph_break_counter() -> Counter:
+    return Counter(torch._dynamo.utils.counters.get("graph_break", {}))

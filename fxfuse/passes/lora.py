@@ -1,0 +1,181 @@
+"""LoRA pass: PEFT LoRA linears -> `fxfuse::lora_linear`, one op per group sharing an input.
+
+PEFT's LoRA linear traces (dynamo) as
+    out = to?( linear(x, W, bias) + linear(linear(dropout?(to?(x)), A), B) * scaling )
+The anchor is the low-rank chain linear(linear(., A), B); from each anchor the matcher walks up
+to the sum, so every low-rank chain in the graph is a candidate that is either rewritten or
+declined with a reason (DoRA, trainable base weights, ...). Sites whose base linears read the
+same node (q/k/v, gate/up) become one grouped op that reads the input once for the low-rank part.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from ..runtime.kernels import lora as kernels
+from ..runtime.ops import lora as lora_op  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
+from .manager import GraphPass, PassStats, Site
+from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, is_anchor, match_at, module_path
+
+LOW_RANK = Op("linear", (Op("linear", (Opt("dropout", Opt("to", Var("x")), name="dropout"), Var("lora_A"), None),
+                           name="down", label="lora_A linear"),
+                         Var("lora_B"), None), name="up", label="lora_B linear (no bias)")
+PATTERN = Opt("to", Op("add", (Op("linear", (Var("x"), Var("weight"), Var("bias")), name="base", label="base linear"),
+                              Op("mul", (LOW_RANK, Lit("scaling")), commutative=True, label="scaled low-rank term")),
+                      commutative=True, name="sum", label="base + low-rank sum"))
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = 128
+
+
+def check(m) -> dict:
+    """Read the site's tensors from the graph's fake values; decline what the op cannot express."""
+    x, w, bias = (example_value(m[k]) for k in ("x", "weight", "bias"))
+    a, b = example_value(m["lora_A"]), example_value(m["lora_B"])
+    for name, t in (("input", x), ("base weight", w), ("lora_A", a), ("lora_B", b)):
+        if not isinstance(t, torch.Tensor):
+            raise Decline(f"{name} has no recorded tensor value")
+        if t.dtype not in _FLOATS:
+            raise Decline(f"{name} dtype {t.dtype} not supported (fp32/fp16/bf16)")
+    if w.dim() != 2 or a.dim() != 2 or b.dim() != 2 or x.dim() < 2:
+        raise Decline("base weight, lora_A and lora_B must be 2-D and the input at least 2-D")
+    n, k = w.shape
+    r = a.shape[0]
+    if x.shape[-1] != k or a.shape[1] != k or b.shape != (n, r):
+        raise Decline(f"shapes do not form a LoRA linear: x {tuple(x.shape)}, W {tuple(w.shape)}, "
+                      f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+    if r > MAX_RANK:
+        raise Decline(f"rank {r} > {MAX_RANK} (kernel limit)")
+    if w.dtype != x.dtype:
+        raise Decline(f"base weight {w.dtype} differs from input {x.dtype} (quantized or mixed base?)")
+    if a.dtype != b.dtype:
+        raise Decline(f"lora_A {a.dtype} and lora_B {b.dtype} differ")
+    if w.requires_grad:
+        raise Decline("base weight requires grad (not a frozen-base LoRA)")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n,):
+            raise Decline("base bias is not a 1-D tensor of out_features")
+        if bias.requires_grad:
+            raise Decline("base bias requires grad (LoraConfig bias='all'/'lora_only')")
+    p, training = 0.0, False
+    if m.get("dropout") is not None:
+        attrs = canon(m["dropout"]).attrs
+        p, training = attrs["p"], attrs["training"]
+        if not isinstance(p, (int, float)) or not isinstance(training, bool):
+            raise Decline("dropout p/training are not literals in the graph")
+    p = float(p) if training else 0.0
+    if not 0.0 <= p < 1.0:
+        raise Decline(f"dropout p={p} outside [0, 1)")
+    if p > 0 and (why := kernels.triton_available(x.device)) is not None:
+        raise Decline(f"dropout p={p} needs the Triton kernels (mask drawn in-kernel): {why}")
+    cast = m["down"].args[0]
+    lowrank_in = example_value(cast)
+    if isinstance(lowrank_in, torch.Tensor) and lowrank_in.dtype != a.dtype:
+        raise Decline(f"low-rank branch computes in {lowrank_in.dtype}, adapters are {a.dtype}")
+    out = example_value(m.root)
+    if not isinstance(out, torch.Tensor) or out.dtype not in _FLOATS:
+        raise Decline("site output has no floating tensor value")
+    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype, "rank": r}
+
+
+class LoraPass(GraphPass):
+    name = "lora"
+
+    def __init__(self, group: bool = True):
+        self.group = group
+        self.config = {"group": group, "max_rank": MAX_RANK}
+
+    def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
+        for gname, sub in graphs_of(gm):
+            self._run_graph(gname, sub, stats)
+
+    def _run_graph(self, gname: str, gm: fx.GraphModule, stats: PassStats) -> None:
+        anchor = LOW_RANK
+        sites = []
+        for node in list(gm.graph.nodes):
+            if not is_anchor(anchor, node):
+                continue
+            module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
+            try:
+                m = match_at(PATTERN, anchor, node)
+                info = check(m)
+            except Decline as e:
+                stats.sites.append(Site(self.name, module, node.name, gname, False, str(e)))
+                continue
+            sites.append((m, info, module))
+        groups: dict = defaultdict(list)
+        for m, info, module in sites:
+            key = (m["x"], info["out_dtype"], example_value(m["lora_A"]).dtype) if self.group else id(m)
+            groups[key].append((m, info, module))
+        for members in groups.values():
+            fused = _replace_group(gm, members)
+            for m, info, module in members:
+                stats.sites.append(Site(self.name, module, m["up"].name, gname, True, group=fused.name))
+
+
+def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
+    g = gm.graph
+    x = members[0][0]["x"]
+    operands = [x] + [m[k] for m, _, _ in members for k in ("weight", "bias", "lora_A", "lora_B")]
+    order = {n: i for i, n in enumerate(g.nodes)}
+    last = max((n for n in operands if isinstance(n, fx.Node)), key=order.__getitem__)
+    ps = [info["p"] for _, info, _ in members]
+    with g.inserting_after(last):
+        seed = None
+        if any(p > 0 for p in ps):
+            # A fresh seed per call; AOTAutograd replays random ops inside checkpointed regions,
+            # and the seed is saved for backward, so recomputation sees the same masks.
+            seed = g.call_function(torch.randint, (2**31 - 1, (1,)), {"dtype": torch.int64})
+        anchor = seed if seed is not None else last
+    with g.inserting_after(anchor):
+        fused = g.call_function(torch.ops.fxfuse.lora_linear.default, (
+            x,
+            [m["weight"] for m, _, _ in members],
+            [m["bias"] for m, _, _ in members],
+            [m["lora_A"] for m, _, _ in members],
+            [m["lora_B"] for m, _, _ in members],
+            [info["scaling"] for _, info, _ in members],
+            ps,
+            seed,
+            members[0][1]["out_dtype"],
+        ))
+    fused.meta["nn_module_stack"] = dict(members[0][0].root.meta.get("nn_module_stack", {}))
+    _set_fake_values(fused, seed)
+    cursor = fused
+    for i, (m, _, _) in enumerate(members):
+        with g.inserting_after(cursor):
+            out = g.call_function(operator.getitem, (fused, i))
+        out.meta.update({k: v for k, v in m.root.meta.items() if k in ("nn_module_stack", "example_value", "val")})
+        m.root.replace_all_uses_with(out)
+        cursor = out
+    for m, _, _ in members:
+        for n in sorted(set(m.nodes), key=order.__getitem__, reverse=True):
+            if not n.users:
+                g.erase_node(n)
+    return fused
+
+
+def _set_fake_values(fused: fx.Node, seed) -> None:
+    """Give the new nodes fake values like dynamo's, so later passes and dumps can read shapes."""
+    x = example_value(fused.args[0])
+    mode = getattr(x, "fake_mode", None)
+    if mode is None:
+        return
+
+    def val(a):
+        if isinstance(a, fx.Node):
+            return example_value(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(val(v) for v in a)
+        return a
+
+    with mode:
+        if seed is not None:
+            seed.meta["example_value"] = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
+        args = [val(a) for a in fused.args]
+        if seed is not None:
+            args[7] = seed.meta["example_value"]
+        fused.meta["example_value"] = torch.ops.fxfuse.lora_linear.default(*args)

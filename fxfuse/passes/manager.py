@@ -1,0 +1,91 @@
+"""Pass manager: runs graph passes in order, gives each a stable uuid, collects what they did.
+
+A pass's uuid hashes its module source and its config, and the manager's uuid hashes all of
+them in order: that uuid feeds the compile-cache key, so a changed pass never reuses an artifact
+compiled by its older self.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import inspect
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+from .pattern import graphs_of
+
+
+@dataclass
+class Site:
+    """One candidate a pass looked at: rewritten, or declined with the reason."""
+    pass_name: str
+    module: str
+    node: str
+    graph: str
+    rewritten: bool
+    reason: str = ""
+    group: Optional[str] = None  # name of the fused node that absorbed this site
+
+
+@dataclass
+class PassStats:
+    name: str
+    uuid: str
+    sites: list[Site] = field(default_factory=list)
+
+    @property
+    def candidates(self) -> int:
+        return len(self.sites)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(s.rewritten for s in self.sites)
+
+    @property
+    def declined(self) -> list[Site]:
+        return [s for s in self.sites if not s.rewritten]
+
+
+class GraphPass(abc.ABC):
+    """Base class: a pass rewrites one fx graph (and its subgraphs) in place and records sites."""
+
+    name: str = ""
+    config: dict = {}
+
+    def uuid(self) -> str:
+        src = inspect.getsource(sys.modules[type(self).__module__])
+        blob = json.dumps({"src": src, "config": self.config}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @abc.abstractmethod
+    def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
+        """Rewrite `gm` and its subgraphs in place; append one Site per candidate to `stats`."""
+
+
+class PassManager:
+    """Runs passes in the given order; their order is part of the uuid."""
+
+    def __init__(self, passes: list[GraphPass]):
+        names = [p.name for p in passes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate passes: {names}")
+        self.passes = passes
+
+    def uuid(self) -> str:
+        blob = "|".join(f"{p.name}:{p.uuid()}" for p in self.passes)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def run(self, gm: fx.GraphModule) -> list[PassStats]:
+        results = []
+        for p in self.passes:
+            stats = PassStats(p.name, p.uuid())
+            p.run(gm, stats)
+            for _, g in graphs_of(gm):
+                g.graph.lint()
+                g.recompile()
+            results.append(stats)
+        return results

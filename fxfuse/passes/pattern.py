@@ -1,0 +1,339 @@
+"""Shared matching machinery: canonical views of dynamo nodes, patterns as data, a matcher.
+
+Dynamo records the same operation many ways (`torch._C._nn.linear` or `F.linear`, `operator.mul`
+or `x.mul(...)`, `x.to(torch.float32)` or `x.to(dtype=...)`, positional or keyword arguments).
+`canon(node)` folds them into one (kind, operands, attrs) view, so a pattern is written once.
+
+A pattern is a tree of `Op` / `Opt` / `Var` / `Lit` values matched top-down from a root node. A
+pass names one `Op` as its anchor: candidates are the nodes that match the anchor sub-pattern, and
+the matcher walks from each anchor up to the root, so every candidate gets either a match or a
+reason it was declined.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.fx as fx
+
+# ---------------------------------------------------------------- canonical node views
+
+_LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default}
+_ADD = {operator.add, torch.add, torch.ops.aten.add.Tensor}
+_MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
+_DROPOUT = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default}
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Canon:
+    kind: str
+    operands: tuple
+    attrs: dict = field(default_factory=dict)
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def canon(node: Any) -> Optional[Canon]:
+    """The canonical view of a node, or None for anything the patterns do not speak about."""
+    if not isinstance(node, fx.Node):
+        return None
+    t = node.target
+    if node.op == "call_function":
+        if t in _LINEAR:
+            return Canon("linear", (_arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")))
+        if t in _ADD and "alpha" not in node.kwargs and len(node.args) == 2:
+            return Canon("add", tuple(node.args))
+        if t in _MUL and len(node.args) == 2:
+            return Canon("mul", tuple(node.args))
+        if t in _DROPOUT:
+            return Canon("dropout", (_arg(node, 0, "input"),),
+                         {"p": _arg(node, 1, "p", 0.5), "training": _arg(node, 2, "training", True),
+                          "inplace": _arg(node, 3, "inplace", False)})
+    if node.op == "call_method":
+        if t == "add" and len(node.args) == 2 and not node.kwargs:
+            return Canon("add", tuple(node.args))
+        if t == "mul" and len(node.args) == 2 and not node.kwargs:
+            return Canon("mul", tuple(node.args))
+        if t in _CAST_METHODS and len(node.args) == 1:
+            return Canon("to", (node.args[0],), {"dtype": _CAST_METHODS[t]})
+        if t == "to":
+            dtype = node.kwargs.get("dtype")
+            extra = [a for a in node.args[1:] if a is not None]
+            if dtype is None and len(extra) == 1 and isinstance(extra[0], torch.dtype):
+                dtype = extra[0]
+            elif extra:
+                return None  # device moves and other overloads are not casts
+            if isinstance(dtype, torch.dtype):
+                return Canon("to", (node.args[0],), {"dtype": dtype})
+    return None
+
+
+def example_value(node: Any) -> Any:
+    """The fake value dynamo (`example_value`) or AOT (`val`) recorded for a node."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def module_path(node: fx.Node) -> str:
+    """The HF module a node came from (innermost entry of nn_module_stack), for reports."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_module_path(str(path))
+    return node.name
+
+
+def _clean_module_path(path: str) -> str:
+    for junk in ("L['self'].", "L['self']", "self."):
+        path = path.replace(junk, "")
+    path = path.replace("._modules['", ".").replace("']", "").replace("['", ".")
+    return path.strip(".")
+
+
+# ---------------------------------------------------------------- patterns as data
+
+
+class Pat:
+    label = "value"
+
+
+@dataclass
+class Var(Pat):
+    """Any operand (node or literal); a second use of the same name must see the same value."""
+    name: str
+    where: Optional[Callable[[Any], bool]] = None
+    label: str = "value"
+
+
+@dataclass
+class Lit(Pat):
+    """A Python number captured from the graph (a literal such as the LoRA scaling)."""
+    name: str
+    label: str = "literal number"
+
+
+@dataclass
+class Op(Pat):
+    """An operation of canonical `kind` whose operands match `args` (None operand matches None)."""
+    kind: str
+    args: tuple
+    name: Optional[str] = None
+    commutative: bool = False
+    attrs: dict = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self):
+        self.label = self.label or self.kind
+
+
+@dataclass
+class Opt(Pat):
+    """An optional single-operand op (a cast, a dropout) around `inner`."""
+    kind: str
+    inner: Pat
+    name: Optional[str] = None
+
+    @property
+    def label(self):
+        return f"optional {self.kind}"
+
+
+class Match(dict):
+    """Captures by name; `.nodes` are the graph nodes consumed by Op/Opt patterns (to be replaced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: list[fx.Node] = []
+        self.root: Optional[fx.Node] = None
+
+    def copy_state(self):
+        return dict(self), list(self.nodes)
+
+    def restore(self, state):
+        self.clear()
+        self.update(state[0])
+        self.nodes[:] = state[1]
+
+
+class Decline(Exception):
+    """A candidate that does not fit; str(self) is the reason shown in reports."""
+
+
+def _bind(m: Match, name: str, value: Any) -> None:
+    if name in m and m[name] is not value:
+        raise Decline(f"'{name}' must be the same value in both places, found {_show(m[name])} and {_show(value)}")
+    m[name] = value
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, fx.Node):
+        c = canon(v)
+        return f"`{v.name}`" + (f" ({c.kind})" if c else f" ({v.op} {getattr(v.target, '__name__', v.target)})")
+    return repr(v)
+
+
+def match_pat(pat: Pat, value: Any, m: Match) -> None:
+    """Match `pat` against `value`, filling `m`; raises Decline with a reason on mismatch."""
+    if pat is None:
+        if value is not None:
+            raise Decline(f"expected no operand, found {_show(value)}")
+        return
+    if isinstance(pat, Var):
+        if pat.where is not None and not pat.where(value):
+            raise Decline(f"{_show(value)} is not a valid {pat.label}")
+        _bind(m, pat.name, value)
+        return
+    if isinstance(pat, Lit):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Decline(f"expected a {pat.label}, found {_show(value)}")
+        _bind(m, pat.name, value)
+        return
+    if isinstance(pat, Opt):
+        c = canon(value)
+        if c is not None and c.kind == pat.kind:
+            state = m.copy_state()
+            try:
+                if pat.name:
+                    _bind(m, pat.name, value)
+                m.nodes.append(value)
+                match_pat(pat.inner, c.operands[0], m)
+                return
+            except Decline:
+                m.restore(state)
+        match_pat(pat.inner, value, m)
+        return
+    if isinstance(pat, Op):
+        c = canon(value)
+        if c is None or c.kind != pat.kind:
+            raise Decline(f"expected {pat.label}, found {_show(value)}")
+        if len(c.operands) != len(pat.args):
+            raise Decline(f"{_show(value)} has {len(c.operands)} operands, pattern wants {len(pat.args)}")
+        orders = [c.operands]
+        if pat.commutative:
+            orders.append(tuple(reversed(c.operands)))
+        reason = None
+        for ops in orders:
+            state = m.copy_state()
+            try:
+                if pat.name:
+                    _bind(m, pat.name, value)
+                m.nodes.append(value)
+                for key, want in pat.attrs.items():
+                    _bind(m, want, c.attrs.get(key))
+                for sub, operand in zip(pat.args, ops):
+                    match_pat(sub, operand, m)
+                return
+            except Decline as e:
+                reason = reason or str(e)
+                m.restore(state)
+        raise Decline(reason)
+    raise TypeError(f"unknown pattern element {pat!r}")
+
+
+def _path_to(pat: Pat, target: Pat) -> Optional[list[Pat]]:
+    """Pattern elements from `pat` down to `target` (inclusive), or None."""
+    if pat is target:
+        return [pat]
+    children = ()
+    if isinstance(pat, Op):
+        children = pat.args
+    elif isinstance(pat, Opt):
+        children = (pat.inner,)
+    for ch in children:
+        if isinstance(ch, Pat):
+            sub = _path_to(ch, target)
+            if sub is not None:
+                return [pat] + sub
+    return None
+
+
+def find_root(pattern: Pat, anchor: Op, node: fx.Node) -> fx.Node:
+    """Walk from a node matching `anchor` up to the node the pattern's root must match.
+
+    Inner nodes must have exactly one user (the pattern is a tree); optional wrappers are taken
+    when the only user is of their kind.
+    """
+    path = _path_to(pattern, anchor)
+    if path is None:
+        raise ValueError("anchor is not part of the pattern")
+    current = node
+    for parent in reversed(path[:-1]):
+        users = list(current.users)
+        if isinstance(parent, Opt):
+            if len(users) == 1 and (c := canon(users[0])) is not None and c.kind == parent.kind:
+                current = users[0]
+            continue
+        if len(users) != 1:
+            raise Decline(f"{_show(current)} has {len(users)} users; the pattern needs it to feed "
+                          f"one {parent.label} only")
+        current = users[0]
+    return current
+
+
+def check_convex(m: Match) -> None:
+    """Every replaced node except the root may only be used inside the match."""
+    inside = set(m.nodes)
+    for n in m.nodes:
+        if n is m.root:
+            continue
+        for u in n.users:
+            if u not in inside:
+                raise Decline(f"{_show(n)} is also used by {_show(u)} outside the pattern (not convex)")
+
+
+def match_at(pattern: Pat, anchor: Op, node: fx.Node) -> Match:
+    """Match `pattern` around a node that matched `anchor`; raises Decline with the reason."""
+    root = find_root(pattern, anchor, node)
+    m = Match()
+    m.root = root
+    match_pat(pattern, root, m)
+    if node not in m.nodes:
+        raise Decline(f"the pattern matched at {_show(root)} but not through this site")
+    check_convex(m)
+    return m
+
+
+def is_anchor(anchor: Op, node: fx.Node) -> bool:
+    try:
+        match_pat(anchor, node, Match())
+        return True
+    except Decline:
+        return False
+
+
+# ---------------------------------------------------------------- walking graphs and subgraphs
+
+
+def graphs_of(gm: fx.GraphModule, prefix: str = "") -> Iterator[tuple[str, fx.GraphModule]]:
+    """The graph and every subgraph module (checkpoint bodies `wrap_body_N`, other HOP bodies)."""
+    yield prefix or "<top>", gm
+    for name, child in gm.named_children():
+        if isinstance(child, fx.GraphModule):
+            yield from graphs_of(child, f"{prefix}.{name}" if prefix else name)
+
+
+def count_ops(gm: fx.GraphModule) -> dict[str, int]:
+    """Ops per canonical kind (or target name) over the graph and all subgraphs, for tests/diffs."""
+    counts: dict[str, int] = {}
+    for _, g in graphs_of(gm):
+        for n in g.graph.nodes:
+            if n.op not in ("call_function", "call_method"):
+                continue
+            c = canon(n)
+            key = c.kind if c else (n.target if isinstance(n.target, str) else _target_name(n.target))
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _target_name(t: Any) -> str:
+    if isinstance(t, torch._ops.OpOverloadPacket) or isinstance(t, torch._ops.OpOverload):
+        return str(t)
+    return getattr(t, "__name__", str(t))

@@ -1,0 +1,256 @@
+"""`fxfuse::lora_linear`: a group of PEFT LoRA linears that share one input, as one custom op.
+
+For member i:  y_i = x·W_iᵀ (+ b_i) + s_i · (drop_i(x)·A_iᵀ)·B_iᵀ,  drop_i(x) = M_i ⊙ x / (1 − p_i)
+with the dropout mask M_i drawn in-kernel from `seed` (an input of the op), so a recomputation
+under activation checkpointing sees the same mask. The op returns the n outputs and, last, the
+fp32 products drop_i(x)·A_iᵀ side by side ([M, Σr]); backward reuses them (they are tiny).
+
+Backward is its own custom op (`fxfuse::lora_linear_backward`) so AOTAutograd keeps it opaque:
+  g_i = dy_i·B_i,  dB_i = s_i·dy_iᵀ·(drop_i(x)·A_iᵀ),  dA_i = s_i·g_iᵀ·drop_i(x),
+  dx = Σ_i dy_i·W_i + M_i ⊙ (s_i·g_i·A_i) / (1 − p_i).
+The frozen base weight and bias get no gradient (the pass declines sites where they train).
+
+Precision: every product accumulates in fp32; the low-rank dots run in fp32 (no tf32) and the
+low-rank term joins the base GEMM's accumulator, so each output is rounded once.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import stats
+from ..kernels import lora as K
+
+OP = "fxfuse::lora_linear"
+_SEED_STRIDE = 7919  # members draw independent masks from one seed
+
+
+def member_seed(seed: int, i: int) -> int:
+    return (seed + _SEED_STRIDE * i) % (2**31 - 1)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def gemm_strategy(m: int, n: int, k: int, device: torch.device) -> str:
+    """Which GEMM carries the base product: our fused Triton kernel, or cuBLAS with the low-rank
+    term accumulated into its output (beta=1). Chosen per shape from measurements on the H100
+    (bench/RESULTS.md); FXFUSE_LORA_GEMM=triton|cublas overrides."""
+    forced = os.environ.get("FXFUSE_LORA_GEMM", "auto")
+    if forced in ("triton", "cublas"):
+        return forced
+    if forced != "auto":
+        raise ValueError(f"FXFUSE_LORA_GEMM must be auto, triton or cublas, not {forced!r}")
+    if device.type != "cuda":
+        return "triton"
+    return "cublas" if m * n * k >= _CUBLAS_MIN_MNK else "triton"
+
+
+# Above this many multiply-adds cuBLAS wins on the H100 (see bench/RESULTS.md, LoRA GEMM table).
+_CUBLAS_MIN_MNK = 0
+
+
+def kernels_unavailable(x: Tensor) -> Optional[str]:
+    return K.triton_available(x.device)
+
+
+# ---------------------------------------------------------------- reference (eager) implementation
+
+
+def lora_linear_reference(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
+    """Eager math with the same semantics (fp32 low-rank, one rounding). Dropout needs the
+    kernels' mask, so the reference only covers p == 0 unless Triton can run."""
+    x2d = _flat(x)
+    outs, xas = [], []
+    for i, (w, b, a, bb, s, p) in enumerate(zip(weights, biases, lora_as, lora_bs, scalings, dropout_ps)):
+        xd = x2d.float()
+        if p > 0:
+            keep = K.dropout_mask(x2d.shape[0], x2d.shape[1], p, member_seed(int(seed.item()), i), x.device)
+            xd = xd * keep / (1 - p)
+        xa = xd @ a.float().t()
+        acc = x2d.float() @ w.float().t() + s * (xa @ bb.float().t())
+        if b is not None:
+            acc = acc + b.float()
+        outs.append(acc.to(out_dtype).reshape(*x.shape[:-1], w.shape[0]))
+        xas.append(xa)
+    return outs + [torch.cat(xas, dim=1)]
+
+
+def lora_linear_backward_reference(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
+    x2d = _flat(x).float()
+    dx = torch.zeros_like(x2d) if need_dx else None
+    d_as, d_bs, off = [], [], 0
+    for i, (w, a, b, s, p) in enumerate(zip(weights, lora_as, lora_bs, scalings, dropout_ps)):
+        r = a.shape[0]
+        dy = _flat(dys[i]).float()
+        xa_i = xa[:, off:off + r]
+        off += r
+        keep = None
+        xd = x2d
+        if p > 0:
+            keep = K.dropout_mask(x2d.shape[0], x2d.shape[1], p, member_seed(int(seed.item()), i), x.device)
+            xd = x2d * keep / (1 - p)
+        g = dy @ b.float()
+        d_bs.append((s * dy.t() @ xa_i).to(b.dtype))
+        d_as.append((s * g.t() @ xd).to(a.dtype))
+        if need_dx:
+            low = s * (g @ a.float())
+            if keep is not None:
+                low = low * keep / (1 - p)
+            dx += dy @ w.float() + low
+    out = d_as + d_bs
+    if need_dx:
+        out.append(dx.to(x.dtype).reshape(x.shape))
+    return out
+
+
+# ---------------------------------------------------------------- kernel implementation
+
+
+def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
+    x2d = _flat(x)
+    m = x2d.shape[0]
+    seed_i = int(seed.item()) if seed is not None else 0
+    ranks = [a.shape[0] for a in lora_as]
+    if all(p == 0 for p in dropout_ps) and len({a.dtype for a in lora_as}) == 1:
+        xa = K.skinny_matmul(x2d, torch.cat(lora_as, dim=0) if len(lora_as) > 1 else lora_as[0])
+    else:
+        xa = torch.empty(m, sum(ranks), device=x.device, dtype=torch.float32)
+        off = 0
+        for i, (a, p) in enumerate(zip(lora_as, dropout_ps)):
+            xa[:, off:off + a.shape[0]] = K.skinny_matmul(x2d, a, p=p, seed=member_seed(seed_i, i))
+            off += a.shape[0]
+    outs, off = [], 0
+    for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
+        xa_i = xa[:, off:off + r]
+        off += r
+        if gemm_strategy(m, w.shape[0], w.shape[1], x.device) == "triton":
+            y = K.fused_lora_matmul(x2d, w, xa_i, bb, scale=s, bias=b, out_dtype=out_dtype)
+        else:
+            low = torch.mm((xa_i * s).to(x.dtype), bb.to(x.dtype).t())
+            if b is not None:
+                low += b
+            y = torch.addmm(low, x2d, w.t()).to(out_dtype)
+        outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
+    return outs + [xa]
+
+
+def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
+    x2d = _flat(x)
+    m, k = x2d.shape
+    seed_i = int(seed.item()) if seed is not None else 0
+    many = len(weights) > 1
+    dx = None
+    d_as, d_bs, off = [], [], 0
+    for i, (w, a, b, s, p) in enumerate(zip(weights, lora_as, lora_bs, scalings, dropout_ps)):
+        r = a.shape[0]
+        dy = _flat(dys[i])
+        xa_i = xa[:, off:off + r]
+        off += r
+        si = member_seed(seed_i, i)
+        g = K.skinny_matmul(dy, b.t())
+        d_bs.append(K.skinny_matmul(dy.t(), xa_i.t(), scale=s).to(b.dtype))
+        d_as.append(K.lowrank_weight_grad(g, x2d, scale=s, p=p, seed=si).to(a.dtype))
+        if not need_dx:
+            continue
+        if gemm_strategy(m, k, w.shape[0], x.device) == "triton":
+            part = K.fused_lora_matmul(dy, w.t(), g, a.t(), scale=s, p=p, seed=si,
+                                       out_dtype=torch.float32 if many else x.dtype)
+            dx = part if dx is None else dx.add_(part)
+        else:
+            low = (g * s) @ a.float()
+            if p > 0:
+                low *= K.dropout_mask(m, k, p, si, x.device) / (1 - p)
+            low = low.to(x.dtype)
+            dx = torch.addmm(low if dx is None else dx.add_(low), dy, w)
+    out = d_as + d_bs
+    if need_dx:
+        out.append(dx.to(x.dtype).reshape(x.shape))
+    return out
+
+
+# ---------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def lora_linear(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]], lora_as: List[Tensor],
+                lora_bs: List[Tensor], scalings: List[float], dropout_ps: List[float], seed: Optional[Tensor],
+                out_dtype: torch.dtype) -> List[Tensor]:
+    args = (x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype)
+    why = kernels_unavailable(x)
+    if why is None:
+        stats.record_kernel(OP)
+        return _forward_kernels(*args)
+    if any(p > 0 for p in dropout_ps):
+        raise RuntimeError(f"{OP}: dropout needs the Triton kernels, which cannot run here: {why}")
+    stats.record_fallback(OP, why)
+    return lora_linear_reference(*args)
+
+
+@lora_linear.register_fake
+def _(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m = m * d
+    outs = [x.new_empty((*lead, w.shape[0]), dtype=out_dtype) for w in weights]
+    return outs + [x.new_empty((m, sum(a.shape[0] for a in lora_as)), dtype=torch.float32)]
+
+
+BWD = "fxfuse::lora_linear_backward"
+
+
+@torch.library.custom_op(BWD, mutates_args=())
+def lora_linear_backward(dys: List[Tensor], x: Tensor, weights: List[Tensor], lora_as: List[Tensor],
+                         lora_bs: List[Tensor], xa: Tensor, scalings: List[float], dropout_ps: List[float],
+                         seed: Optional[Tensor], need_dx: bool) -> List[Tensor]:
+    args = (dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx)
+    why = kernels_unavailable(x)
+    if why is None:
+        stats.record_kernel(BWD)
+        return _backward_kernels(*args)
+    if any(p > 0 for p in dropout_ps):
+        raise RuntimeError(f"{BWD}: dropout needs the Triton kernels, which cannot run here: {why}")
+    stats.record_fallback(BWD, why)
+    return lora_linear_backward_reference(*args)
+
+
+@lora_linear_backward.register_fake
+def _(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
+    out = [torch.empty_like(a) for a in lora_as] + [torch.empty_like(b) for b in lora_bs]
+    if need_dx:
+        out.append(torch.empty_like(x, memory_format=torch.contiguous_format))
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype = inputs
+    n = len(weights)
+    ctx.n, ctx.scalings, ctx.dropout_ps = n, list(scalings), list(dropout_ps)
+    ctx.has_seed = seed is not None
+    ctx.out_dtype = out_dtype
+    saved = [x, output[n], *weights, *lora_as, *lora_bs] + ([seed] if seed is not None else [])
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grads):
+    n = ctx.n
+    x, xa, *rest = ctx.saved_tensors
+    weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
+    seed = rest[3 * n] if ctx.has_seed else None
+    dys = [g if g is not None else x.new_zeros((*x.shape[:-1], w.shape[0]), dtype=ctx.out_dtype)
+           for g, w in zip(grads[:n], weights)]
+    need_dx = bool(ctx.needs_input_grad[0])
+    out = torch.ops.fxfuse.lora_linear_backward(dys, x, list(weights), list(lora_as), list(lora_bs), xa,
+                                                ctx.scalings, ctx.dropout_ps, seed, need_dx)
+    d_as, d_bs = out[:n], out[n:2 * n]
+    dx = out[2 * n] if need_dx else None
+    none = [None] * n
+    return dx, none, None, list(d_as), list(d_bs), None, None, None, None  # biases: Tensor?[] is one leaf
+
+
+torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
