@@ -98,4 +98,9 @@ class Report:
 
 
 def _graph_break_counter() -> Counter:
-    return Counter(torch._dynamo.utils.counters.get("graph_break", {}))
+    """Dynamo's graph-break counter, keyed by the first line of each reason."""
+    out: Counter = Counter()
+    for reason, n in torch._dynamo.utils.counters.get("graph_break", {}).items():
+        first = next((line.strip() for line in str(reason).splitlines() if line.strip()), str(reason))
+        out[first] += n
+    return out

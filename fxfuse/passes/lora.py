@@ -20,9 +20,18 @@ from ..runtime.ops import lora as lora_op  # noqa: F401  (registers torch.ops.fx
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, is_anchor, match_at, module_path
 
-LOW_RANK = Op("linear", (Op("linear", (Opt("dropout", Opt("to", Var("x")), name="dropout"), Var("lora_A"), None),
+
+
+def _narrow(t) -> bool:
+    """A weight that projects down (rank < in_features): what makes a linear chain low-rank."""
+    v = example_value(t)
+    return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] < v.shape[1]
+
+
+LOW_RANK = Op("linear", (Op("linear", (Opt("dropout", Opt("to", Var("x")), name="dropout"),
+                                       Var("lora_A", where=_narrow, label="low-rank weight"), None),
                            name="down", label="lora_A linear"),
-                         Var("lora_B"), None), name="up", label="lora_B linear (no bias)")
+                         Var("lora_B"), Var("lora_B_bias")), name="up", label="lora_B linear")
 PATTERN = Opt("to", Op("add", (Op("linear", (Var("x"), Var("weight"), Var("bias")), name="base", label="base linear"),
                               Op("mul", (LOW_RANK, Lit("scaling")), commutative=True, label="scaled low-rank term")),
                       commutative=True, name="sum", label="base + low-rank sum"))
@@ -47,6 +56,8 @@ def check(m) -> dict:
     if x.shape[-1] != k or a.shape[1] != k or b.shape != (n, r):
         raise Decline(f"shapes do not form a LoRA linear: x {tuple(x.shape)}, W {tuple(w.shape)}, "
                       f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+    if m["lora_B_bias"] is not None:
+        raise Decline("lora_B has a bias (lora_bias=True): not supported yet")
     if r > MAX_RANK:
         raise Decline(f"rank {r} > {MAX_RANK} (kernel limit)")
     if w.dtype != x.dtype:

@@ -232,6 +232,8 @@ def _setup_context(ctx, inputs, output):
     n = len(weights)
     ctx.n, ctx.scalings, ctx.dropout_ps = n, list(scalings), list(dropout_ps)
     ctx.has_seed = seed is not None
+    # autograd flattens a list of tensors into leaves but keeps a list holding None as one leaf
+    ctx.bias_grads = [None] * n if all(b is not None for b in biases) else None
     ctx.out_dtype = out_dtype
     saved = [x, output[n], *weights, *lora_as, *lora_bs] + ([seed] if seed is not None else [])
     ctx.save_for_backward(*saved)
@@ -250,7 +252,7 @@ def _backward(ctx, grads):
     d_as, d_bs = out[:n], out[n:2 * n]
     dx = out[2 * n] if need_dx else None
     none = [None] * n
-    return dx, none, None, list(d_as), list(d_bs), None, None, None, None  # biases: Tensor?[] is one leaf
+    return dx, none, ctx.bias_grads, list(d_as), list(d_bs), None, None, None, None
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)

@@ -1,0 +1,26 @@
+"""Test setup: Triton kernels run in the CPU interpreter when there is no GPU; every session gets a
+fresh Inductor/AOTAutograd cache (a warm cache can serve a stale backward after an op changes)."""
+import os
+import tempfile
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse-test-inductor-")
+os.environ.setdefault("FXFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="fxfuse-test-cache-"))
+
+import pytest  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
+
+# Inductor probes the CPU's vector ISA in subprocesses (~12 s per process); trust the host instead.
+inductor_config.cpp.vec_isa_ok = True
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    from fxfuse.runtime import stats
+    torch._dynamo.reset()
+    stats.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,56 @@
+"""Tiny random HF models with PEFT LoRA, and helpers to compare fxfuse with eager."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+
+
+def tiny_model(arch="llama", dtype=torch.float32, gc=False, seed=0, lora=True, **lora_kwargs):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SIZES))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**SIZES))
+    else:
+        raise ValueError(arch)
+    model = model.to(dtype)
+    if lora:
+        kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+        kw.update(lora_kwargs)
+        model = get_peft_model(model, LoraConfig(**kw))
+        # PEFT starts lora_B at zero; random B makes every LoRA gradient non-trivial.
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def tokens(batch=2, seq=16, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def loss_and_grads(model, **inputs):
+    out = model(**inputs, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
