@@ -60,9 +60,10 @@ def check(m) -> dict:
         raise Decline("lora_B has a bias (lora_bias=True): not supported yet")
     if r > MAX_RANK:
         raise Decline(f"rank {r} > {MAX_RANK} (kernel limit)")
-    if w.dtype != x.dtype:
+    amp = autocast_dtype(x.device)
+    if amp is None and w.dtype != x.dtype:
         raise Decline(f"base weight {w.dtype} differs from input {x.dtype} (quantized or mixed base?)")
-    if a.dtype != b.dtype:
+    if amp is None and a.dtype != b.dtype:
         raise Decline(f"lora_A {a.dtype} and lora_B {b.dtype} differ")
     if w.requires_grad:
         raise Decline("base weight requires grad (not a frozen-base LoRA)")
@@ -84,12 +85,21 @@ def check(m) -> dict:
         raise Decline(f"dropout p={p} needs the Triton kernels (mask drawn in-kernel): {why}")
     cast = m["down"].args[0]
     lowrank_in = example_value(cast)
-    if isinstance(lowrank_in, torch.Tensor) and lowrank_in.dtype != a.dtype:
+    if amp is None and isinstance(lowrank_in, torch.Tensor) and lowrank_in.dtype != a.dtype:
         raise Decline(f"low-rank branch computes in {lowrank_in.dtype}, adapters are {a.dtype}")
     out = example_value(m.root)
     if not isinstance(out, torch.Tensor) or out.dtype not in _FLOATS:
         raise Decline("site output has no floating tensor value")
-    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype, "rank": r}
+    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype, "rank": r, "amp": amp,
+            "lowrank_dtype": amp or a.dtype}
+
+
+def autocast_dtype(device: torch.device):
+    """The autocast dtype in force while dynamo traces (it guards on it), or None."""
+    kind = device.type if device.type in ("cuda", "cpu") else "cuda"
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 class LoraPass(GraphPass):
@@ -119,7 +129,7 @@ class LoraPass(GraphPass):
             sites.append((m, info, module))
         groups: dict = defaultdict(list)
         for m, info, module in sites:
-            key = (m["x"], info["out_dtype"], example_value(m["lora_A"]).dtype) if self.group else id(m)
+            key = (m["x"], info["out_dtype"], info["lowrank_dtype"]) if self.group else id(m)
             groups[key].append((m, info, module))
         for members in groups.values():
             fused = _replace_group(gm, members)
@@ -134,20 +144,33 @@ def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
     order = {n: i for i, n in enumerate(g.nodes)}
     last = max((n for n in operands if isinstance(n, fx.Node)), key=order.__getitem__)
     ps = [info["p"] for _, info, _ in members]
-    with g.inserting_after(last):
-        seed = None
-        if any(p > 0 for p in ps):
-            # A fresh seed per call; AOTAutograd replays random ops inside checkpointed regions,
-            # and the seed is saved for backward, so recomputation sees the same masks.
-            seed = g.call_function(torch.randint, (2**31 - 1, (1,)), {"dtype": torch.int64})
-        anchor = seed if seed is not None else last
-    with g.inserting_after(anchor):
-        fused = g.call_function(torch.ops.fxfuse.lora_linear.default, (
-            x,
-            [m["weight"] for m, _, _ in members],
-            [m["bias"] for m, _, _ in members],
-            [m["lora_A"] for m, _, _ in members],
-            [m["lora_B"] for m, _, _ in members],
+    amp = members[0][1]["amp"]
+    cursor = last
+
+    def emit(target, args, kwargs=None, op="call_function"):
+        nonlocal cursor
+        with g.inserting_after(cursor):
+            cursor = g.create_node(op, target, tuple(args), kwargs or {})
+        return cursor
+
+    def operand(node):
+        # Under autocast every linear runs in the autocast dtype; the op itself is not autocast-aware.
+        if amp is None or node is None:
+            return node
+        return emit("to", (node, amp), op="call_method")
+
+    seed = None
+    if any(p > 0 for p in ps):
+        # A fresh seed per call; AOTAutograd replays random ops inside checkpointed regions,
+        # and the seed is saved for backward, so recomputation sees the same masks.
+        seed = emit(torch.randint, (2**31 - 1, (1,)), {"dtype": torch.int64})
+    lists = {k: [operand(m[k]) for m, _, _ in members] for k in ("weight", "bias", "lora_A", "lora_B")}
+    fused = emit(torch.ops.fxfuse.lora_linear.default, (
+            operand(x),
+            lists["weight"],
+            lists["bias"],
+            lists["lora_A"],
+            lists["lora_B"],
             [info["scaling"] for _, info, _ in members],
             ps,
             seed,
@@ -155,7 +178,6 @@ def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
         ))
     fused.meta["nn_module_stack"] = dict(members[0][0].root.meta.get("nn_module_stack", {}))
     _set_fake_values(fused, seed)
-    cursor = fused
     for i, (m, _, _) in enumerate(members):
         with g.inserting_after(cursor):
             out = g.call_function(operator.getitem, (fused, i))
@@ -170,23 +192,26 @@ def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
 
 
 def _set_fake_values(fused: fx.Node, seed) -> None:
-    """Give the new nodes fake values like dynamo's, so later passes and dumps can read shapes."""
-    x = example_value(fused.args[0])
-    mode = getattr(x, "fake_mode", None)
+    """Give the new nodes (casts, seed, op) fake values like dynamo's, so later passes and dumps
+    can read shapes and dtypes."""
+    source = fused.args[0]
+    while example_value(source) is None and isinstance(source, fx.Node) and source.args:
+        source = source.args[0]
+    mode = getattr(example_value(source), "fake_mode", None)
     if mode is None:
         return
 
     def val(a):
-        if isinstance(a, fx.Node):
-            return example_value(a)
         if isinstance(a, (list, tuple)):
             return type(a)(val(v) for v in a)
-        return a
+        if not isinstance(a, fx.Node):
+            return a
+        if example_value(a) is None:
+            if a is seed:
+                a.meta["example_value"] = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
+            elif a.op == "call_method" and a.target == "to":
+                a.meta["example_value"] = val(a.args[0]).to(a.args[1])
+        return example_value(a)
 
     with mode:
-        if seed is not None:
-            seed.meta["example_value"] = torch.randint(2**31 - 1, (1,), dtype=torch.int64)
-        args = [val(a) for a in fused.args]
-        if seed is not None:
-            args[7] = seed.meta["example_value"]
-        fused.meta["example_value"] = torch.ops.fxfuse.lora_linear.default(*args)
+        fused.meta["example_value"] = torch.ops.fxfuse.lora_linear.default(*val(list(fused.args)))
