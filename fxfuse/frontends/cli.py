@@ -8,7 +8,6 @@ TRITON_INTERPRET first when there is no CUDA device (see _use_interpreter_withou
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -22,12 +21,22 @@ class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
 def _say(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
 
-def _use_interpreter_without_cuda() -> None:
-    """Without CUDA, run the Triton kernels in the CPU interpreter (unless the user chose)."""
+def _use_interpreter_without_cuda(argv: Optional[Sequence[str]]) -> None:
+    """Without CUDA, run the Triton kernels in the CPU interpreter (unless the user chose).
+
+    Triton reads TRITON_INTERPRET when a kernel is decorated, which includes its own standard
+    library at `import triton`. The console script imports this module through fxfuse/__init__.py,
+    which already imports the kernels and triton; then the only way to switch is to start the
+    process again with the variable set (command line only: an in-process caller gets a note).
+    """
     if "TRITON_INTERPRET" in os.environ:
         return
     import torch
@@ -35,12 +44,15 @@ def _use_interpreter_without_cuda() -> None:
     if torch.cuda.is_available():
         return
     os.environ["TRITON_INTERPRET"] = "1"
-    # `import fxfuse.frontends.cli` runs fxfuse/__init__.py, which already imported the kernels
-    # with the flag unset; re-executing that module re-decorates them as interpreted (triton reads
-    # the flag when a kernel is decorated). Other modules hold the module object, not its names.
-    kernels = sys.modules.get("fxfuse.runtime.kernels.lora")
-    if kernels is not None:
-        importlib.reload(kernels)
+    if "triton" not in sys.modules:
+        return
+    if argv is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fxfuse.frontends.cli", *sys.argv[1:]])
+    os.environ.pop("TRITON_INTERPRET")
+    _say("note: no CUDA device and triton was imported before TRITON_INTERPRET could be set; "
+         "fused ops will run their eager reference (set TRITON_INTERPRET=1 to run the kernels)")
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -92,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _use_interpreter_without_cuda()
+    _use_interpreter_without_cuda(argv)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse already printed usage/help; return instead of exiting
@@ -113,6 +125,7 @@ def _capture(args):
     """Build the model the options describe and trace it; bad input becomes a UserError."""
     import torch
 
+    from ..runtime import stats as runtime_stats
     from . import hf
 
     try:
@@ -138,7 +151,10 @@ def _capture(args):
         model = hf.build_model(config, device=device, dtype=dtype, peft=peft)
     except ValueError as e:
         raise UserError(str(e)) from None
+    except Exception as e:  # transformers/peft rejecting this config: still the user's input
+        raise UserError(f"cannot build {args.model}: {type(e).__name__}: {_first_line(e)}") from None
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    runtime_stats.reset()  # the run-time line then counts this trace's one forward only
     _say(f"tracing {args.model} on {device} (batch {args.batch}, seq {args.seq}"
          f"{', gradient checkpointing' if args.gc else ''})...")
     try:

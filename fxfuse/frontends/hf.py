@@ -36,6 +36,7 @@ BUILTINS: dict[str, tuple[str, dict]] = {
 def load_config(spec: str):
     """A built-in name, an HF model directory holding config.json, or a config.json file."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if spec in BUILTINS:
         model_type, kwargs = BUILTINS[spec]
@@ -54,14 +55,17 @@ def load_config(spec: str):
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{file}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{file}: no 'model_type' field, cannot tell which architecture it is")
-    data = dict(data)
-    model_type = data.pop("model_type")
+    model_type = data["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{file}: unknown model_type {model_type!r} (not known to transformers)")
     try:
-        return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{file}: unknown or unsupported model_type {model_type!r} ({e})") from None
+        return CONFIG_MAPPING[model_type].from_dict(data)  # what from_pretrained does, minus the hub
+    except Exception as e:  # a config class rejecting its own fields
+        raise ValueError(f"{file}: invalid {model_type} config ({type(e).__name__}: {e})") from None
 
 
 def build_model(config, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -115,6 +119,20 @@ class Capture:
     seconds: float = 0.0
 
 
+def _one_line(e: BaseException) -> str:
+    """The innermost exception's first line; dynamo's fake-tensor failures hide the real error
+    in their explanation ("... got RuntimeError('...')"), so add that."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines() or [""]
+    out = f"{type(e).__name__}: {lines[0]}"
+    for line in lines[1:]:
+        if line.strip().startswith("Explanation:") and ": got " in line:
+            out += " (got " + line.split(": got ", 1)[1].strip() + ")"
+            break
+    return out
+
+
 class TraceError(RuntimeError):
     """The model does not go through dynamo (message is one line, for the CLI)."""
 
@@ -165,9 +183,8 @@ def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gr
     t0 = time.perf_counter()
     try:
         compiled(input_ids=input_ids, labels=input_ids, use_cache=False)
-    except Exception as e:  # dynamo wraps everything; the first line is what users need
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TraceError(f"model does not trace: {type(e).__name__}: {first}") from e
+    except Exception as e:
+        raise TraceError(f"model does not trace: {_one_line(e)}") from e
     finally:
         torch._dynamo.reset()
     cap.seconds = time.perf_counter() - t0

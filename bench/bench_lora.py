@@ -1,0 +1,274 @@
+"""One LoRA training step on a Llama-3.1-8B-shaped model: fxfuse against HF+PEFT and torch.compile.
+
+The workload is the peers' anchor (shared/anchors/bench_lora_anchor.py): random weights built on the
+device and cast to bf16, PEFT LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down (fp32 adapters,
+PEFT's default), batch 1, gradient checkpointing (use_reentrant=False) + enable_input_require_grads,
+AdamW(lr=1e-4) over the trainable parameters, input_ids = labels = random tokens, 7 steps, median of
+the last 5.
+
+    python bench/bench_lora.py VARIANT SEQS [--size 8b|1b|tiny] [--device cuda|cpu] [--dynamic ...]
+
+VARIANT: hf (sdpa, eager), compile (torch.compile(model), Inductor), fxfuse-lora
+(fxfuse.optimize(model, passes=["lora"])), fxfuse (every pass). SEQS: comma-separated sequence lengths,
+run one after the other in this process (as the anchor does); for a fresh process per length call
+once per length (bench/run_gpu.sh FRESH=1). One JSON line per (variant, seq) on stdout.
+
+FLOPs per step (T tokens, L layers; every LoRA linear has a frozen base W [N, K] and rank r; lm_head
+[V, H]; attention heads*head_dim = D):
+  tflops_4NT  = 4 * n_params * T / step        the anchor's figure (all parameters, embeddings included)
+  tflops      = flops_step / step, where flops_step counts what the hardware must multiply:
+      linears:   per token 2NK forward + 2NK recompute (checkpointing) + 2NK input gradient = 6NK
+                 (the base is frozen: no weight gradient)
+      LoRA:      per token 2r(N+K) forward + 2r(N+K) recompute + 4r(N+K) backward (dA, dB, g, dX) = 8r(N+K)
+      lm_head:   per token 2VH forward + 2VH input gradient = 4VH (outside the checkpointed layers)
+      attention: causal forward 2*T^2*D per layer (QK^T and PV, half the square); backward 2x forward
+                 (dQ, dK, dV, dP); recompute 1x forward: 8*T^2*D per layer
+  Without checkpointing (--no-gc) the recompute terms are dropped. Norms, RoPE, SwiGLU, softmax and the
+  loss are not counted.
+
+Env: FXFUSE_BENCH_COMPILER=inductor|aot_eager|eager picks the compiler behind `compile` and the
+fxfuse variants (default: inductor on CUDA, aot_eager elsewhere). CPU dry run:
+    TRITON_INTERPRET=1 python bench/bench_lora.py fxfuse-lora 32 --size tiny --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+
+import torch
+
+VARIANTS = ("hf", "compile", "fxfuse-lora", "fxfuse")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONFIGS = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+               tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, rope_theta=500000.0, max_position_embeddings=4096),
+}
+DYNAMIC = {"auto": None, "static": False, "dynamic": True}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("variant", help="|".join(VARIANTS))
+    ap.add_argument("seqs", help="comma-separated sequence lengths, e.g. 1024,4096,16384")
+    ap.add_argument("--size", choices=sorted(CONFIGS), default="8b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=7, help="steps per length; the median is over the last 5")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dynamic", choices=sorted(DYNAMIC), default="auto",
+                    help="torch.compile dynamic=: auto (None: static first, dynamic after a size change), "
+                         "static (False: recompile per length), dynamic (True)")
+    ap.add_argument("--no-gc", action="store_true", help="no gradient checkpointing")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep Inductor's on-disk cache (default: a fresh one per process, so the first "
+                         "step's time is the real compile time)")
+    ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
+    return ap.parse_args(argv)
+
+
+def build_model(size: str, device: str, rank: int, use_gc: bool):
+    """The anchor's model: random init on the device, bf16 base, fp32 LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**CONFIGS[size], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS))
+    if use_gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model, cfg
+
+
+def lora_modules(model) -> list:
+    """PEFT LoRA linears: modules holding lora_A / lora_B dicts and a base layer."""
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+            and isinstance(getattr(m, "lora_A"), torch.nn.ModuleDict)]
+
+
+def step_flops(model, cfg, seq: int, use_gc: bool) -> int:
+    """FLOPs the hardware must do in one step (see the module docstring)."""
+    base_mult = 6 if use_gc else 4
+    lora_mult = 8 if use_gc else 6
+    per_token = 0
+    for m in lora_modules(model):
+        n, k = m.base_layer.weight.shape
+        r = sum(a.weight.shape[0] for a in m.lora_A.values())
+        per_token += base_mult * n * k + lora_mult * r * (n + k)
+    v, h = model.get_output_embeddings().weight.shape
+    per_token += 4 * v * h
+    d = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    attn_fwd = 2 * seq * seq * d  # causal QK^T + PV, one layer
+    attn = (4 if use_gc else 3) * attn_fwd * cfg.num_hidden_layers
+    return per_token * seq + attn
+
+
+def dynamo_counters() -> dict:
+    from torch._dynamo.utils import counters
+    return {"unique_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": Counter(counters["graph_break"])}
+
+
+class Device:
+    def __init__(self, name: str):
+        self.dev = torch.device(name)
+        self.cuda = self.dev.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    def reset(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def peak_gib(self):
+        return round(torch.cuda.max_memory_allocated(self.dev) / 2**30, 2) if self.cuda else None
+
+
+def lora_check(summary: dict, expected: int) -> tuple[bool, str]:
+    """fxfuse must rewrite every PEFT LoRA linear: candidates == rewritten, a whole multiple of the
+    model's LoRA linears (graphs recompiled for a new length see them all again), none declined."""
+    s = summary.get("lora", {})
+    cand, rew = s.get("candidates", 0), s.get("rewritten", 0)
+    ok = cand == rew and rew > 0 and rew % expected == 0 and not s.get("declined")
+    return ok, f"lora {rew}/{cand} rewritten (expected a multiple of {expected}), declined {s.get('declined')}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    variant = args.variant
+    if variant not in VARIANTS:
+        sys.exit(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    # Inductor on CPU only slows a dry run down: default to aot_eager there (same fwd/bwd split).
+    compiler = os.environ.get("FXFUSE_BENCH_COMPILER",
+                              "inductor" if torch.device(args.device).type == "cuda" else "aot_eager")
+    use_gc = not args.no_gc
+    if not args.warm_cache and compiler == "inductor" and variant != "hf":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse_bench_inductor_")
+    dev = Device(args.device)
+
+    model, cfg = build_model(args.size, args.device, args.rank, use_gc)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_lora = len(lora_modules(model))
+    dynamic = DYNAMIC[args.dynamic]
+
+    rep = None
+    if variant == "hf":
+        fwd = model
+    elif variant == "compile":
+        fwd = torch.compile(model, dynamic=dynamic) if compiler == "inductor" else \
+            torch.compile(model, backend=compiler, dynamic=dynamic)
+    else:
+        import fxfuse
+        passes = ["lora"] if variant == "fxfuse-lora" else None
+        fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic)
+        fwd = model
+        rep = fxfuse.report(model)
+
+    base = dict(variant=args.label or variant, size=args.size, gc=use_gc, rank=args.rank,
+                compiler=None if variant == "hf" else compiler,
+                dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
+                cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), device=torch.cuda.get_device_name(dev.dev)
+                if dev.cuda else args.device, torch=torch.__version__)
+    failures = []
+    for index, seq in enumerate(seqs):
+        # Own generator: the same tokens for every variant, whatever the variant drew from torch's RNG.
+        gen = torch.Generator(dev.dev).manual_seed(seq)
+        x = torch.randint(0, cfg.vocab_size, (1, seq), device=dev.dev, generator=gen)
+        dev.reset()
+        before = dynamo_counters()
+        graphs_before = len(rep.graphs) if rep is not None else 0
+        sites_before = len(rep.sites("lora")) if rep is not None else 0
+        times, losses, out = [], [], None
+        row = dict(base, seq=seq, seq_index=index)
+        try:
+            for _ in range(args.steps):
+                dev.sync()
+                t = time.perf_counter()
+                out = fwd(input_ids=x, labels=x)
+                out.loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                dev.sync()
+                times.append(time.perf_counter() - t)
+                losses.append(out.loss.item())
+            tail = sorted(times[2:]) if len(times) > 2 else sorted(times)
+            med = tail[len(tail) // 2]
+            flops = step_flops(model, cfg, seq, use_gc)
+            row.update(step_s=round(med, 4), tok_s=round(seq / med, 1), peak_gb=dev.peak_gib(),
+                       tflops_4NT=round(4 * n_params * seq / med / 1e12, 1), tflops=round(flops / med / 1e12, 1),
+                       flops_step=flops, first_step_s=round(times[0], 2),
+                       compile_s=round(max(times[0] - med, 0.0), 2), second_step_s=round(times[1], 3)
+                       if len(times) > 1 else None, loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+        except torch.OutOfMemoryError:
+            row.update(oom=True, peak_gb=dev.peak_gib(), steps_done=len(times))
+        except Exception as exc:  # a compiler failure for one length must not hide the others
+            traceback.print_exc()
+            row.update(error=f"{type(exc).__name__}: {str(exc)[:400]}", steps_done=len(times))
+            if "out of memory" in str(exc).lower():  # an OOM wrapped by the compiler's own exception
+                row.update(oom=True, peak_gb=dev.peak_gib())
+        out = None
+        opt.zero_grad(set_to_none=True)
+
+        after = dynamo_counters()
+        breaks = after["graph_breaks"] - before["graph_breaks"]
+        row.update(dynamo_graphs=after["unique_graphs"] - before["unique_graphs"],
+                   graph_breaks=sum(breaks.values()),
+                   graph_break_reasons={k[:160]: v for k, v in breaks.items()})
+        if rep is not None:
+            summary = rep.summary()
+            row.update(graphs=len(rep.graphs) - graphs_before, graphs_total=len(rep.graphs),
+                       lora_candidates=summary["lora"]["candidates"], lora_rewritten=summary["lora"]["rewritten"],
+                       lora_declined=summary["lora"]["declined"], lora_new_sites=len(rep.sites("lora")) - sites_before,
+                       lora_expected=n_lora, runtime_fallbacks=rep.runtime_fallbacks,
+                       kernel_calls=sum(_kernel_calls().values()))
+            ok, why = lora_check(summary, n_lora)
+            if not ok:
+                failures.append(why)
+                print(f"!!!!!!!! fxfuse LoRA CHECK FAILED at seq {seq}: {why}", file=sys.stderr, flush=True)
+                print(rep.table(sites=True), file=sys.stderr, flush=True)
+            if rep.runtime_fallbacks:
+                why = f"{rep.runtime_fallbacks} run-time fallback(s) to the eager reference"
+                failures.append(why)
+                print(f"!!!!!!!! fxfuse FALLBACK CHECK FAILED at seq {seq}: {why}", file=sys.stderr, flush=True)
+            row["checks_ok"] = ok and rep.runtime_fallbacks == 0
+        else:
+            row["graphs"] = row["dynamo_graphs"]
+        print(json.dumps(row), flush=True)
+        dev.reset()
+
+    if rep is not None:
+        print(rep.table(), file=sys.stderr, flush=True)
+    if failures:
+        print("!!!!!!!! fxfuse checks failed:\n  " + "\n  ".join(failures), file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def _kernel_calls() -> Counter:
+    from fxfuse.runtime import stats
+    return stats.kernel_calls
+
+
+if __name__ == "__main__":
+    sys.exit(main())
