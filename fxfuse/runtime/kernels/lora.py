@@ -1,0 +1,713 @@
+"""Triton kernels for LoRA: skinny matmuls, the fused base+low-rank GEMM, and
+the low-rank weight gradient.
+
+LoRA forward / backward in terms of these launchers (``s`` = scaling,
+``drop`` = inverted dropout with probability ``p`` and a fixed ``seed``)::
+
+    XA = skinny_matmul(X, A, p=p, seed=seed)                     # drop(X) A^T   [M, R]
+    Y  = fused_lora_matmul(X, W, XA, B, scale=s, bias=bias)      # X W^T + s XA B^T
+    g  = skinny_matmul(dY, B.t())                                # dY B          [M, R]
+    dB = skinny_matmul(dY.t(), XA.t(), scale=s)                  # s dY^T XA     [N, R]
+    dA = lowrank_weight_grad(g, X, scale=s, p=p, seed=seed)      # s g^T drop(X) [R, K]
+    dX = fused_lora_matmul(dY, W.t(), g, A.t(), scale=s, p=p, seed=seed)
+
+Conventions shared by every kernel here:
+
+* Operands may have arbitrary strides (transposed views are read in place).
+* Everything accumulates in fp32.  bf16 operands are upcast to fp32 right
+  after ``tl.load`` whenever the two dot operands differ in dtype, and always
+  under the Triton interpreter (whose bf16 arithmetic is broken).  When both
+  dot operands share a 16-bit dtype on a GPU the dot runs natively on tensor
+  cores with an fp32 accumulator, which is numerically the same thing: the
+  product of two 16-bit floats is exact in fp32.
+* Dropout contract (all kernels and :func:`dropout_mask` agree bit-exactly):
+  element ``(m, k)`` of a logical ``[M, K]`` matrix is kept iff
+  ``tl.rand(seed, m * K + k) >= p`` with the index computed in int64.  The
+  mask zeroes elements (exact in any dtype); the ``1 / (1 - p)`` factor is
+  folded into the fp32 output scale.
+
+Every launcher has a ``check_<name>`` twin that returns ``None`` when the call
+is supported and a short human reason otherwise; launchers raise
+``ValueError(reason)`` and never guess a fallback.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # pragma: no cover - triton is a hard dependency
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = f"triton is not importable ({exc})"
+
+__all__ = [
+    "triton_available",
+    "dropout_mask",
+    "dropout",
+    "skinny_matmul",
+    "check_skinny_matmul",
+    "fused_lora_matmul",
+    "check_fused_lora_matmul",
+    "lowrank_weight_grad",
+    "check_lowrank_weight_grad",
+    "MAX_RANK",
+]
+
+# Triton decides interpreter-vs-compiled when a kernel is decorated, so this
+# module does too: read the flag once, at import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+MAX_RANK = 128
+# Precision of fp32 dots when tf32 is not allowed.  "ieee" is exact fp32 but
+# runs on CUDA cores; "tf32x3" (three tf32 tensor-core passes, ~fp32 accuracy)
+# is the candidate to measure on H100 if the low-rank dots show up in profiles.
+_FP32_DOT_PRECISION = "ieee"
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_SEED = 2**31
+
+
+# --------------------------------------------------------------------------
+# Availability and argument checking
+# --------------------------------------------------------------------------
+
+def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
+    """None when the kernels can run on ``device``, else the reason why not."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return _TRITON_IMPORT_ERROR
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if _INTERPRET:
+        return None  # the interpreter runs on any device (via host copies)
+    if device.type != "cuda":
+        return f"tensor on {device.type} and TRITON_INTERPRET is not set"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def _check_tensor(name: str, t, ndim: int = 2) -> Optional[str]:
+    if not isinstance(t, torch.Tensor):
+        return f"{name} is not a tensor ({type(t).__name__})"
+    if t.dim() != ndim:
+        return f"{name} is not {ndim}-D (got {t.dim()}-D)"
+    if t.dtype not in _SUPPORTED_DTYPES:
+        return f"{name} dtype {t.dtype} not supported"
+    return None
+
+
+def _check_common(tensors: dict, p: float, seed: int, scale: float) -> Optional[str]:
+    """Checks shared by every launcher: types, ranks, devices, p, seed."""
+    for name, (t, ndim) in tensors.items():
+        reason = _check_tensor(name, t, ndim)
+        if reason:
+            return reason
+    devices = {t.device for t, _ in tensors.values()}
+    if len(devices) > 1:
+        return f"tensors on different devices ({', '.join(sorted(map(str, devices)))})"
+    reason = triton_available(next(iter(devices)))
+    if reason:
+        return reason
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
+        return f"dropout p={p!r} not in [0, 1)"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed < _MAX_SEED):
+        return f"seed {seed!r} not an int in [0, 2**31)"
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+        return f"scale {scale!r} is not a finite number"
+    return None
+
+
+def _check_rank(r: int) -> Optional[str]:
+    if r < 1:
+        return f"rank {r} < 1"
+    if r > MAX_RANK:
+        return f"rank {r} > {MAX_RANK}"
+    return None
+
+
+# --------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a size that changes call to call (token counts):
+    retune per power-of-two bucket instead of per exact value."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _dot_mode(a: torch.dtype, b: torch.dtype, allow_tf32: bool):
+    """(UPCAST, input_precision) for a dot of operands of dtypes ``a``/``b``.
+
+    Native 16-bit dots only when both operands share the dtype (and, for bf16,
+    only when compiled: the interpreter's bf16 is broken).  Otherwise both
+    operands go to fp32 and ``input_precision`` decides ieee vs tf32.
+    """
+    native = a == b and a in (torch.float16, torch.bfloat16)
+    if native and a == torch.bfloat16 and _INTERPRET:
+        native = False
+    if native:
+        return False, "tf32"  # Triton's default; precision only affects fp32 operands
+    return True, ("tf32" if allow_tf32 else _FP32_DOT_PRECISION)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: keep the split heuristics small and deterministic
+
+
+class _on_device:
+    """Make ``device`` current for the launch (Triton launches on the current
+    CUDA device, which need not be the tensors' device)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _maybe_autotune(configs, key, interp_meta: dict, **kwargs):
+    """Autotune on GPU; under the interpreter (where autotune cannot enumerate
+    drivers) return the bare kernel and remember one fixed config for it."""
+
+    def deco(fn):
+        if _INTERPRET:
+            fn._fixed_meta = dict(interp_meta)
+            return fn
+        tuned = triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        tuned._fixed_meta = {}
+        return tuned
+
+    return deco
+
+
+def _cfg(num_warps: int, num_stages: int, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+# Interpreter configs: small enough that the fuzz shapes (<= ~100) still span
+# several blocks and loop steps (exercising edges, swizzle and split logic),
+# big enough to keep the per-step interpreter overhead low.
+_INTERP_SKINNY = dict(BLOCK_M=32, BLOCK_K=32)
+_INTERP_FUSED = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_INTERP_WGRAD = dict(BLOCK_M=32, BLOCK_K=32)
+
+
+# --------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _keep(seed, p, rows, cols, n_cols):
+        """Dropout keep-mask of logical elements (rows, cols) of a matrix with
+        ``n_cols`` columns: the one definition every kernel uses."""
+        idx = rows.to(tl.int64) * n_cols + cols
+        return tl.rand(seed, idx) >= p
+
+    @triton.jit
+    def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
+        # Flat index == m * K + k for a contiguous [M, K] output.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = tl.rand(seed, offs) >= p
+        tl.store(out_ptr + offs, keep.to(tl.uint8), mask=offs < numel)
+
+
+# Philox-4x32-10 constants, as used by tl.rand / tl.randint.
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _tl_rand_numpy(seed: int, idx: np.ndarray) -> np.ndarray:
+    """Host re-implementation of ``tl.rand(seed, idx)`` for int64 ``idx``, so
+    masks can be built where no Triton kernel can run (e.g. a CPU fallback).
+    Bit-exact with the device version (tested)."""
+    idx = idx.astype(np.uint64)
+    c0, c1 = idx & _M32, idx >> np.uint64(32)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(0)
+    a, b = np.uint64(_PHILOX_ROUND_A), np.uint64(_PHILOX_ROUND_B)
+    for _ in range(10):
+        pa, pb = a * c0, b * c2  # 32x32 -> 64-bit products, exact in uint64
+        c0, c1, c2, c3 = ((pb >> np.uint64(32)) ^ c1 ^ k0, pb & _M32,
+                          (pa >> np.uint64(32)) ^ c3 ^ k1, pa & _M32)
+        k0 = (k0 + np.uint64(_PHILOX_KEY_A)) & _M32
+        k1 = (k1 + np.uint64(_PHILOX_KEY_B)) & _M32
+    x = c0.astype(np.uint32).view(np.int32).astype(np.int64)
+    x = np.where(x < 0, -x - 1, x).astype(np.int32)
+    return x.astype(np.float32) * np.float32(4.6566127342e-10)
+
+
+def dropout_mask(shape_m: int, shape_k: int, p: float, seed: int,
+                 device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """Keep-mask (bool ``[shape_m, shape_k]``) of the dropout contract:
+    ``keep[m, k] = tl.rand(seed, m * shape_k + k) >= p``."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    m, k = int(shape_m), int(shape_k)
+    if p <= 0.0 or m * k == 0:
+        return torch.ones((m, k), dtype=torch.bool, device=device)
+    if triton_available(device) is None:
+        out = torch.empty((m, k), dtype=torch.uint8, device=device)
+        block = 1024
+        with _on_device(device):
+            _dropout_mask_kernel[(triton.cdiv(m * k, block),)](out, m * k, float(p), int(seed),
+                                                                BLOCK=block)
+        return out.view(torch.bool)
+    rand = _tl_rand_numpy(int(seed), np.arange(m * k, dtype=np.int64))
+    keep = torch.from_numpy((rand >= np.float32(p)).reshape(m, k))
+    return keep.to(device)
+
+
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout of a 2-D ``x`` under the dropout contract (reference
+    helper; computed in fp32, returned in ``x.dtype``)."""
+    if p <= 0.0:
+        return x
+    keep = dropout_mask(x.shape[0], x.shape[1], p, seed, x.device)
+    return torch.where(keep, x.float() / (1.0 - p), 0.0).to(x.dtype)
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+if triton is not None:
+
+    @_maybe_autotune(
+        configs=[
+            _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+            _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+            _cfg(8, 3, BLOCK_M=256, BLOCK_K=64),
+        ],
+        key=["M_BUCKET", "K_BUCKET", "BLOCK_R"],
+        interp_meta=_INTERP_SKINNY,
+        reset_to_zero=["out_ptr"],  # split-K accumulates atomically
+    )
+    @triton.jit
+    def _skinny_kernel(
+        x_ptr, a_ptr, out_ptr,
+        M, K, R,
+        stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+        scale, p, seed,
+        M_BUCKET, K_BUCKET,
+        BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[M, R] (+)= scale * drop(x)[M, K] @ a[R, K]^T.
+
+        Grid (M blocks, K splits).  Each split reduces a contiguous run of
+        whole BLOCK_K steps; with more than one split the partial sums are
+        atomically added into a zeroed output."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
+        k_begin = pid_k * k_steps * BLOCK_K
+        k_end = tl.minimum(K, k_begin + k_steps * BLOCK_K)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        r_mask = offs_r < R
+        # int64 row/col offsets: big operands can exceed 2**31 elements.
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+        a_ptrs = a_ptr + offs_k.to(tl.int64)[:, None] * stride_ak + offs_r.to(tl.int64)[None, :] * stride_ar
+
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_mask = offs_k < k_end
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                at = at.to(tl.float32)
+            if HAS_DROPOUT:
+                xt = tl.where(_keep(seed, p, offs_m[:, None], offs_k[None, :], K), xt, 0.0)
+            acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+            offs_k += BLOCK_K
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+
+        acc = acc * scale
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or
+        out_mask = m_mask[:, None] & r_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(out_ptrs, acc, mask=out_mask)
+
+    @_maybe_autotune(
+        configs=[
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+            _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 5, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+            _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+        ],
+        key=["M_BUCKET", "N", "K", "BLOCK_R"],
+        interp_meta=_INTERP_FUSED,
+    )
+    @triton.jit
+    def _fused_lora_kernel(
+        x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, out_ptr,
+        M, N, K, R,
+        stride_xm, stride_xk, stride_wn, stride_wk,
+        stride_am, stride_ar, stride_bn, stride_br,
+        stride_bias, stride_om, stride_on,
+        scale, p, seed,
+        M_BUCKET,
+        BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        UPCAST: tl.constexpr, BASE_PRECISION: tl.constexpr, LOWRANK_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """out = x @ w^T (+ bias) + keep * scale * (xa @ b^T), rounded once.
+
+        The low-rank product is computed first, masked and scaled, and then
+        used as the initial value of the single fp32 accumulator of the base
+        GEMM: one accumulator (no extra registers for a second tile) and one
+        rounding to the output dtype at the end."""
+        # Group-M swizzle: consecutive programs share W tiles in L2.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        group_size = GROUP_M * num_pid_n
+        first_m = (pid // group_size) * GROUP_M
+        group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group_size) % group_m
+        pid_n = (pid % group_size) // group_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        # Rows/cols past the edge are wrapped instead of masked so the main
+        # loop only needs a K mask; their results are never stored.
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+
+        # ---- low-rank part, fp32 (R is padded to BLOCK_R with masks) ----
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r_mask = offs_r < R - r0
+            rr = (r0 + offs_r).to(tl.int64)
+            xa = tl.load(xa_ptr + rows[:, None] * stride_am + rr[None, :] * stride_ar,
+                         mask=r_mask[None, :], other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + rr[:, None] * stride_br + cols[None, :] * stride_bn,
+                         mask=r_mask[:, None], other=0.0).to(tl.float32)
+            acc = tl.dot(xa, bt, acc, input_precision=LOWRANK_PRECISION)
+        acc = acc * scale
+        if HAS_DROPOUT:
+            acc = tl.where(_keep(seed, p, offs_m[:, None], offs_n[None, :], N), acc, 0.0)
+
+        # ---- base GEMM on top ----
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_k.to(tl.int64)[:, None] * stride_wk + cols[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=BASE_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    @_maybe_autotune(
+        configs=[
+            _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+            _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
+            _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+        ],
+        key=["M_BUCKET", "K", "BLOCK_R"],
+        interp_meta=_INTERP_WGRAD,
+        reset_to_zero=["out_ptr"],  # split-M accumulates atomically
+    )
+    @triton.jit
+    def _lowrank_wgrad_kernel(
+        g_ptr, x_ptr, out_ptr,
+        M, K, R,
+        stride_gm, stride_gr, stride_xm, stride_xk, stride_or, stride_ok,
+        scale, p, seed,
+        M_BUCKET,
+        BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """out[R, K] (+)= scale * g[M, R]^T @ drop(x)[M, K].
+
+        Grid (K blocks, M splits): M (tokens) is long and R*K small, so each
+        program reduces a contiguous run of whole BLOCK_M steps of M for one
+        K block; with more than one split, partial sums are atomically added
+        into a zeroed output."""
+        pid_k = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        m_steps = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1))
+        m_begin = pid_s * m_steps * BLOCK_M
+        m_end = tl.minimum(M, m_begin + m_steps * BLOCK_M)
+
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_m = m_begin + tl.arange(0, BLOCK_M)
+        k_mask = offs_k < K
+        r_mask = offs_r < R
+        g_ptrs = g_ptr + offs_r.to(tl.int64)[:, None] * stride_gr + offs_m.to(tl.int64)[None, :] * stride_gm
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for m0 in range(m_begin, m_end, BLOCK_M):
+            m_mask = offs_m < m_end
+            gt = tl.load(g_ptrs, mask=r_mask[:, None] & m_mask[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST:
+                gt = gt.to(tl.float32)
+                xt = xt.to(tl.float32)
+            if HAS_DROPOUT:
+                xt = tl.where(_keep(seed, p, offs_m[:, None], offs_k[None, :], K), xt, 0.0)
+            acc = tl.dot(gt, xt, acc, input_precision=PRECISION)
+            offs_m += BLOCK_M
+            g_ptrs += BLOCK_M * stride_gm
+            x_ptrs += BLOCK_M * stride_xm
+
+        acc = acc * scale
+        out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_k.to(tl.int64)[None, :] * stride_ok
+        out_mask = r_mask[:, None] & k_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(out_ptrs, acc, mask=out_mask)
+
+
+# --------------------------------------------------------------------------
+# skinny_matmul
+# --------------------------------------------------------------------------
+
+def check_skinny_matmul(x, a, *, scale=1.0, p=0.0, seed=0, split_k=None, **_) -> Optional[str]:
+    reason = _check_common({"x": (x, 2), "a": (a, 2)}, p, seed, scale)
+    if reason:
+        return reason
+    if x.shape[1] != a.shape[1]:
+        return f"shape mismatch: x {tuple(x.shape)} vs a {tuple(a.shape)} (need x[M,K], a[R,K])"
+    reason = _check_rank(a.shape[0])
+    if reason:
+        return reason
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        return f"split_k {split_k!r} must be a positive int"
+    return None
+
+
+def _skinny_split(m: int, k: int, device: torch.device) -> int:
+    """Split K when there are too few M blocks to fill the GPU (dB = dY^T XA:
+    M is out_features, K is the token count)."""
+    m_blocks = triton.cdiv(m, 128)
+    target = 2 * _num_sms(device)
+    if m_blocks >= target or k < 4096:
+        return 1
+    return max(1, min(triton.cdiv(target, m_blocks), k // 2048))
+
+
+def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
+                  seed: int = 0, allow_tf32: bool = False,
+                  split_k: Optional[int] = None) -> torch.Tensor:
+    """``out[M, R] = scale * drop(x)[M, K] @ a[R, K]^T`` in float32.
+
+    ``R`` (the LoRA rank) is 1..128.  Dropout (``p > 0``) is applied to ``x``
+    with the module's dropout contract over ``x``'s logical ``[M, K]`` shape.
+    fp32 (or mixed-dtype) dots are ieee fp32 unless ``allow_tf32``.
+    ``split_k`` overrides the split-K heuristic (``>1`` adds partial sums
+    atomically, so results are then not bitwise deterministic)."""
+    reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
+    if reason:
+        raise ValueError(reason)
+    (m, k), r = x.shape, a.shape[0]
+    if split_k is None:
+        split_k = _skinny_split(m, k, x.device)
+    split_k = max(1, min(split_k, triton.cdiv(k, 16)))
+    atomic = split_k > 1
+    out = (torch.zeros if atomic or k == 0 else torch.empty)((m, r), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return out
+    upcast, precision = _dot_mode(x.dtype, a.dtype, allow_tf32)
+    kernel = _skinny_kernel
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
+    with _on_device(x.device):
+        kernel[grid](
+            x, a, out, m, k, r,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+            float(scale) / (1.0 - float(p)), float(p), int(seed),
+            _bucket(m), _bucket(k),
+            BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
+            PRECISION=precision, ATOMIC=atomic, **kernel._fixed_meta,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# fused_lora_matmul
+# --------------------------------------------------------------------------
+
+def check_fused_lora_matmul(x, w, xa, b, *, scale=1.0, bias=None, p=0.0, seed=0,
+                            out_dtype=None, **_) -> Optional[str]:
+    tensors = {"x": (x, 2), "w": (w, 2), "xa": (xa, 2), "b": (b, 2)}
+    if bias is not None:
+        tensors["bias"] = (bias, 1)
+    reason = _check_common(tensors, p, seed, scale)
+    if reason:
+        return reason
+    (m, k), (n, k2), (m2, r), (n2, r2) = x.shape, w.shape, xa.shape, b.shape
+    if k != k2:
+        return f"shape mismatch: x {tuple(x.shape)} vs w {tuple(w.shape)} (need x[M,K], w[N,K])"
+    if m != m2 or n != n2 or r != r2:
+        return (f"shape mismatch: x {tuple(x.shape)}, w {tuple(w.shape)}, xa {tuple(xa.shape)}, "
+                f"b {tuple(b.shape)} (need xa[M,R], b[N,R])")
+    if bias is not None and bias.shape[0] != n:
+        return f"shape mismatch: bias {tuple(bias.shape)} vs N={n}"
+    reason = _check_rank(r)
+    if reason:
+        return reason
+    if out_dtype is not None and out_dtype not in _SUPPORTED_DTYPES:
+        return f"out_dtype {out_dtype} not supported"
+    return None
+
+
+def fused_lora_matmul(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, *,
+                      scale: float, bias: Optional[torch.Tensor] = None, p: float = 0.0,
+                      seed: int = 0, out_dtype: Optional[torch.dtype] = None,
+                      allow_tf32_lowrank: bool = False) -> torch.Tensor:
+    """``out[M, N] = x @ w^T (+ bias) + keep(m, n) * scale * (xa @ b^T) / (1 - p)``.
+
+    ``keep`` (only when ``p > 0``) follows the dropout contract over the
+    logical ``[M, N]`` output; this is the backward ``dX`` of LoRA with
+    dropout.  Accumulates in one fp32 tile and rounds once to ``out_dtype``
+    (default ``x.dtype``).
+
+    The base product runs natively when x/w share a 16-bit dtype (fp32
+    accumulate), else in fp32 with tf32 iff
+    ``torch.backends.cuda.matmul.allow_tf32`` (as ``F.linear`` would).  The
+    low-rank product always runs in fp32 (xa/b are typically fp32 adapters
+    over a bf16 base) and in exact ieee fp32 unless ``allow_tf32_lowrank``
+    is set (faster, ~1e-3 relative error on the low-rank term)."""
+    reason = check_fused_lora_matmul(x, w, xa, b, scale=scale, bias=bias, p=p, seed=seed,
+                                     out_dtype=out_dtype)
+    if reason:
+        raise ValueError(reason)
+    (m, k), n, r = x.shape, w.shape[0], xa.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    upcast, base_precision = _dot_mode(x.dtype, w.dtype, torch.backends.cuda.matmul.allow_tf32)
+    kernel = _fused_lora_kernel
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    with _on_device(x.device):
+        kernel[grid](
+            x, w, xa, b, bias if bias is not None else x, out,
+            m, n, k, r,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            xa.stride(0), xa.stride(1), b.stride(0), b.stride(1),
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+            float(scale) / (1.0 - float(p)), float(p), int(seed),
+            _bucket(m),
+            # R <= 128 is looped in chunks of at most 64 to bound registers/smem.
+            BLOCK_R=min(_pow2_at_least(r), 64), HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
+            UPCAST=upcast, BASE_PRECISION=base_precision,
+            LOWRANK_PRECISION="tf32" if allow_tf32_lowrank else _FP32_DOT_PRECISION,
+            **kernel._fixed_meta,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------
+# lowrank_weight_grad
+# --------------------------------------------------------------------------
+
+def check_lowrank_weight_grad(g, x, *, scale=1.0, p=0.0, seed=0, split_m=None, **_) -> Optional[str]:
+    reason = _check_common({"g": (g, 2), "x": (x, 2)}, p, seed, scale)
+    if reason:
+        return reason
+    if g.shape[0] != x.shape[0]:
+        return f"shape mismatch: g {tuple(g.shape)} vs x {tuple(x.shape)} (need g[M,R], x[M,K])"
+    reason = _check_rank(g.shape[1])
+    if reason:
+        return reason
+    if split_m is not None and (not isinstance(split_m, int) or split_m < 1):
+        return f"split_m {split_m!r} must be a positive int"
+    return None
+
+
+def _wgrad_split(m: int, k: int, device: torch.device) -> int:
+    """Enough M splits for ~2 waves of programs, but each split keeps at
+    least ~1024 rows so atomics stay a small fraction of the traffic."""
+    k_blocks = triton.cdiv(k, 128)
+    return max(1, min(triton.cdiv(2 * _num_sms(device), k_blocks), m // 1024))
+
+
+def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
+                        seed: int = 0, allow_tf32: bool = False,
+                        split_m: Optional[int] = None) -> torch.Tensor:
+    """``out[R, K] = scale * g[M, R]^T @ drop(x)[M, K]`` in float32 (dA of LoRA).
+
+    M (tokens) is split across programs whose partial sums are atomically
+    added into a zeroed output (not bitwise deterministic when split);
+    ``split_m`` overrides the heuristic.  Dots are ieee fp32 unless both
+    operands share a 16-bit dtype, or ``allow_tf32``."""
+    reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
+    if reason:
+        raise ValueError(reason)
+    (m, r), k = g.shape, x.shape[1]
+    if split_m is None:
+        split_m = _wgrad_split(m, k, x.device)
+    split_m = max(1, min(split_m, triton.cdiv(m, 16)))
+    atomic = split_m > 1
+    out = (torch.zeros if atomic or m == 0 else torch.empty)((r, k), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return out
+    upcast, precision = _dot_mode(g.dtype, x.dtype, allow_tf32)
+    kernel = _lowrank_wgrad_kernel
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), split_m)
+    with _on_device(x.device):
+        kernel[grid](
+            g, x, out, m, k, r,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            float(scale) / (1.0 - float(p)), float(p), int(seed),
+            _bucket(m),
+            BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
+            PRECISION=precision, ATOMIC=atomic, **kernel._fixed_meta,
+        )
+    return out
