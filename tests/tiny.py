@@ -12,12 +12,13 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
 
 
-def tiny_model(arch="llama", dtype=torch.float32, gc=False, seed=0, lora=True, **lora_kwargs):
+def tiny_model(arch="llama", dtype=torch.float32, gc=False, seed=0, lora=True, sizes=None, **lora_kwargs):
     torch.manual_seed(seed)
+    dims = {**SIZES, **(sizes or {})}
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SIZES))
+        model = LlamaForCausalLM(LlamaConfig(**dims))
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**SIZES))
+        model = Qwen2ForCausalLM(Qwen2Config(**dims))
     else:
         raise ValueError(arch)
     model = model.to(dtype)

@@ -187,3 +187,20 @@ def test_optimize_rejects_bad_input():
         fxfuse.report(tiny_model())
     with pytest.raises(ValueError, match="compiler"):
         fxfuse.optimize(tiny_model(), compiler="tvm")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_cublas_and_triton_gemm_strategies_agree(monkeypatch, dropout):
+    """The op's two GEMM strategies (fused Triton GEMM; cuBLAS with the low-rank term as C) give
+    the same loss and gradients, dropout masks included (both draw them from the same seed)."""
+    results = {}
+    for strategy in ("triton", "cublas"):
+        monkeypatch.setenv("FXFUSE_LORA_GEMM", strategy)
+        torch._dynamo.reset()
+        model = fxfuse.optimize(tiny_model(gc=True, lora_dropout=dropout), compiler="aot_eager", verbose=False)
+        torch.manual_seed(11)
+        results[strategy] = loss_and_grads(model, **batch())
+    (l_t, g_t), (l_c, g_c) = results["triton"], results["cublas"]
+    assert rel(l_c, l_t) < 1e-6
+    for name in g_t:
+        assert rel(g_c[name], g_t[name]) < 1e-5, name

@@ -28,6 +28,8 @@ pytestmark = [
 ]
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+# On the GPU every new shape bucket autotunes (~1 s): fewer examples there.
+EXAMPLES = int(os.environ.get("FXFUSE_FUZZ_EXAMPLES", 200 if DEVICE == "cpu" else 25))
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 dims = st.integers(1, 96)
@@ -158,7 +160,7 @@ def ref_fused(x, w, xa, b, scale, bias, p, seed):
 # fuzzing
 # --------------------------------------------------------------------------
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=EXAMPLES)
 @given(m=dims, k=dims, r=ranks, dtype=st.sampled_from([F32, F16, BF16]),
        adapter_f32=st.booleans(), p=dropout_ps, seed=seeds, scale=scales(),
        lx=layouts, la=layouts, split_k=st.sampled_from([None, 1, 2, 3]),
@@ -176,7 +178,7 @@ def test_skinny_matmul_fuzz(m, k, r, dtype, adapter_f32, p, seed, scale, lx, la,
     assert_matches(out, ref, ref_abs, F32)
 
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=EXAMPLES)
 @given(m=dims, n=dims, k=dims, r=ranks, dtype=st.sampled_from([F32, F16, BF16]),
        adapter_f32=st.booleans(), out_f32=st.booleans(), has_bias=st.booleans(),
        p=dropout_ps, seed=seeds, scale=scales(), lx=layouts, lw=layouts, la=layouts,
@@ -200,7 +202,7 @@ def test_fused_lora_matmul_fuzz(m, n, k, r, dtype, adapter_f32, out_f32, has_bia
     assert_matches(out, ref, ref_abs, out_dtype or dtype)
 
 
-@settings(deadline=None, max_examples=200)
+@settings(deadline=None, max_examples=EXAMPLES)
 @given(m=dims, k=dims, r=ranks, dtype=st.sampled_from([F32, F16, BF16]),
        g_f32=st.booleans(), p=dropout_ps, seed=seeds, scale=scales(), lg=layouts,
        lx=layouts, split_m=st.sampled_from([None, 1, 2, 3]), big=st.booleans(),

@@ -68,10 +68,10 @@ __all__ = [
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 MAX_RANK = 128
-# Precision of fp32 dots when tf32 is not allowed.  "ieee" is exact fp32 but
-# runs on CUDA cores; "tf32x3" (three tf32 tensor-core passes, ~fp32 accuracy)
-# is the candidate to measure on H100 if the low-rank dots show up in profiles.
-_FP32_DOT_PRECISION = "ieee"
+# Precision of fp32 dots when tf32 is not allowed: "tf32x3" on the GPU (three tf32
+# tensor-core passes, ~fp32 accuracy); exact "ieee" ran on CUDA cores and made the skinny
+# LoRA dots compute-bound on the H100 (bench/RESULTS.md). The interpreter is exact either way.
+_FP32_DOT_PRECISION = "ieee" if _INTERPRET else "tf32x3"
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SEED = 2**31
 

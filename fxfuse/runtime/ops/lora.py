@@ -117,6 +117,7 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
     seed_i = int(seed.item()) if seed is not None else 0
     ranks = [a.shape[0] for a in lora_as]
     if all(p == 0 for p in dropout_ps) and len({a.dtype for a in lora_as}) == 1:
+        # one pass over x for every member's down-projection
         xa = K.skinny_matmul(x2d, torch.cat(lora_as, dim=0) if len(lora_as) > 1 else lora_as[0])
     else:
         xa = torch.empty(m, sum(ranks), device=x.device, dtype=torch.float32)
@@ -124,17 +125,21 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
         for i, (a, p) in enumerate(zip(lora_as, dropout_ps)):
             xa[:, off:off + a.shape[0]] = K.skinny_matmul(x2d, a, p=p, seed=member_seed(seed_i, i))
             off += a.shape[0]
+    xa_low = None
     outs, off = [], 0
     for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
         xa_i = xa[:, off:off + r]
-        off += r
         if gemm_strategy(m, w.shape[0], w.shape[1], x.device) == "triton":
             y = K.fused_lora_matmul(x2d, w, xa_i, bb, scale=s, bias=b, out_dtype=out_dtype)
         else:
-            low = torch.mm((xa_i * s).to(x.dtype), bb.to(x.dtype).t())
-            if b is not None:
-                low += b
+            # cuBLAS: the low-rank term (and bias) becomes C of the base GEMM (beta=1 epilogue)
+            if xa_low is None:
+                xa_low = xa.to(x.dtype)
+            b_low = (bb * s).to(x.dtype)
+            xa_i = xa_low[:, off:off + r]
+            low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
             y = torch.addmm(low, x2d, w.t()).to(out_dtype)
+        off += r
         outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
     return outs + [xa]
 
@@ -143,33 +148,44 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
     x2d = _flat(x)
     m, k = x2d.shape
     seed_i = int(seed.item()) if seed is not None else 0
-    many = len(weights) > 1
-    dx = None
-    d_as, d_bs, off = [], [], 0
-    for i, (w, a, b, s, p) in enumerate(zip(weights, lora_as, lora_bs, scalings, dropout_ps)):
+    seeds = [member_seed(seed_i, i) for i in range(len(weights))]
+    dy2d = [_flat(d) for d in dys]
+    d_as, d_bs, gs, off = [], [], [], 0
+    for i, (a, b, s, p) in enumerate(zip(lora_as, lora_bs, scalings, dropout_ps)):
         r = a.shape[0]
-        dy = _flat(dys[i])
-        xa_i = xa[:, off:off + r]
+        g = K.skinny_matmul(dy2d[i], b.t(), scale=s)  # s·dy·B
+        d_bs.append(K.skinny_matmul(dy2d[i].t(), xa[:, off:off + r].t(), scale=s).to(b.dtype))
+        d_as.append(K.lowrank_weight_grad(g, x2d, p=p, seed=seeds[i]).to(a.dtype))
+        gs.append(g)
         off += r
-        si = member_seed(seed_i, i)
-        g = K.skinny_matmul(dy, b.t())
-        d_bs.append(K.skinny_matmul(dy.t(), xa_i.t(), scale=s).to(b.dtype))
-        d_as.append(K.lowrank_weight_grad(g, x2d, scale=s, p=p, seed=si).to(a.dtype))
-        if not need_dx:
-            continue
-        if gemm_strategy(m, k, w.shape[0], x.device) == "triton":
-            part = K.fused_lora_matmul(dy, w.t(), g, a.t(), scale=s, p=p, seed=si,
+    out = d_as + d_bs
+    if not need_dx:
+        return out
+    many = len(weights) > 1
+    if gemm_strategy(m, k, weights[0].shape[0], x.device) == "triton":
+        dx = None
+        for dy, w, a, g, p, si in zip(dy2d, weights, lora_as, gs, dropout_ps, seeds):
+            part = K.fused_lora_matmul(dy, w.t(), g, a.t(), scale=1.0, p=p, seed=si,
                                        out_dtype=torch.float32 if many else x.dtype)
             dx = part if dx is None else dx.add_(part)
+    else:
+        if all(p == 0 for p in dropout_ps):
+            # every member's low-rank dx term in one GEMM over the concatenated ranks
+            g_all = torch.cat(gs, dim=1) if many else gs[0]
+            a_all = torch.cat(lora_as, dim=0) if many else lora_as[0]
+            low = torch.mm(g_all.to(x.dtype), a_all.to(x.dtype))
         else:
-            low = (g * s) @ a.float()
-            if p > 0:
-                low *= K.dropout_mask(m, k, p, si, x.device) / (1 - p)
+            low = torch.zeros(m, k, device=x.device, dtype=torch.float32)
+            for g, a, p, si in zip(gs, lora_as, dropout_ps, seeds):
+                term = g @ a.float()
+                if p > 0:
+                    term *= K.dropout_mask(m, k, p, si, x.device) / (1 - p)
+                low += term
             low = low.to(x.dtype)
-            dx = torch.addmm(low if dx is None else dx.add_(low), dy, w)
-    out = d_as + d_bs
-    if need_dx:
-        out.append(dx.to(x.dtype).reshape(x.shape))
+        dx = torch.addmm(low, dy2d[0], weights[0])
+        for dy, w in zip(dy2d[1:], weights[1:]):
+            dx.addmm_(dy, w)
+    out.append(dx.to(x.dtype).reshape(x.shape))
     return out
 
 
