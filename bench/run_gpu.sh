@@ -14,7 +14,8 @@
 # FRESH=1   one process per (variant, seq) instead of one per variant
 # DYNAMIC   auto | static | dynamic (bench_lora.py --dynamic)  (default: auto)
 # FXFUSE_LORA_GEMM=auto|triton|cublas   passed through to fxfuse's op
-# TESTS     pytest paths for 'tests'                           (default: tests/kernels)
+# TESTS     pytest paths for 'tests'                           (default: tests/gpu tests/kernels)
+#           (run with FXFUSE_AUTOTUNE=0: one config per kernel, so the fuzz shapes do not each autotune)
 # BENCH_ARGS  extra bench_lora.py arguments;  VT  timeout per benchmark process (s, default 420)
 # BUDGET    seconds this script may use in all (default 570): no step outlives it
 # DRYRUN=1  CPU rehearsal of this script (tiny model, Triton interpreter, aot_eager); PY picks python
@@ -83,7 +84,7 @@ fi
 if want tests; then
   t=$(left 240); log "START tests (timeout ${t}s)"
   # tests/kernels defaults TRITON_INTERPRET to 1 when unset: 0 runs them compiled, on the GPU.
-  TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout -k 10 "$t" "$PY" -m pytest ${TESTS:-tests/kernels} -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+  FXFUSE_AUTOTUNE=${FXFUSE_AUTOTUNE:-0} TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout -k 10 "$t" "$PY" -m pytest ${TESTS:-tests/gpu tests/kernels} -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
   rc=$?; tail -5 "$OUT/gpu_tests.txt" | tee -a "$LOG"; log "END tests rc=$rc"
   echo "{\"source\": \"tests\", \"rc\": $rc, \"summary\": \"$(tail -1 "$OUT/gpu_tests.txt" | tr -d '"\\' | cut -c1-200)\"}" >> "$JSONL"
 fi

@@ -66,6 +66,9 @@ __all__ = [
 # Triton decides interpreter-vs-compiled when a kernel is decorated, so this
 # module does too: read the flag once, at import.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FXFUSE_AUTOTUNE=0 launches each kernel's first GPU config without tuning: the GPU fuzz suite
+# draws many shapes and would otherwise spend minutes autotuning each new one.
+_AUTOTUNE = os.environ.get("FXFUSE_AUTOTUNE", "1") != "0"
 
 MAX_RANK = 128
 # Precision of fp32 dots when tf32 is not allowed: "tf32x3" on the GPU (three tf32
@@ -191,6 +194,10 @@ def _maybe_autotune(configs, key, interp_meta: dict, **kwargs):
     def deco(fn):
         if _INTERPRET:
             fn._fixed_meta = dict(interp_meta)
+            return fn
+        if not _AUTOTUNE:
+            first = configs[0]
+            fn._fixed_meta = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
             return fn
         tuned = triton.autotune(configs=configs, key=key, **kwargs)(fn)
         tuned._fixed_meta = {}
