@@ -263,7 +263,6 @@ def cmd_demo(args) -> int:
         print(f"{i:>4} {a:>14.8f} {b:>14.8f} {rel:>10.2e}")
     print(f"max relative loss difference: {worst:.2e} (tolerance {args.tolerance:.0e})")
     rep = fxfuse.report(fused)
-    hf.clean_module_names(rep.sites())
     print(rep.table(sites=True))
     summary = rep.summary()
     declined = sum(sum(s["declined"].values()) for s in summary.values())

@@ -100,14 +100,6 @@ def _add_lora(model: torch.nn.Module, opts: dict) -> torch.nn.Module:
     return get_peft_model(model, cfg)
 
 
-def clean_module_names(sites) -> None:
-    """Dynamo now records module paths through `__dict__['_modules']`, which
-    pattern.module_path leaves in (`__dict__._modules.base_model.__dict__._modules.model...`);
-    fold them back to the HF name (`base_model.model.model.layers.0.self_attn.q_proj`)."""
-    for s in sites:
-        s.module = s.module.replace("__dict__._modules.", "")
-
-
 @dataclass
 class Capture:
     """Graphs dynamo produced (before = pristine copies, after = rewritten) and the Report that
@@ -159,7 +151,6 @@ def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gr
         cap.before.append(copy.deepcopy(gm))
         n_before = nodes(gm)
         stats = manager.run(gm)
-        clean_module_names(s for p in stats for s in p.sites)
         cap.after.append(gm)
         cap.stats.append(stats)
         report.add_graph(n_before, nodes(gm), stats)

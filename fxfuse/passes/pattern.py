@@ -95,6 +95,8 @@ def _clean_module_path(path: str) -> str:
     for junk in ("L['self'].", "L['self']", "self."):
         path = path.replace(junk, "")
     path = path.replace("._modules['", ".").replace("']", "").replace("['", ".")
+    # newer dynamo spells submodule access through the instance dict
+    path = path.replace("__dict__._modules.", "").replace(".__dict__.", ".")
     return path.strip(".")
 
 
