@@ -36,22 +36,18 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def gemm_strategy(m: int, n: int, k: int, device: torch.device) -> str:
+def gemm_strategy(device: torch.device) -> str:
     """Which GEMM carries the base product: our fused Triton kernel, or cuBLAS with the low-rank
-    term accumulated into its output (beta=1). Chosen per shape from measurements on the H100
-    (bench/RESULTS.md); FXFUSE_LORA_GEMM=triton|cublas overrides."""
+    term accumulated into its output (beta=1 epilogue). On the H100 cuBLAS won all 12 forward
+    shapes of the 8B model (by 5-45%) and lost 5 of 12 backward shapes by 1-12% (bench/RESULTS.md,
+    LoRA GEMM table), so CUDA takes cuBLAS everywhere; the interpreter runs the fused kernel.
+    FXFUSE_LORA_GEMM=triton|cublas overrides."""
     forced = os.environ.get("FXFUSE_LORA_GEMM", "auto")
     if forced in ("triton", "cublas"):
         return forced
     if forced != "auto":
         raise ValueError(f"FXFUSE_LORA_GEMM must be auto, triton or cublas, not {forced!r}")
-    if device.type != "cuda":
-        return "triton"
-    return "cublas" if m * n * k >= _CUBLAS_MIN_MNK else "triton"
-
-
-# Above this many multiply-adds cuBLAS wins on the H100 (see bench/RESULTS.md, LoRA GEMM table).
-_CUBLAS_MIN_MNK = 0
+    return "cublas" if device.type == "cuda" else "triton"
 
 
 def kernels_unavailable(x: Tensor) -> Optional[str]:
@@ -129,7 +125,7 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
     outs, off = [], 0
     for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
         xa_i = xa[:, off:off + r]
-        if gemm_strategy(m, w.shape[0], w.shape[1], x.device) == "triton":
+        if gemm_strategy(x.device) == "triton":
             y = K.fused_lora_matmul(x2d, w, xa_i, bb, scale=s, bias=b, out_dtype=out_dtype)
         else:
             # cuBLAS: the low-rank term (and bias) becomes C of the base GEMM (beta=1 epilogue)
@@ -162,7 +158,7 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
     if not need_dx:
         return out
     many = len(weights) > 1
-    if gemm_strategy(m, k, weights[0].shape[0], x.device) == "triton":
+    if gemm_strategy(x.device) == "triton":
         dx = None
         for dy, w, a, g, p, si in zip(dy2d, weights, lora_as, gs, dropout_ps, seeds):
             part = K.fused_lora_matmul(dy, w.t(), g, a.t(), scale=1.0, p=p, seed=si,
