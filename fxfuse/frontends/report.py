@@ -87,11 +87,12 @@ class Report:
         for what, n in snap["fallbacks"].items():
             lines.append(f"  fallback x{n}: {what}")
         if sites:
-            lines.append(f"{'pass':<8} {'status':<10} {'module':<45} {'node / reason'}")
+            width = max([len(s.module) for s in self.sites()] + [6])
+            lines.append(f"{'pass':<8} {'status':<10} {'module':<{width}} {'node / reason'}")
             for s in self.sites():
                 status = "rewritten" if s.rewritten else "declined"
                 detail = f"{s.node} -> {s.group}" if s.rewritten else s.reason
-                lines.append(f"{s.pass_name:<8} {status:<10} {s.module:<45} {detail}")
+                lines.append(f"{s.pass_name:<8} {status:<10} {s.module:<{width}} {detail}")
         return "\n".join(lines)
 
     __str__ = table

@@ -15,7 +15,6 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from ..runtime.kernels import lora as kernels
 from ..runtime.ops import lora as lora_op  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, is_anchor, match_at, module_path
@@ -81,8 +80,6 @@ def check(m) -> dict:
     p = float(p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise Decline(f"dropout p={p} outside [0, 1)")
-    if p > 0 and (why := kernels.triton_available(x.device)) is not None:
-        raise Decline(f"dropout p={p} needs the Triton kernels (mask drawn in-kernel): {why}")
     cast = m["down"].args[0]
     lowrank_in = example_value(cast)
     if amp is None and isinstance(lowrank_in, torch.Tensor) and lowrank_in.dtype != a.dtype:
