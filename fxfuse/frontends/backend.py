@@ -2,6 +2,8 @@
 graph to Inductor (AOTAutograd for training) or to a lighter compiler for tests."""
 from __future__ import annotations
 
+import copy
+import sys
 from typing import Callable
 
 import torch.fx as fx
@@ -26,7 +28,16 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
 
     def fxfuse_backend(gm: fx.GraphModule, example_inputs):
         before = _node_count(gm)
-        stats = manager.run(gm)
+        work = copy.deepcopy(gm)  # a pass that fails midway must not leave a half-rewritten graph
+        try:
+            stats = manager.run(work)
+            gm = work
+        except Exception as e:  # a bug in a pass: compile the untouched graph, and say so
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"fxfuse: warning: passes failed on graph {len(report.graphs)}, compiling it "
+                  f"unchanged: {reason}", file=sys.stderr)
+            report.errors.append(reason)
+            stats = []
         report.add_graph(before, _node_count(gm), stats)
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx

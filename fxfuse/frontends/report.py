@@ -1,5 +1,6 @@
 """What optimize() did: per pass, candidates / rewritten / declined with reasons and HF module
-names; graphs compiled, graph breaks, and run-time fallbacks of the fused ops."""
+names; graphs compiled, graph breaks, and run-time fallbacks of the fused ops. Graph breaks and
+run-time counters are process-wide (dynamo's and the ops' counters), not per model."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ class Report:
     graphs: list[GraphRecord] = field(default_factory=list)
     graph_breaks: Counter = field(default_factory=Counter)
     cache_dir: str = ""
+    errors: list[str] = field(default_factory=list)  # passes that failed; their graph ran unchanged
     _breaks_at_start: Counter = field(default_factory=Counter)
 
     def start(self) -> None:
@@ -66,6 +68,7 @@ class Report:
             "sites": [s.__dict__ for s in self.sites()],
             "runtime": runtime_stats.snapshot(),
             "cache_dir": self.cache_dir,
+            "pass_errors": self.errors,
         }
 
     def to_json(self) -> str:
@@ -76,6 +79,8 @@ class Report:
                  f"{sum(self.graph_breaks.values())} graph break(s)"]
         for reason, n in self.graph_breaks.items():
             lines.append(f"  graph break x{n}: {reason}")
+        for err in self.errors:
+            lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
         lines.append(f"{'pass':<10} {'candidates':>10} {'rewritten':>10} {'declined':>9}")
         for name, s in self.summary().items():
             lines.append(f"{name:<10} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}")

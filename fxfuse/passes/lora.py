@@ -22,7 +22,8 @@ from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of
 
 
 def _narrow(t) -> bool:
-    """A weight that projects down (rank < in_features): what makes a linear chain low-rank."""
+    """A weight that projects down (rank < in_features): what makes a linear chain low-rank.
+    Chains without such a down-projection are not LoRA candidates and are not reported."""
     v = example_value(t)
     return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] < v.shape[1]
 
@@ -59,11 +60,14 @@ def check(m) -> dict:
         raise Decline("lora_B has a bias (lora_bias=True): not supported yet")
     if r > MAX_RANK:
         raise Decline(f"rank {r} > {MAX_RANK} (kernel limit)")
-    amp = autocast_dtype(x.device)
-    if amp is None and w.dtype != x.dtype:
-        raise Decline(f"base weight {w.dtype} differs from input {x.dtype} (quantized or mixed base?)")
-    if amp is None and a.dtype != b.dtype:
-        raise Decline(f"lora_A {a.dtype} and lora_B {b.dtype} differ")
+    # The dtypes the two branches computed in, as dynamo recorded them: they follow autocast
+    # regions (operands are cast to them), which the operands' own dtypes do not show.
+    base_dt, low_dt = example_value(m["base"]), example_value(m["up"])
+    if not isinstance(base_dt, torch.Tensor) or not isinstance(low_dt, torch.Tensor):
+        raise Decline("the base or low-rank linear has no recorded tensor value")
+    base_dt, low_dt = base_dt.dtype, low_dt.dtype
+    if base_dt not in _FLOATS or low_dt not in _FLOATS:
+        raise Decline(f"linears compute in {base_dt}/{low_dt}, not fp32/fp16/bf16")
     if w.requires_grad:
         raise Decline("base weight requires grad (not a frozen-base LoRA)")
     if bias is not None:
@@ -77,30 +81,21 @@ def check(m) -> dict:
         p, training = attrs["p"], attrs["training"]
         if not isinstance(p, (int, float)) or not isinstance(training, bool):
             raise Decline("dropout p/training are not literals in the graph")
+        if attrs["inplace"] and training and p > 0:
+            raise Decline("in-place dropout also changes the input the base linear reads")
     p = float(p) if training else 0.0
     if not 0.0 <= p < 1.0:
         raise Decline(f"dropout p={p} outside [0, 1)")
-    cast = m["down"].args[0]
-    lowrank_in = example_value(cast)
-    if amp is None and isinstance(lowrank_in, torch.Tensor) and lowrank_in.dtype != a.dtype:
-        raise Decline(f"low-rank branch computes in {lowrank_in.dtype}, adapters are {a.dtype}")
     out = example_value(m.root)
     if not isinstance(out, torch.Tensor) or out.dtype not in _FLOATS:
         raise Decline("site output has no floating tensor value")
-    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype, "rank": r, "amp": amp,
-            "lowrank_dtype": amp or a.dtype}
-
-
-def autocast_dtype(device: torch.device):
-    """The autocast dtype in force while dynamo traces (it guards on it), or None."""
-    kind = device.type if device.type in ("cuda", "cpu") else "cuda"
-    if torch.is_autocast_enabled(kind):
-        return torch.get_autocast_dtype(kind)
-    return None
+    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype, "rank": r,
+            "compute_dtype": base_dt, "lowrank_dtype": low_dt}
 
 
 class LoraPass(GraphPass):
     name = "lora"
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.kernels.lora")
 
     def __init__(self, group: bool = True):
         self.group = group
@@ -126,12 +121,25 @@ class LoraPass(GraphPass):
             sites.append((m, info, module))
         groups: dict = defaultdict(list)
         for m, info, module in sites:
-            key = (m["x"], info["out_dtype"], info["lowrank_dtype"]) if self.group else id(m)
-            groups[key].append((m, info, module))
+            key = (m["x"], info["out_dtype"], info["compute_dtype"], info["lowrank_dtype"])
+            groups[key if self.group else id(m)].append((m, info, module))
         for members in groups.values():
-            fused = _replace_group(gm, members)
-            for m, info, module in members:
-                stats.sites.append(Site(self.name, module, m["up"].name, gname, True, group=fused.name))
+            for part in _placeable(gm, members):
+                fused = _replace_group(gm, part)
+                for m, info, module in part:
+                    stats.sites.append(Site(self.name, module, m["up"].name, gname, True, group=fused.name))
+
+
+def _placeable(gm: fx.GraphModule, members) -> list:
+    """A group's op must come after every operand and before every member's output is used; a
+    group whose operands are not all defined before its first output is split into singles."""
+    if len(members) == 1:
+        return [members]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    operands = [m[k] for m, _, _ in members for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    last = max(order[n] for n in operands if isinstance(n, fx.Node))
+    first_root = min(order[m.root] for m, _, _ in members)
+    return [members] if last < first_root else [[member] for member in members]
 
 
 def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
@@ -141,7 +149,7 @@ def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
     order = {n: i for i, n in enumerate(g.nodes)}
     last = max((n for n in operands if isinstance(n, fx.Node)), key=order.__getitem__)
     ps = [info["p"] for _, info, _ in members]
-    amp = members[0][1]["amp"]
+    base_dt, low_dt = members[0][1]["compute_dtype"], members[0][1]["lowrank_dtype"]
     cursor = last
 
     def emit(target, args, kwargs=None, op="call_function"):
@@ -150,20 +158,21 @@ def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
             cursor = g.create_node(op, target, tuple(args), kwargs or {})
         return cursor
 
-    def operand(node):
-        # Under autocast every linear runs in the autocast dtype; the op itself is not autocast-aware.
-        if amp is None or node is None:
+    def operand(node, dtype):
+        # Under autocast a linear casts its operands; the op is not autocast-aware, so the graph does.
+        if node is None or example_value(node).dtype == dtype:
             return node
-        return emit("to", (node, amp), op="call_method")
+        return emit("to", (node, dtype), op="call_method")
 
     seed = None
     if any(p > 0 for p in ps):
         # A fresh seed per call; AOTAutograd replays random ops inside checkpointed regions,
         # and the seed is saved for backward, so recomputation sees the same masks.
         seed = emit(torch.randint, (2**31 - 1, (1,)), {"dtype": torch.int64})
-    lists = {k: [operand(m[k]) for m, _, _ in members] for k in ("weight", "bias", "lora_A", "lora_B")}
+    dtypes = {"weight": base_dt, "bias": base_dt, "lora_A": low_dt, "lora_B": low_dt}
+    lists = {k: [operand(m[k], dt) for m, _, _ in members] for k, dt in dtypes.items()}
     fused = emit(torch.ops.fxfuse.lora_linear.default, (
-            operand(x),
+            operand(x, base_dt),
             lists["weight"],
             lists["bias"],
             lists["lora_A"],

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import importlib
 import inspect
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,15 +50,27 @@ class PassStats:
         return [s for s in self.sites if not s.rewritten]
 
 
+def _source(module_name: str) -> str:
+    module = importlib.import_module(module_name)
+    try:
+        return inspect.getsource(module)
+    except OSError:  # no .py shipped: hash the compiled file instead
+        return hashlib.sha256(open(module.__file__, "rb").read()).hexdigest()
+
+
 class GraphPass(abc.ABC):
     """Base class: a pass rewrites one fx graph (and its subgraphs) in place and records sites."""
 
     name: str = ""
-    config: dict = {}
+    config: dict
+    # Modules whose code ends up in the compiled artifact through this pass (the matcher, the
+    # custom op and its kernels): their source feeds the uuid too.
+    depends_on: tuple[str, ...] = ()
 
     def uuid(self) -> str:
-        src = inspect.getsource(sys.modules[type(self).__module__])
-        blob = json.dumps({"src": src, "config": self.config}, sort_keys=True, default=str)
+        modules = (type(self).__module__, *self.depends_on)
+        blob = json.dumps({"src": [_source(m) for m in modules], "config": self.config},
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @abc.abstractmethod

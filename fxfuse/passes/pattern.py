@@ -53,8 +53,9 @@ def canon(node: Any) -> Optional[Canon]:
         if t in _MUL and len(node.args) == 2:
             return Canon("mul", tuple(node.args))
         if t in _DROPOUT:
+            train_kw = "training" if t is torch.nn.functional.dropout else "train"
             return Canon("dropout", (_arg(node, 0, "input"),),
-                         {"p": _arg(node, 1, "p", 0.5), "training": _arg(node, 2, "training", True),
+                         {"p": _arg(node, 1, "p", 0.5), "training": _arg(node, 2, train_kw, True),
                           "inplace": _arg(node, 3, "inplace", False)})
     if node.op == "call_method":
         if t == "add" and len(node.args) == 2 and not node.kwargs:
@@ -64,6 +65,8 @@ def canon(node: Any) -> Optional[Canon]:
         if t in _CAST_METHODS and len(node.args) == 1:
             return Canon("to", (node.args[0],), {"dtype": _CAST_METHODS[t]})
         if t == "to":
+            if set(node.kwargs) - {"dtype", "non_blocking", "copy"}:
+                return None  # a device move (or memory format change), not a pure cast
             dtype = node.kwargs.get("dtype")
             extra = [a for a in node.args[1:] if a is not None]
             if dtype is None and len(extra) == 1 and isinstance(extra[0], torch.dtype):
@@ -129,7 +132,6 @@ class Op(Pat):
     args: tuple
     name: Optional[str] = None
     commutative: bool = False
-    attrs: dict = field(default_factory=dict)
     label: str = ""
 
     def __post_init__(self):
@@ -228,8 +230,6 @@ def match_pat(pat: Pat, value: Any, m: Match) -> None:
                 if pat.name:
                     _bind(m, pat.name, value)
                 m.nodes.append(value)
-                for key, want in pat.attrs.items():
-                    _bind(m, want, c.attrs.get(key))
                 for sub, operand in zip(pat.args, ops):
                     match_pat(sub, operand, m)
                 return

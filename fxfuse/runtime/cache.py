@@ -47,10 +47,15 @@ def default_root() -> Path:
 def use_cache_dir(manager_uuid: str, root: str | os.PathLike | None = None) -> str:
     """Point Inductor's caches at the directory for this key (unless the user chose one) and
     return the directory in use."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    global _ours
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and current != _ours:
+        return current  # the user's choice
     path = Path(root) if root is not None else default_root()
     path = path / cache_key(manager_uuid)
     path.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    _ours = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return str(path)
+
+
+_ours = None  # the directory fxfuse itself set, which a later optimize() may re-point

@@ -1,0 +1,134 @@
+"""Edge cases a reviewer found: each must be declined or handled, never wrong, never a crash."""
+import torch
+import torch.nn.functional as F
+
+from fxfuse.passes.lora import LoraPass
+from fxfuse.passes.manager import PassManager
+from fxfuse.passes.pattern import count_ops
+
+LORA_OP = "fxfuse.lora_linear.default"
+
+
+class Site(torch.nn.Module):
+    def __init__(self, k=16, n=24, r=4):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n, k), requires_grad=False)
+        self.a = torch.nn.Parameter(torch.randn(r, k) * 0.1)
+        self.b = torch.nn.Parameter(torch.randn(n, r) * 0.1)
+
+
+def run(model, x, **autocast):
+    seen = []
+
+    def backend(gm, ex):
+        seen.append(PassManager([LoraPass()]).run(gm)[0])
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    torch.manual_seed(0)
+    out = compiled(x)
+    return out, seen[0]
+
+
+class InplaceDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = Site(), Site()
+
+    def forward(self, x):
+        outs = []
+        for s in (self.q, self.k):
+            base = F.linear(x, s.w)
+            outs.append(base + F.linear(F.linear(F.dropout(x, 0.5, True, True), s.a), s.b) * 2.0)
+        return outs[0].sum() + outs[1].sum()
+
+
+def test_inplace_dropout_is_declined():
+    _, stats = run(InplaceDropout(), torch.randn(3, 16))
+    assert stats.rewritten == 0 and stats.candidates == 2
+    assert all("in-place dropout" in s.reason for s in stats.declined)
+
+
+class EvalDropoutTorchSpelling(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = Site()
+
+    def forward(self, x):
+        s = self.s
+        low = F.linear(input=F.linear(input=torch.dropout(x, 0.3, train=False), weight=s.a), weight=s.b)
+        return F.linear(x, s.w) + low * 0.5
+
+
+def test_torch_dropout_train_keyword_and_keyword_linears():
+    model = EvalDropoutTorchSpelling()
+    x = torch.randn(3, 5, 16)
+    out, stats = run(model, x)
+    assert stats.rewritten == 1
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)  # eval dropout: no mask applied
+
+
+class AutocastInside(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.s = Site()
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s = self.s
+            y = F.linear(x, s.w) + F.linear(F.linear(x, s.a), s.b) * 2.0
+        return y.float().sum()
+
+
+def test_autocast_entered_inside_the_compiled_region():
+    model = AutocastInside()
+    x = torch.randn(4, 16)
+    out, stats = run(model, x)
+    assert stats.rewritten == 1
+    out.backward()
+    ga = model.s.a.grad.clone()
+    model.zero_grad()
+    ref = model(x)
+    ref.backward()
+    assert abs(out.item() - ref.item()) <= 2e-2 * abs(ref.item())
+    assert ((ga - model.s.a.grad).norm() / model.s.a.grad.norm()).item() < 5e-2
+
+
+class LateWeight(torch.nn.Module):
+    """k's weight is computed after q's output is used: one grouped op cannot sit anywhere valid."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = Site(), Site()
+
+    def forward(self, x):
+        q = F.linear(x, self.q.w) + F.linear(F.linear(x, self.q.a), self.q.b) * 2.0
+        scale = q.detach().relu().mean()
+        w = self.k.w * scale
+        k = F.linear(x, w) + F.linear(F.linear(x, self.k.a), self.k.b) * 2.0
+        return q.sum() + k.sum()
+
+
+def test_group_that_cannot_be_placed_is_split():
+    model = LateWeight()
+    x = torch.randn(3, 16)
+    out, stats = run(model, x)
+    assert stats.rewritten == 2
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_device_move_is_not_a_cast():
+    class Move(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = Site()
+
+        def forward(self, x):
+            s = self.s
+            low = F.linear(F.linear(x.to(device="cpu", dtype=torch.float32), s.a), s.b)
+            return F.linear(x, s.w) + low * 2.0
+
+    _, stats = run(Move(), torch.randn(3, 16))
+    # dynamo may fold the no-op move away; if it stays, the site must be declined, not rewritten
+    assert stats.candidates == 1
+    assert stats.rewritten == 1 or stats.declined[0].reason
