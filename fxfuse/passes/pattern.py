@@ -210,8 +210,13 @@ def match_pat(pat: Pat, value: Any, m: Match) -> None:
                 m.nodes.append(value)
                 match_pat(pat.inner, c.operands[0], m)
                 return
-            except Decline:
+            except Decline as through:
                 m.restore(state)
+                try:
+                    match_pat(pat.inner, value, m)
+                    return
+                except Decline:
+                    raise through from None  # the deeper mismatch is the informative one
         match_pat(pat.inner, value, m)
         return
     if isinstance(pat, Op):

@@ -1,0 +1,54 @@
+"""Architectures no issue names, LoRA on every linear (`all-linear`): each site is rewritten or
+declined with a reason, and the model's loss and gradients equal eager's either way."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import fxfuse
+from tiny import loss_and_grads, rel, tokens
+
+DENSE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
+ARCHS = {  # model_type: (config overrides (dropout off so eager and compiled see the same math), all rewritten?)
+    "gpt2": (dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0), False),  # Conv1D base: not a linear
+    "opt": (dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                 max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
+                 activation_dropout=0.0), True),
+    "phi3": (dict(DENSE, pad_token_id=0), True),
+    "gemma2": (dict(DENSE, head_dim=16), True),
+    "qwen3": (dict(DENSE, head_dim=16), True),
+    "gpt_neox": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=128, max_position_embeddings=128), True),
+    "mixtral": (dict(DENSE, num_local_experts=4, num_experts_per_tok=2), True),
+    "falcon": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128), False),  # x @ W.T
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch):
+    overrides, all_rewritten = ARCHS[arch]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **overrides))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ref = copy.deepcopy(model)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False)
+    ids = tokens(2, 12)
+    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert g_ref.keys() == g_opt.keys() and g_ref
+    assert rel(l_opt, l_ref) < 1e-5
+    for name in g_ref:
+        assert rel(g_opt[name], g_ref[name]) < 1e-4, name
+    summary = fxfuse.report(opt).summary()["lora"]
+    assert summary["candidates"] > 0
+    if all_rewritten:
+        assert summary["rewritten"] == summary["candidates"], summary
+    else:
+        assert summary["rewritten"] == 0 and all(reason for reason in summary["declined"]), summary
