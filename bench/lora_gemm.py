@@ -202,7 +202,7 @@ def bench_memory_bound(ms, projs, timer, dev, gen) -> None:
 
 
 def numerics(projs, m, dev, gen) -> bool:
-    print(f"\n== numerics vs float64 (relative L2; bound 1e-2) ==", flush=True)
+    print("\n== numerics vs float64 (relative L2; bound 1e-2) ==", flush=True)
     ok = True
     n, k = projs["q/o"]
     for direction in ("fwd", "bwd"):

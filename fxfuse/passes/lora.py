@@ -89,7 +89,7 @@ def check(m) -> dict:
     out = example_value(m.root)
     if not isinstance(out, torch.Tensor) or out.dtype not in _FLOATS:
         raise Decline("site output has no floating tensor value")
-    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype, "rank": r,
+    return {"p": p, "scaling": float(m["scaling"]), "out_dtype": out.dtype,
             "compute_dtype": base_dt, "lowrank_dtype": low_dt}
 
 

@@ -4,7 +4,6 @@ import torch.nn.functional as F
 
 from fxfuse.passes.lora import LoraPass
 from fxfuse.passes.manager import PassManager
-from fxfuse.passes.pattern import count_ops
 
 LORA_OP = "fxfuse.lora_linear.default"
 

@@ -1,6 +1,5 @@
 """LoRA pass on dynamo graphs: op counts before/after, grouping, and declines with reasons."""
 import copy
-import operator
 
 import pytest
 import torch
