@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..passes.causal_mask import CausalMaskPass
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
 from ..runtime import cache
@@ -17,6 +18,7 @@ from .report import Report
 # Passes in the order they run. Each entry builds a fresh pass.
 PASSES = {
     "lora": LoraPass,
+    "causal_mask": CausalMaskPass,
 }
 
 _REPORT_ATTR = "_fxfuse_report"

@@ -24,6 +24,8 @@ _LINEAR = {torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linea
 _ADD = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 _MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default}
+_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention,
+         torch.ops.aten.scaled_dot_product_attention.default}
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -57,6 +59,10 @@ def canon(node: Any) -> Optional[Canon]:
             return Canon("dropout", (_arg(node, 0, "input"),),
                          {"p": _arg(node, 1, "p", 0.5), "training": _arg(node, 2, train_kw, True),
                           "inplace": _arg(node, 3, "inplace", False)})
+        if t in _SDPA:
+            return Canon("sdpa", tuple(_arg(node, i, n) for i, n in enumerate(("query", "key", "value", "attn_mask"))),
+                         {"dropout_p": _arg(node, 4, "dropout_p", 0.0), "is_causal": _arg(node, 5, "is_causal", False),
+                          "scale": _arg(node, 6, "scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)})
     if node.op == "call_method":
         if t == "add" and len(node.args) == 2 and not node.kwargs:
             return Canon("add", tuple(node.args))

@@ -1,0 +1,306 @@
+"""Causal-mask pass: an SDPA call whose boolean mask is provably the causal mask (or all-true)
+calls SDPA with `is_causal=True` (or no mask) instead.
+
+While tracing, transformers always materialises the attention mask ([B, 1, Tq, Tkv] bool, built
+from aranges, position_ids and the padding mask) because it cannot look at data. A tensor mask
+keeps SDPA off its flash backend: at 16k tokens the masked kernel is much slower than flash, and the
+mask itself costs Tq*Tkv bytes. The pass proves what the mask is by evaluating its producer cone in
+the top-level graph:
+  * producers that are not full [Tq, Tkv] tensors (aranges, position ids, per-row vectors), and
+    full ones up to `eval_limit` elements, are evaluated on the CPU with real values;
+  * a comparison of a q-side vector with a kv-side vector (`kv_idx <= q_idx`, `seg[q] == seg[kv]`)
+    is kept symbolic as a pair of vectors and classified: equal strictly-increasing vectors under
+    `q >= kv` are the causal mask; equal constant vectors under `==` are all-true;
+  * `&` of such terms is a conjunction; device moves and expands keep the value.
+Anything else (a graph input such as a padding `attention_mask` or packed `position_ids`, symbolic
+sizes, sliding windows, float masks) is declined with the reason and the mask is left in place.
+The mask then has no users: its subgraph input and its producers are removed.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .manager import GraphPass, PassStats, Site
+from .pattern import Decline, Op, Var, canon, example_value, graphs_of, match_at, module_path
+
+SDPA = Op("sdpa", (Var("q"), Var("k"), Var("v"), Var("mask")), name="sdpa", label="scaled_dot_product_attention")
+
+# comparison -> the same comparison with its operands swapped
+_FLIP = {"le": "ge", "ge": "le", "lt": "gt", "gt": "lt", "eq": "eq", "ne": "ne"}
+_COMPARE = {
+    operator.le: "le", operator.ge: "ge", operator.lt: "lt", operator.gt: "gt", operator.eq: "eq", operator.ne: "ne",
+    torch.le: "le", torch.ge: "ge", torch.lt: "lt", torch.gt: "gt", torch.eq: "eq", torch.ne: "ne",
+}
+_COMPARE_METHODS = {"le", "ge", "lt", "gt", "eq", "ne", "__le__", "__ge__", "__lt__", "__gt__", "__eq__", "__ne__"}
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and}
+_AND_METHODS = {"__and__", "logical_and", "bitwise_and"}
+_KEEP_METHODS = {"expand", "contiguous", "clone"}  # value-preserving on a mask
+_HOPS = {"tag_activation_checkpoint"}
+_MAX_EVAL = 1 << 26  # elements of any evaluated producer that is not a [B, H, Tq, Tkv] tensor
+
+
+@dataclass
+class Pair:
+    """op(q_side, kv_side): a [.., Tq, Tkv] comparison kept as its two small operands."""
+    op: str
+    q_side: torch.Tensor  # varies along the batch and query axes only
+    kv_side: torch.Tensor  # varies along the batch and key axes only
+
+
+@dataclass
+class Conj:
+    """Elementwise AND of terms (small tensors and Pairs)."""
+    terms: list
+
+
+class MaskEval:
+    """Evaluates a mask node's producer cone; records the cone for clean-up."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.memo: dict[fx.Node, Any] = {}
+        self.cone: set[fx.Node] = set()
+
+    def value(self, node: Any) -> Any:
+        if isinstance(node, (list, tuple)):
+            return type(node)(self.value(a) for a in node)
+        if isinstance(node, dict):
+            return {k: self.value(v) for k, v in node.items()}
+        if isinstance(node, torch.device):
+            return torch.device("cpu")  # evaluated here; device moves do not change values
+        if not isinstance(node, fx.Node):
+            return node
+        if node not in self.memo:
+            self.memo[node] = self._eval(node)
+            self.cone.add(node)
+        return self.memo[node]
+
+    def _eval(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            if isinstance(example_value(node), torch.SymInt):
+                raise Decline(f"mask is built from symbolic sizes ({node.name}): dynamic shapes are not analysed")
+            raise Decline(f"mask depends on graph input {node.name!r} (padding mask or packed position_ids)")
+        if node.op not in ("call_function", "call_method"):
+            raise Decline(f"mask producer {node.op} {node.target} not analysed")
+        args, kwargs = self.value(node.args), self.value(node.kwargs)
+        symbolic = [a for a in (*args, *kwargs.values()) if isinstance(a, (Pair, Conj))]
+        if symbolic:
+            return self._symbolic(node, args, kwargs)
+        ev = example_value(node)
+        if isinstance(ev, torch.Tensor):
+            if any(not isinstance(s, int) for s in ev.shape):
+                raise Decline(f"mask is built with symbolic sizes ({node.name}): dynamic shapes are not analysed")
+            if ev.numel() > self.limit and ev.dim() == 4 and ev.shape[-1] > 1 and ev.shape[-2] > 1:
+                return self._large(node, args)
+            if ev.numel() > _MAX_EVAL:
+                raise Decline(f"mask producer {node.name} has {ev.numel()} elements: too large to evaluate")
+        return self._run(node, args, kwargs)
+
+    def _run(self, node: fx.Node, args, kwargs) -> Any:
+        if node.op == "call_method":
+            self_arg, *rest = args
+            return getattr(self_arg, node.target)(*rest, **kwargs)
+        return node.target(*args, **kwargs)
+
+    def _compare_kind(self, node: fx.Node) -> Optional[str]:
+        if node.op == "call_function":
+            return _COMPARE.get(node.target)
+        if node.target in _COMPARE_METHODS:
+            return node.target.strip("_")
+        return None
+
+    def _large(self, node: fx.Node, args) -> Any:
+        """A node too large to evaluate: only a q-side vs kv-side comparison is understood."""
+        kind = self._compare_kind(node)
+        if kind is None or len(args) != 2 or not all(isinstance(a, torch.Tensor) for a in args):
+            raise Decline(f"mask op {node.name} ({_name(node)}) on a full [Tq, Tkv] tensor is not analysed")
+        a, b = (_as4d(t) for t in args)
+        if _varies(a) <= {0, 2} and _varies(b) <= {0, 3}:
+            return Pair(kind, a, b)
+        if _varies(a) <= {0, 3} and _varies(b) <= {0, 2}:
+            return Pair(_FLIP[kind], b, a)
+        raise Decline(f"mask comparison {node.name} does not compare a query-side with a key-side vector")
+
+    def _symbolic(self, node: fx.Node, args, kwargs) -> Any:
+        t = node.target
+        if (node.op == "call_function" and t in _AND) or (node.op == "call_method" and t in _AND_METHODS):
+            if len(args) != 2 or kwargs:
+                raise Decline(f"mask op {node.name} ({_name(node)}) has unexpected arguments")
+            return Conj([term for a in args for term in (a.terms if isinstance(a, Conj) else [a])])
+        if node.op == "call_method" and (t in _KEEP_METHODS or (t == "to" and _is_device_move(node))):
+            return args[0]
+        raise Decline(f"mask op {node.name} ({_name(node)}) on a full [Tq, Tkv] tensor is not analysed")
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _is_device_move(node: fx.Node) -> bool:
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    return all(isinstance(a, (torch.device, str)) or a is None for a in rest) and canon(node) is None
+
+
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _varies(t: torch.Tensor) -> set[int]:
+    return {i for i, s in enumerate(t.shape) if s > 1}
+
+
+def _rows(side: torch.Tensor, axis: int, batch: int) -> torch.Tensor:
+    """A [B, 1, Tq, 1] / [B, 1, 1, Tkv] vector as [batch, T]."""
+    v = side.squeeze(1).squeeze(1 if axis == 3 else 2) if side.dim() == 4 else side
+    return v.expand(batch, v.shape[-1]) if v.shape[0] == 1 else v
+
+
+def classify(value: Any, mask_shape: tuple) -> str:
+    """'causal' or 'none' (all true) for an evaluated mask, else Decline with what it is."""
+    b, _, tq, tkv = mask_shape
+    terms = value.terms if isinstance(value, Conj) else [value]
+    causal = False
+    for term in terms:
+        if isinstance(term, torch.Tensor):
+            term = term.to(torch.bool)
+            if bool(term.all()):
+                continue
+            full = torch.ones(tq, tkv, dtype=torch.bool).tril().expand(mask_shape)
+            if tq == tkv and term.shape[-2:] == (tq, tkv) and torch.equal(term.expand(mask_shape), full):
+                causal = True
+                continue
+            raise Decline("mask has masked positions that are not the causal pattern")
+        q, kv = _rows(term.q_side, 2, b), _rows(term.kv_side, 3, b)
+        same = q.shape == kv.shape and torch.equal(q, kv)
+        constant_rows = bool((q == q[:, :1]).all()) and bool((kv == kv[:, :1]).all())
+        if same and constant_rows and term.op in ("eq", "le", "ge"):
+            continue
+        if same and term.op == "ge" and tq == tkv and bool((q[:, 1:] > q[:, :-1]).all()):
+            causal = True  # kv_idx <= q_idx over one strictly increasing index
+            continue
+        what = "packed-sequence segments" if term.op == "eq" else "a window or offset"
+        raise Decline(f"mask term q {term.op} kv is not causal ({what}?)")
+    return "causal" if causal else "none"
+
+
+def _sdpa_params(node: fx.Node) -> dict:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    params = dict(zip(names, node.args))
+    params.update(node.kwargs)
+    return params
+
+
+class CausalMaskPass(GraphPass):
+    name = "causal_mask"
+    depends_on = ("fxfuse.passes.pattern",)
+
+    def __init__(self, eval_limit: int = 1 << 20):
+        self.eval_limit = eval_limit
+        self.config = {"eval_limit": eval_limit}
+
+    def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
+        verdicts: dict[fx.Node, Any] = {}  # top-level mask node -> verdict or Decline
+        cones: dict[fx.Node, set] = {}
+        for gname, sub in graphs_of(gm):
+            for node in list(sub.graph.nodes):
+                if canon(node) is None or canon(node).kind != "sdpa" or canon(node).operands[3] is None:
+                    continue
+                site = Site(self.name, module_path(node), node.name, gname, False)
+                stats.sites.append(site)
+                try:
+                    match_at(SDPA, SDPA, node)
+                    verdict = self._verdict(gm, sub, node, verdicts, cones)
+                except Decline as e:
+                    site.reason = str(e)
+                    continue
+                params = _sdpa_params(node)
+                q, k = example_value(params["query"]), example_value(params["key"])
+                if verdict == "causal" and q.shape[-2] != k.shape[-2]:
+                    site.reason = "causal mask with Tq != Tkv (SDPA's is_causal is top-left aligned)"
+                    continue
+                if params.get("is_causal"):
+                    site.reason = "SDPA already has is_causal=True and a mask"
+                    continue
+                params.update(attn_mask=None, is_causal=verdict == "causal")
+                q, k, v = (params.pop(n) for n in ("query", "key", "value"))
+                node.args, node.kwargs = (q, k, v), params
+                site.rewritten, site.group = True, "is_causal" if verdict == "causal" else "no mask"
+        proven = {top: cones[top] for top, v in verdicts.items() if not isinstance(v, Decline)}
+        _drop_unused_masks(gm, proven)
+
+    def _verdict(self, gm, sub, node, verdicts, cones) -> str:
+        mask = canon(node).operands[3]
+        ev = example_value(mask)
+        if not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool or ev.dim() != 4:
+            raise Decline("mask is not a 4-D boolean tensor (additive float masks are not analysed)")
+        top = _top_level(gm, sub, mask)
+        if top not in verdicts:
+            ev_top = example_value(top)
+            evaluator = MaskEval(self.eval_limit)
+            try:
+                verdicts[top] = classify(evaluator.value(top), tuple(ev_top.shape))
+            except Decline as e:
+                verdicts[top] = e
+            except Exception as e:  # an op we could not evaluate: decline, never guess
+                verdicts[top] = Decline(f"mask evaluation failed: {type(e).__name__}: {e}")
+            cones[top] = evaluator.cone
+        if isinstance(verdicts[top], Decline):
+            raise verdicts[top]
+        return verdicts[top]
+
+
+def _hop_calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Subgraph attribute name -> the higher-order-op calls that run it."""
+    calls: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") in _HOPS:
+            body = n.args[0]
+            if isinstance(body, fx.Node) and body.op == "get_attr":
+                calls.setdefault(body.target, []).append(n)
+    return calls
+
+
+def _top_level(gm: fx.GraphModule, sub: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Follow a subgraph placeholder to the top-level node its checkpoint call passes in."""
+    if sub is gm:
+        return node
+    if node.op != "placeholder":
+        raise Decline(f"mask is computed inside the subgraph ({node.name}): not analysed")
+    for attr, calls in _hop_calls(gm).items():
+        if getattr(gm, attr) is sub:
+            if len(calls) != 1:
+                raise Decline("subgraph is called from several places")
+            index = [n for n in sub.graph.nodes if n.op == "placeholder"].index(node)
+            return calls[0].args[1 + index]
+    raise Decline("mask comes from a subgraph this pass cannot follow to the top level")
+
+
+def _drop_unused_masks(gm: fx.GraphModule, proven: dict[fx.Node, set]) -> None:
+    """Remove the subgraph inputs that carried a proven mask and no longer have readers, then the
+    mask's producers that have no users left."""
+    for attr, calls in _hop_calls(gm).items():
+        sub = getattr(gm, attr)
+        if len(calls) != 1 or not isinstance(sub, fx.GraphModule):
+            continue
+        call = calls[0]
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        drop = {i for i, p in enumerate(placeholders) if not p.users and call.args[1 + i] in proven}
+        if not drop:
+            continue
+        for i in drop:
+            sub.graph.erase_node(placeholders[i])
+        operands = call.args[1:1 + len(placeholders)]
+        call.args = (call.args[0], *[a for i, a in enumerate(operands) if i not in drop],
+                     *call.args[1 + len(placeholders):])
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    cone = sorted(set().union(*proven.values()) if proven else set(), key=order.__getitem__, reverse=True)
+    for n in cone:
+        if not n.users and n.op in ("call_function", "call_method"):
+            gm.graph.erase_node(n)
