@@ -9,7 +9,7 @@ the last 5.
     python bench/bench_lora.py VARIANT SEQS [--size 8b|1b|tiny] [--device cuda|cpu] [--dynamic ...]
 
 VARIANT: hf (sdpa, eager), compile (torch.compile(model), Inductor), fxfuse-lora
-(fxfuse.optimize(model, passes=["lora"])), fxfuse (every pass). SEQS: comma-separated sequence lengths,
+(fxfuse.optimize(model, passes=["lora"])), fxfuse (every pass), fxfuse-cg (every pass, CUDA graphs). SEQS: comma-separated sequence lengths,
 run one after the other in this process (as the anchor does); for a fresh process per length call
 once per length (bench/run_gpu.sh FRESH=1). One JSON line per (variant, seq) on stdout.
 
@@ -44,7 +44,7 @@ from collections import Counter
 
 import torch
 
-VARIANTS = ("hf", "compile", "fxfuse-lora", "fxfuse")
+VARIANTS = ("hf", "compile", "fxfuse-lora", "fxfuse", "fxfuse-cg")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     else:
         import fxfuse
         passes = ["lora"] if variant == "fxfuse-lora" else None
-        fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic)
+        fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg")
         fwd = model
         rep = fxfuse.report(model)
 

@@ -19,10 +19,12 @@ def _node_count(gm: fx.GraphModule) -> int:
     return sum(len(g.graph.nodes) for _, g in graphs_of(gm))
 
 
-def make_backend(manager: PassManager, report: Report, compiler: str = "inductor") -> Callable:
+def make_backend(manager: PassManager, report: Report, compiler: str = "inductor",
+                 cudagraphs: bool = False) -> Callable:
     """compiler: 'inductor' (the real thing), 'aot_eager' (AOTAutograd with a pass-through
     compiler: same forward/backward split, no codegen; for fast tests), 'eager' (rewritten graph
-    run as is)."""
+    run as is). cudagraphs: Inductor replays each compiled graph as a CUDA graph (removes the
+    per-op launch cost that dominates short sequences; costs memory pools)."""
     if compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {COMPILERS}, not {compiler!r}")
 
@@ -41,7 +43,7 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
         report.add_graph(before, _node_count(gm), stats)
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if cudagraphs else None)
         if compiler == "aot_eager":
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)

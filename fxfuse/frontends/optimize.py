@@ -33,12 +33,14 @@ def build_manager(passes: Optional[Iterable[str]] = None) -> PassManager:
 
 
 def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",
-             dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True) -> torch.nn.Module:
+             dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True,
+             cudagraphs: bool = False) -> torch.nn.Module:
     """Compile `model` through fxfuse's torch.compile backend and return the same object.
 
     The passes rewrite dynamo's graphs (including checkpointed decoder layers) before Inductor
     compiles them; compilation happens at the first call. Parameters, names and state_dict keys
     are untouched (no `_orig_mod.` prefix). `fxfuse.report(model)` tells what was rewritten.
+    `cudagraphs=True` (Inductor on CUDA only) replays the compiled graphs as CUDA graphs.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -49,7 +51,9 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     if compiler == "inductor":
         report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
     report.start()
-    backend = make_backend(manager, report, compiler)
+    if cudagraphs and compiler != "inductor":
+        raise ValueError("cudagraphs=True needs compiler='inductor'")
+    backend = make_backend(manager, report, compiler, cudagraphs)
     if verbose:
         backend = _with_progress(backend, report)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
