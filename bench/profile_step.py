@@ -2,7 +2,7 @@
 
     python bench/profile_step.py VARIANT SEQ [--layers 2]
 
-VARIANT: compile | fxfuse-lora | hf. Prints step time (median of 5) and the top CUDA kernels of two
+VARIANT: compile | fxfuse-lora | fxfuse (every pass) | hf. Prints step time (median of 5) and the top CUDA kernels of two
 profiled steps, so a slow op shows by name. Same workload as bench_lora.py, fewer layers so it
 compiles in seconds.
 """
@@ -37,8 +37,12 @@ if a.variant == "compile":
     fwd = torch.compile(model)
 elif a.variant == "fxfuse-lora":
     fwd = fxfuse.optimize(model, passes=["lora"], verbose=False)
-else:
+elif a.variant == "fxfuse":
+    fwd = fxfuse.optimize(model, verbose=False)
+elif a.variant == "hf":
     fwd = model
+else:
+    raise SystemExit(f"unknown variant {a.variant!r}")
 x = torch.randint(0, cfg.vocab_size, (1, a.seq), device="cuda")
 
 
