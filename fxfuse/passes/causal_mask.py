@@ -12,8 +12,10 @@ the top-level graph:
     is kept symbolic as a pair of vectors and classified: equal strictly-increasing vectors under
     `q >= kv` are the causal mask; equal constant vectors under `==` are all-true;
   * `&` of such terms is a conjunction; device moves and expands keep the value.
-Anything else (a graph input such as a padding `attention_mask` or packed `position_ids`, symbolic
-sizes, sliding windows, float masks) is declined with the reason and the mask is left in place.
+With symbolic sizes (dynamic shapes) nothing can be evaluated; the producers are then interpreted
+in an affine algebra (see `affine_op`). Anything else (a graph input such as a padding
+`attention_mask` or packed `position_ids`, sliding windows, float masks) is declined with the reason
+and the mask is left in place.
 The mask then has no users: its subgraph input and its producers are removed.
 """
 from __future__ import annotations
@@ -83,18 +85,21 @@ class MaskEval:
     def _eval(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             if isinstance(example_value(node), torch.SymInt):
-                raise Decline(f"mask is built from symbolic sizes ({node.name}): dynamic shapes are not analysed")
+                return Sym(str(example_value(node)))
             raise Decline(f"mask depends on graph input {node.name!r} (padding mask or packed position_ids)")
         if node.op not in ("call_function", "call_method"):
             raise Decline(f"mask producer {node.op} {node.target} not analysed")
         args, kwargs = self.value(node.args), self.value(node.kwargs)
-        symbolic = [a for a in (*args, *kwargs.values()) if isinstance(a, (Pair, Conj))]
-        if symbolic:
+        flat = [*args, *kwargs.values()]
+        flat += [b for a in flat if isinstance(a, (list, tuple)) for b in a]
+        if any(isinstance(a, (Sym, Aff, SymCmp)) for a in flat):
+            return affine_op(node, args, kwargs)
+        if any(isinstance(a, (Pair, Conj)) for a in flat):
             return self._symbolic(node, args, kwargs)
         ev = example_value(node)
         if isinstance(ev, torch.Tensor):
             if any(not isinstance(s, int) for s in ev.shape):
-                raise Decline(f"mask is built with symbolic sizes ({node.name}): dynamic shapes are not analysed")
+                raise Decline(f"mask producer {node.name} has symbolic sizes but no symbolic operand")
             if ev.numel() > self.limit and ev.dim() == 4 and ev.shape[-1] > 1 and ev.shape[-2] > 1:
                 return self._large(node, args)
             if ev.numel() > _MAX_EVAL:
@@ -128,13 +133,17 @@ class MaskEval:
 
     def _symbolic(self, node: fx.Node, args, kwargs) -> Any:
         t = node.target
-        if (node.op == "call_function" and t in _AND) or (node.op == "call_method" and t in _AND_METHODS):
+        if _is_and(node):
             if len(args) != 2 or kwargs:
                 raise Decline(f"mask op {node.name} ({_name(node)}) has unexpected arguments")
             return Conj([term for a in args for term in (a.terms if isinstance(a, Conj) else [a])])
         if node.op == "call_method" and (t in _KEEP_METHODS or (t == "to" and _is_device_move(node))):
             return args[0]
         raise Decline(f"mask op {node.name} ({_name(node)}) on a full [Tq, Tkv] tensor is not analysed")
+
+
+def _is_and(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _AND) or (node.op == "call_method" and node.target in _AND_METHODS)
 
 
 def _name(node: fx.Node) -> str:
@@ -162,12 +171,222 @@ def _rows(side: torch.Tensor, axis: int, batch: int) -> torch.Tensor:
     return v.expand(batch, v.shape[-1]) if v.shape[0] == 1 else v
 
 
+# ---------------------------------------------------------------- symbolic sizes (dynamic shapes)
+# With symbolic sizes nothing can be evaluated, but HF's mask producers are affine in the indices:
+# aranges, offsets, expands, first-element slices, `diff` of an arange, constant comparisons and
+# gathers. An integer tensor is kept as Aff (value at index i = c + sum(coefs[k] * i[k])); a
+# comparison of two non-constant Affs as SymCmp. Anything outside this algebra is declined.
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A symbolic size (a SymInt graph input), compared by its expression."""
+    expr: str
+
+
+def _size_eq(a, b) -> bool:
+    return (isinstance(a, int) and isinstance(b, int) and a == b) or str(a) == str(b)
+
+
+def _sym(v):
+    if isinstance(v, torch.SymInt):
+        return Sym(str(v))
+    return v
+
+
+@dataclass
+class Aff:
+    """Integer tensor whose element at index i is c + sum(coefs[k] * i[k])."""
+    shape: tuple
+    coefs: tuple
+    c: int
+
+    def __post_init__(self):
+        # an axis of size 1 only ever has index 0: its coefficient does not matter
+        self.coefs = tuple(0 if _size_eq(n, 1) else a for n, a in zip(self.shape, self.coefs))
+
+    @property
+    def constant(self) -> bool:
+        return not any(self.coefs)
+
+    def left_pad(self, ndim: int) -> "Aff":
+        k = ndim - len(self.shape)
+        return Aff((1,) * k + self.shape, (0,) * k + self.coefs, self.c)
+
+
+@dataclass
+class SymCmp:
+    """`diff <op> 0` elementwise, op in ge/gt/eq/ne."""
+    op: str
+    diff: Aff
+
+
+def _as_aff(v) -> Aff:
+    if isinstance(v, Aff):
+        return v
+    if isinstance(v, bool) or isinstance(v, int):
+        return Aff((), (), int(v))
+    if isinstance(v, torch.Tensor) and not v.is_floating_point() and v.numel() > 0:
+        t = v.to(torch.int64)
+        coefs = tuple(int(t.narrow(k, 1, 1).flatten()[0] - t.flatten()[0]) if n > 1 else 0
+                      for k, n in enumerate(t.shape))
+        fit = t.flatten()[0] + sum(a * torch.arange(n).view([-1 if j == k else 1 for j in range(t.dim())])
+                                   for k, (n, a) in enumerate(zip(t.shape, coefs)))
+        if torch.equal(torch.as_tensor(fit).expand(t.shape), t):
+            return Aff(tuple(t.shape), coefs, int(t.flatten()[0]))
+    raise Decline(f"mask operand {type(v).__name__} is not an affine index tensor")
+
+
+def _broadcast(*shapes) -> tuple:
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for k in range(ndim):
+        sizes = [s[k - ndim + len(s)] for s in shapes if k - ndim + len(s) >= 0]
+        big = [n for n in sizes if not _size_eq(n, 1)]
+        if any(not _size_eq(n, big[0]) for n in big):
+            raise Decline(f"mask operands do not broadcast: {shapes}")
+        out.append(big[0] if big else 1)
+    return tuple(out)
+
+
+def _combine(a: Aff, b: Aff, sign: int) -> Aff:
+    shape = _broadcast(a.shape, b.shape)
+    a, b = a.left_pad(len(shape)), b.left_pad(len(shape))
+    return Aff(shape, tuple(x + sign * y for x, y in zip(a.coefs, b.coefs)), a.c + sign * b.c)
+
+
+_NORMALISE = {"ge": ("ge", 1), "gt": ("gt", 1), "le": ("ge", -1), "lt": ("gt", -1), "eq": ("eq", 1), "ne": ("ne", 1)}
+
+
+def _compare(kind: str, a, b):
+    op, sign = _NORMALISE[kind]
+    d = _combine(_as_aff(a), _as_aff(b), -1)
+    if sign < 0:
+        d = Aff(d.shape, tuple(-x for x in d.coefs), -d.c)
+    if d.constant:
+        truth = {"ge": d.c >= 0, "gt": d.c > 0, "eq": d.c == 0, "ne": d.c != 0}[op]
+        return Aff(d.shape, d.coefs, int(truth))
+    return SymCmp(op, d)
+
+
+def _basic_index(x: Aff, index: tuple) -> Aff:
+    shape, coefs, c, k = [], [], x.c, 0
+    for item in index:
+        if item is None:
+            shape.append(1)
+            coefs.append(0)
+            continue
+        if not isinstance(item, slice) or item.step not in (None, 1) or k >= len(x.shape):
+            raise Decline(f"mask indexing {index} is not analysed")
+        n, a = x.shape[k], x.coefs[k]
+        start = item.start or 0
+        if item.start is not None and not isinstance(item.start, int) or start < 0:
+            raise Decline(f"mask indexing {index} is not analysed")
+        if item.stop is None:
+            if start != 0:
+                raise Decline(f"mask indexing {index} is not analysed")
+            size = n
+        elif isinstance(item.stop, int) and item.stop > start:
+            size = item.stop - start  # as long as the axis is that long, which a slice of a size>=1 axis is
+            if start + size > 1 and not (isinstance(n, int) and n >= start + size):
+                raise Decline(f"mask indexing {index} may run past a symbolic size")
+        else:
+            raise Decline(f"mask indexing {index} is not analysed")
+        shape.append(size)
+        coefs.append(a)
+        c += a * start
+        k += 1
+    shape += x.shape[k:]
+    coefs += x.coefs[k:]
+    return Aff(tuple(shape), tuple(coefs), c)
+
+
+def affine_op(node: fx.Node, args, kwargs):
+    """One producer op over symbolic operands, in the affine algebra, or Decline."""
+    t, method = node.target, node.op == "call_method"
+    args = tuple(_sym(a) for a in args)
+    what = f"mask op {node.name} ({_name(node)}) with symbolic sizes is not analysed"
+    if not method and t is torch.arange:
+        if len(args) != 1 or set(kwargs) - {"device", "dtype"} or kwargs.get("dtype") not in (None, torch.int64):
+            raise Decline(what)
+        return Aff((args[0],), (1,), 0)
+    if (not method and t in (operator.add, operator.sub, torch.add, torch.sub)) or t in ("add", "sub", "__add__", "__sub__"):
+        if len(args) != 2 or kwargs:
+            raise Decline(what)
+        return _combine(_as_aff(args[0]), _as_aff(args[1]), 1 if _name(node).strip("_") == "add" else -1)
+    if method and t == "unsqueeze":
+        x, d = _as_aff(args[0]), args[1]
+        d = d if d >= 0 else d + len(x.shape) + 1
+        return Aff(x.shape[:d] + (1,) + x.shape[d:], x.coefs[:d] + (0,) + x.coefs[d:], x.c)
+    if not method and t is operator.getitem:
+        x, index = args
+        index = index if isinstance(index, tuple) else (index,)
+        if all(i is None or isinstance(i, slice) for i in index):
+            return _basic_index(_as_aff(x), index)
+        # advanced indexing: one index tensor per axis; the result broadcasts the indices
+        x = _as_aff(x)
+        if len(index) != len(x.shape):
+            raise Decline(what)
+        idx = [_as_aff(i) for i in index]
+        shape = _broadcast(*(i.shape for i in idx))
+        out = Aff(shape, (0,) * len(shape), x.c)
+        for a, i in zip(x.coefs, idx):
+            out = _combine(out, Aff(i.shape, tuple(a * v for v in i.coefs), a * i.c), 1)
+        return out
+    if method and t == "expand":
+        x = args[0]
+        sizes = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else tuple(args[1])
+        if isinstance(x, (SymCmp, Conj)):
+            return x
+        x = _as_aff(x).left_pad(len(sizes))
+        shape = tuple(x.shape[k] if _size_eq(n, -1) else n for k, n in enumerate(sizes))
+        for old, new in zip(x.shape, shape):
+            if not _size_eq(old, 1) and not _size_eq(old, new):
+                raise Decline(what)
+        return Aff(shape, x.coefs, x.c)
+    if not method and t is torch.diff:
+        x, prepend, dim = args[0], kwargs.get("prepend"), kwargs.get("dim", -1)
+        if len(args) != 1 or kwargs.get("n", 1) != 1 or prepend is None or kwargs.keys() - {"prepend", "dim"}:
+            raise Decline(what)
+        x, p = _as_aff(x), _as_aff(prepend).left_pad(len(_as_aff(x).shape))
+        d = dim if dim >= 0 else dim + len(x.shape)
+        a = x.coefs[d]
+        # x[0] - prepend must equal the step a, with prepend varying like x on the other axes
+        same_elsewhere = all(p.coefs[k] == x.coefs[k] for k in range(len(x.shape)) if k != d)
+        if not (_size_eq(p.shape[d], 1) and same_elsewhere and x.c - p.c == a):
+            raise Decline("mask: position differences are not constant (packed sequences?)")
+        return Aff(x.shape, (0,) * len(x.shape), a)
+    kind = _COMPARE.get(t) if not method else (t.strip("_") if t in _COMPARE_METHODS else None)
+    if kind is not None:
+        if len(args) != 2 or kwargs:
+            raise Decline(what)
+        return _compare(kind, args[0], args[1])
+    if method and t == "cumsum":
+        x, d = _as_aff(args[0]), args[1] if len(args) > 1 else kwargs.get("dim")
+        if not x.constant or not isinstance(d, int):
+            raise Decline(what)
+        d = d if d >= 0 else d + len(x.shape)
+        coefs = tuple(x.c if k == d else 0 for k in range(len(x.shape)))
+        return Aff(x.shape, coefs, x.c)
+    if method and t == "new_ones" and args[1:] in ((), ((),)) and set(kwargs) <= {"dtype", "device"}:
+        return Aff((), (), 1)
+    if _is_and(node):
+        terms = [term for a in args for term in (a.terms if isinstance(a, Conj) else [a])]
+        return Conj(terms)
+    if method and (t in _KEEP_METHODS or (t == "to" and _is_device_move(node))):
+        return args[0]
+    raise Decline(what)
+
+
 def classify(value: Any, mask_shape: tuple) -> str:
     """'causal' or 'none' (all true) for an evaluated mask, else Decline with what it is."""
     b, _, tq, tkv = mask_shape
     terms = value.terms if isinstance(value, Conj) else [value]
     causal = False
     for term in terms:
+        if isinstance(term, (Aff, SymCmp)):
+            causal |= _classify_affine(term, mask_shape)
+            continue
         if isinstance(term, torch.Tensor):
             term = term.to(torch.bool)
             if bool(term.all()):
@@ -188,6 +407,23 @@ def classify(value: Any, mask_shape: tuple) -> str:
         what = "packed-sequence segments" if term.op == "eq" else "a window or offset"
         raise Decline(f"mask term q {term.op} kv is not causal ({what}?)")
     return "causal" if causal else "none"
+
+
+def _classify_affine(term, mask_shape: tuple) -> bool:
+    """True for the causal term, False for an all-true one; Decline otherwise."""
+    if isinstance(term, Aff):
+        if term.constant and term.c != 0:
+            return False
+        raise Decline("mask term is not all-true (constant false or index-valued)")
+    d = term.diff.left_pad(4)
+    if len(d.shape) != 4:
+        raise Decline("mask term is not 4-D [batch, head, q, kv]")
+    if term.op == "ge" and d.coefs == (0, 0, 1, -1) and d.c == 0:
+        if not _size_eq(_sym(mask_shape[2]), _sym(mask_shape[3])):
+            raise Decline("causal mask with Tq != Tkv (SDPA's is_causal is top-left aligned)")
+        return True  # q - kv >= 0
+    what = "a window or offset" if term.op in ("ge", "gt") else "packed-sequence segments"
+    raise Decline(f"mask term {term.op} over indices {d.coefs} + {d.c} is not causal ({what}?)")
 
 
 def _sdpa_params(node: fx.Node) -> dict:
@@ -222,7 +458,7 @@ class CausalMaskPass(GraphPass):
                     continue
                 params = _sdpa_params(node)
                 q, k = example_value(params["query"]), example_value(params["key"])
-                if verdict == "causal" and q.shape[-2] != k.shape[-2]:
+                if verdict == "causal" and not _size_eq(_sym(q.shape[-2]), _sym(k.shape[-2])):
                     site.reason = "causal mask with Tq != Tkv (SDPA's is_causal is top-left aligned)"
                     continue
                 if params.get("is_causal"):

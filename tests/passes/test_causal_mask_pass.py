@@ -115,3 +115,51 @@ def test_classify_terms():
     assert classify(torch.ones(4, 4, dtype=torch.bool).tril()[None, None], shape) == "causal"
     with pytest.raises(Decline):
         classify(torch.ones(4, 4, dtype=torch.bool).triu()[None, None], shape)
+
+
+def capture_dynamic(model, lengths, pass_=None, **extra):
+    """Compile with dynamic=True (symbolic batch and length); run two lengths through one graph."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        stats = PassManager([pass_ or CausalMaskPass()]).run(gm)
+        if stats[0].candidates:
+            seen.append((gm, stats[0]))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    results = []
+    for t in lengths:
+        ids = tokens(seq=t)
+        loss, grads = loss_and_grads(compiled, input_ids=ids, labels=ids, **extra)
+        results.append((loss, {k.removeprefix("_orig_mod."): v for k, v in grads.items()}))
+        model.zero_grad(set_to_none=True)
+    return seen, results
+
+
+def test_symbolic_sizes_proven_causal():
+    """A graph with symbolic batch and length: the affine analysis proves the mask causal, and the
+    one graph serves two lengths with eager's loss and gradients."""
+    model = tiny_model(gc=True)
+    ref = copy.deepcopy(model)
+    seen, results = capture_dynamic(model, [12, 21])
+    assert len(seen) == 1, "one dynamic graph for both lengths"
+    gm, stats = seen[0]
+    assert stats.candidates == 2 and stats.rewritten == 2, [s.reason for s in stats.sites]
+    assert any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in gm.graph.nodes)
+    assert all(canon(n).attrs["is_causal"] and canon(n).operands[3] is None for n in sdpa_nodes(gm))
+    for t, (loss, grads) in zip([12, 21], results):
+        ids = tokens(seq=t)
+        ref_loss, ref_grads = loss_and_grads(ref, input_ids=ids, labels=ids)
+        ref.zero_grad(set_to_none=True)
+        assert rel(loss, ref_loss) < 1e-6
+        assert all(rel(grads[k], ref_grads[k]) < 1e-5 for k in ref_grads)
+
+
+def test_symbolic_sizes_sliding_window_declined():
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=4))
+    seen, _ = capture_dynamic(model, [12])
+    stats = seen[0][1]
+    assert stats.rewritten == 0 and stats.candidates == 2
+    assert all("not causal" in s.reason or "not analysed" in s.reason for s in stats.sites), stats.sites
