@@ -68,6 +68,14 @@ def load_config(spec: str):
         raise ValueError(f"{file}: invalid {model_type} config ({type(e).__name__}: {e})") from None
 
 
+def has_weights(spec: str) -> bool:
+    """Whether a local model directory holds weight files (which the CLI does not load)."""
+    path = Path(spec)
+    if spec in BUILTINS or not path.is_dir():
+        return False
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
 def build_model(config, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 peft: Optional[dict] = None) -> torch.nn.Module:
     """Random-weight causal LM (on meta nothing is allocated), optionally wrapped in PEFT LoRA.
