@@ -297,8 +297,9 @@ def render_svg(dot_text: str) -> str:
 
 
 def _inline(svg: str) -> str:
-    """An SVG document as an element to put inside HTML (no XML prolog or doctype)."""
-    return svg[svg.index("<svg"):]
+    """An SVG document as an element in a scroll box (no XML prolog or doctype): big layers stay
+    at a readable size instead of shrinking to the page width."""
+    return f'<div class="svgbox">{svg[svg.index("<svg"):]}</div>'
 
 
 _CSS = """
@@ -307,7 +308,7 @@ h1{font-size:1.4em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #
 table.report{border-collapse:collapse;margin:.5em 0} table.report td,table.report th{border:1px solid #ccc;padding:2px 8px}
 table.report td.n{text-align:right} .legend span{padding:1px 6px;margin-right:8px;border:1px solid #999}
 details.layer{margin:.3em 0 .3em 1em} details.layer>summary{cursor:pointer;font-family:monospace}
-details.layer.changed>summary{font-weight:bold} .graph svg{max-width:100%;height:auto}
+details.layer.changed>summary{font-weight:bold} .svgbox{overflow:auto;max-height:90vh;border:1px solid #eee}
 .controls button{margin-right:.5em}
 """
 
