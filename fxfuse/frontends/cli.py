@@ -371,6 +371,7 @@ def _rich_report(console, args, device, cap) -> None:
     from rich.table import Table
 
     from ..runtime import stats as runtime_stats
+    from .graphviz import short
 
     rep = cap.report
     columns = rep.columns()
@@ -405,11 +406,13 @@ def _rich_report(console, args, device, cap) -> None:
         console.print(f"  fallback x{n}: {what}")
     for err in rep.errors:
         console.print(f"  [red]PASS ERROR[/] (graph compiled without fxfuse rewrites): {err}")
+    for g in rep.graphs:
+        console.print(f"graph {g.index}: {g.nodes_before} -> {g.nodes_after} nodes")
     t = Table(title="sites")
     for c in ("pass", "graph", "status", "module", "node / reason"):
-        t.add_column(c)
+        t.add_column(c, overflow="fold")
     for s in rep.sites():
-        t.add_row(s.pass_name, s.graph, "[green]rewritten[/]" if s.rewritten else "[red]declined[/]", s.module,
+        t.add_row(s.pass_name, s.graph, "[green]rewritten[/]" if s.rewritten else "[red]declined[/]", short(s.module),
                   f"{s.node} -> {s.group}" if s.rewritten else s.reason)
     console.print(t)
 

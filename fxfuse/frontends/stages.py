@@ -66,7 +66,7 @@ def explain(cap, name: str) -> list[dict]:
             found.append({
                 "graph": i, "subgraph": s.graph, "node": s.node, "module": short(s.module), "pass": s.pass_name,
                 "candidate": True, "rewritten": s.rewritten,
-                "why": (f"rewritten into `{s.group}` together with {len(members)} site(s): "
+                "why": (f"rewritten into `{s.group}`, which computes {len(members)} site(s): "
                         + ", ".join(short(m) for m in members)) if s.rewritten
                 else f"declined by {s.check or 'the pass'}: {s.reason}",
             })
