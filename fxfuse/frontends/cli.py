@@ -146,8 +146,8 @@ def _parser() -> argparse.ArgumentParser:
                         "`dot`, else .dot files are written instead). Pictures group nodes by decoder layer "
                         "and highlight what the passes added (green) and removed (red)")
     p.add_argument("-o", "--output", default=None, metavar="PATH",
-                   help="output file; several pictures get -graphN-STAGE suffixes (default for svg/html: "
-                        "fxfuse-MODEL.svg/.html in the current directory)")
+                   help="output file (text and dot: default stdout); several svg/dot pictures get "
+                        "-graphN-STAGE suffixes (default for svg/html: fxfuse-MODEL.svg/.html here)")
     p.set_defaults(func=cmd_dump)
 
     p = sub.add_parser("diff", help="what each pass changed: nodes removed/added, ops per type before/after")
@@ -183,6 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse already printed usage/help; return instead of exiting
         return int(e.code or 0)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except UserError as e:
@@ -248,10 +249,17 @@ def cmd_dump(args) -> int:
     from ..passes.pattern import graphs_of
     from . import stages as stage_views
 
+    if args.output is not None:
+        from pathlib import Path
+
+        parent = Path(args.output).parent
+        if not Path(args.output).is_dir() and not parent.is_dir():
+            raise UserError(f"cannot write {args.output}: no such directory {parent}")
     with _Progress() as progress:
         cap, _ = _capture(args, progress)
     if args.format != "text":
         return _dump_pictures(args, stage_views.pictures(cap, args.stage))
+    out = []
     for i, stages in enumerate(cap.stages):
         picked = {"before": stages[:1], "after": stages[-1:], "both": [stages[0], stages[-1]], "each": stages}
         for k, (name, gm) in enumerate(picked[args.stage]):
@@ -259,10 +267,23 @@ def cmd_dump(args) -> int:
                 "after passes" if args.stage != "each" else f"after pass {name}"
             subs = [n for n, _ in graphs_of(gm)][1:]
             extra = f", subgraphs: {', '.join(subs)}" if subs else ""
-            print(f"==================== graph {i} {title}{extra} ====================")
+            out.append(f"==================== graph {i} {title}{extra} ====================")
             # print_readable includes the subgraph modules (checkpointed layers) as nested classes.
-            print(gm.print_readable(print_output=False))
+            out.append(gm.print_readable(print_output=False))
+    if args.output is None:
+        print("\n".join(out))
+    else:
+        _write(args.output, "\n".join(out) + "\n")
     return 0
+
+
+def _write(path, text: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    _say(f"wrote {path}")
 
 
 def _output_paths(args, pictures, ext: str) -> list:
@@ -300,8 +321,7 @@ def _dump_pictures(args, pictures) -> int:
                 page = gv.html_page(f"fxfuse dump {args.model}", _html_intro(args), pictures)
         except gv.GraphvizMissing as e:
             return _dot_fallback(args, pictures, e)
-        path.write_text(page)
-        _say(f"wrote {path}")
+        _write(path, page)
         return 0
     paths = _output_paths(args, pictures, "." + args.format)
     for pic, path in zip(pictures, paths):
@@ -311,8 +331,7 @@ def _dump_pictures(args, pictures) -> int:
                 text = gv.render_svg(text)
             except gv.GraphvizMissing as e:
                 return _dot_fallback(args, pictures, e)
-        path.write_text(text)
-        _say(f"wrote {path}")
+        _write(path, text)
     return 0
 
 
@@ -321,7 +340,7 @@ def _dot_fallback(args, pictures, why) -> int:
 
     paths = _output_paths(args, pictures, ".dot")
     for pic, path in zip(pictures, paths):
-        path.write_text(gv.to_dot(pic))
+        _write(path, gv.to_dot(pic))
     _say(f"{why}: wrote {len(paths)} .dot file(s) instead of {args.format}: {', '.join(map(str, paths))}; "
          f"render one with `dot -Tsvg {paths[0]} -o {paths[0].with_suffix('.svg')}`")
     return 0
@@ -330,8 +349,10 @@ def _dot_fallback(args, pictures, why) -> int:
 def _html_intro(args) -> str:
     import html
 
-    cmd = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("fxfuse", "cli.py")) else args.model
-    return f"<p>Model <code>{html.escape(args.model)}</code>; command <code>fxfuse {html.escape(cmd)}</code>.</p>"
+    import shlex
+
+    return (f"<p>Model <code>{html.escape(args.model)}</code>; made by "
+            f"<code>fxfuse {html.escape(shlex.join(args.argv))}</code>.</p>")
 
 
 def cmd_inspect(args) -> int:

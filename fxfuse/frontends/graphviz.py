@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..passes.pattern import canon, example_value, graphs_of, _clean_module_path
+from ..passes.pattern import canon, example_value, graphs_of, module_path
 
 # The first ModuleList item of a module path (`...layers.3`, `...h.3`): a decoder layer.
 _LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
@@ -48,8 +48,8 @@ def node_keys(gm: fx.GraphModule) -> set[str]:
 
 
 def module_of(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return _clean_module_path(str(list(stack.values())[-1][0])) if stack else ""
+    """The HF module a node came from, or "" (module_path falls back to the node's name)."""
+    return module_path(node) if node.meta.get("nn_module_stack") else ""
 
 
 def layer_of(module: str) -> str:

@@ -10,10 +10,6 @@ from ..passes.pattern import count_ops, example_value, graphs_of
 from .graphviz import Picture, module_of, node_keys, short
 
 
-def stage_names(stages) -> list[str]:
-    return [name for name, _ in stages]
-
-
 def pictures(cap, stage: str) -> list[Picture]:
     """stage: before | after | both | each. Nodes new at a stage are highlighted; in a picture of
     the graph before the passes (or before the next pass, for `each`) the nodes that go away are."""

@@ -129,6 +129,12 @@ def cli_render(dot_text):
     return render_svg(dot_text)
 
 
+def test_dump_bad_output_path(capsys, tmp_path):
+    rc, out, err = run(capsys, "dump", "llama-tiny", "--format", "svg", "-o", str(tmp_path / "no" / "g.svg"))
+    assert rc == 2 and out == "" and "fxfuse: error: cannot write" in err and "no such directory" in err
+    assert "tracing" not in err  # checked before the slow part
+
+
 def test_dump_dot_to_stdout(capsys):
     rc, out, err = run(capsys, "dump", "llama-tiny", "--stage", "after", "--format", "dot")
     assert rc == 0, err
