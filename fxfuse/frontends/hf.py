@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
@@ -68,6 +68,14 @@ def load_config(spec: str):
         raise ValueError(f"{file}: invalid {model_type} config ({type(e).__name__}: {e})") from None
 
 
+def has_weights(spec: str) -> bool:
+    """Whether a local model directory holds weight files (which the CLI does not load)."""
+    path = Path(spec)
+    if spec in BUILTINS or not path.is_dir():
+        return False
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
 def build_model(config, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 peft: Optional[dict] = None) -> torch.nn.Module:
     """Random-weight causal LM (on meta nothing is allocated), optionally wrapped in PEFT LoRA.
@@ -107,6 +115,8 @@ class Capture:
     before: list[fx.GraphModule] = field(default_factory=list)
     after: list[fx.GraphModule] = field(default_factory=list)
     stats: list = field(default_factory=list)  # list[list[PassStats]], one entry per graph
+    # Per graph: ("before", graph), then (pass name, graph after that pass) in the order they ran.
+    stages: list[list[tuple[str, fx.GraphModule]]] = field(default_factory=list)
     report: object = None
     seconds: float = 0.0
 
@@ -130,11 +140,13 @@ class TraceError(RuntimeError):
 
 
 def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gradient_checkpointing: bool = False,
-                   passes: Optional[Iterable[str]] = None) -> Capture:
+                   passes: Optional[Iterable[str]] = None,
+                   progress: Optional[Callable[[str], None]] = None) -> Capture:
     """Trace one training-mode forward (with loss) through dynamo; run the passes on each graph.
 
     The backend returns the rewritten graph's forward, so nothing is compiled by Inductor; on a
-    meta-device model the inputs are on meta too and the run costs no memory.
+    meta-device model the inputs are on meta too and the run costs no memory. Every stage (before
+    the passes, after each pass) is kept in `Capture.stages`; progress(text) names the step.
     """
     from ..passes.pattern import graphs_of
     from .optimize import build_manager
@@ -148,9 +160,20 @@ def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gr
         return sum(len(g.graph.nodes) for _, g in graphs_of(gm))
 
     def backend(gm: fx.GraphModule, example_inputs):
-        cap.before.append(copy.deepcopy(gm))
+        index = len(cap.after)
+        stages = [("before", copy.deepcopy(gm))]
+        cap.before.append(stages[0][1])
+        cap.stages.append(stages)
         n_before = nodes(gm)
-        stats = manager.run(gm)
+
+        def after_pass(name, g):
+            stages.append((name, copy.deepcopy(g)))
+            if progress is not None:
+                progress(f"graph {index}: pass {name} done")
+
+        if progress is not None:
+            progress(f"graph {index}: running passes on {n_before} nodes")
+        stats = manager.run(gm, after_pass=after_pass)
         cap.after.append(gm)
         cap.stats.append(stats)
         report.add_graph(n_before, nodes(gm), stats)

@@ -19,6 +19,7 @@ class GraphRecord:
     nodes_before: int
     nodes_after: int
     passes: list[PassStats]
+    compile_id: str = ""  # dynamo's "frame/attempt"; attempt > 0 is a recompile of that frame
 
 
 @dataclass
@@ -35,7 +36,8 @@ class Report:
         self._breaks_at_start = Counter(_graph_break_counter())
 
     def add_graph(self, before: int, after: int, passes: list[PassStats]) -> None:
-        self.graphs.append(GraphRecord(len(self.graphs), before, after, passes))
+        cid = torch._guards.CompileContext.current_compile_id()
+        self.graphs.append(GraphRecord(len(self.graphs), before, after, passes, str(cid) if cid else ""))
         self.graph_breaks = Counter(_graph_break_counter()) - self._breaks_at_start
 
     def sites(self, pass_name: str | None = None) -> list[Site]:
@@ -54,6 +56,19 @@ class Report:
             }
         return out
 
+    def columns(self) -> dict[str, dict[str, float]]:
+        """Per pass: its own report columns (PassStats.columns), summed over graphs."""
+        out: dict[str, dict[str, float]] = {name: {} for name in self.pass_names}
+        for g in self.graphs:
+            for p in g.passes:
+                for col, n in p.columns.items():
+                    out[p.name][col] = out[p.name].get(col, 0) + n
+        return out
+
+    @property
+    def recompiles(self) -> int:
+        return sum(1 for g in self.graphs if g.compile_id and not g.compile_id.endswith("/0"))
+
     @property
     def runtime_fallbacks(self) -> int:
         return sum(runtime_stats.fallbacks.values())
@@ -64,7 +79,9 @@ class Report:
             "graphs_compiled": len(self.graphs),
             "graph_breaks": sum(self.graph_breaks.values()),
             "graph_break_reasons": dict(self.graph_breaks),
+            "recompiles": self.recompiles,
             "passes": self.summary(),
+            "pass_columns": self.columns(),
             "sites": [s.__dict__ for s in self.sites()],
             "runtime": runtime_stats.snapshot(),
             "cache_dir": self.cache_dir,
@@ -76,14 +93,18 @@ class Report:
 
     def table(self, sites: bool = False) -> str:
         lines = [f"fxfuse report (passes uuid {self.manager_uuid}): {len(self.graphs)} graph(s) compiled, "
-                 f"{sum(self.graph_breaks.values())} graph break(s)"]
+                 f"{sum(self.graph_breaks.values())} graph break(s), {self.recompiles} recompile(s)"]
         for reason, n in self.graph_breaks.items():
             lines.append(f"  graph break x{n}: {reason}")
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
-        lines.append(f"{'pass':<10} {'candidates':>10} {'rewritten':>10} {'declined':>9}")
+        columns = self.columns()
+        extra = list(dict.fromkeys(c for cols in columns.values() for c in cols))
+        lines.append(f"{'pass':<10} {'candidates':>10} {'rewritten':>10} {'declined':>9}"
+                     + "".join(f" {c:>{max(len(c), 6)}}" for c in extra))
         for name, s in self.summary().items():
-            lines.append(f"{name:<10} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}")
+            lines.append(f"{name:<10} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}"
+                         + "".join(f" {_num(columns[name].get(c, '-')):>{max(len(c), 6)}}" for c in extra))
             for reason, n in s["declined"].items():
                 lines.append(f"  declined x{n}: {reason}")
         snap = runtime_stats.snapshot()
@@ -101,6 +122,10 @@ class Report:
         return "\n".join(lines)
 
     __str__ = table
+
+
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _graph_break_counter() -> Counter:

@@ -112,11 +112,13 @@ class LoraPass(GraphPass):
             if not is_anchor(anchor, node):
                 continue
             module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
+            step = "pattern"
             try:
                 m = match_at(PATTERN, anchor, node)
+                step = "check()"
                 info = check(m)
             except Decline as e:
-                stats.sites.append(Site(self.name, module, node.name, gname, False, str(e)))
+                stats.sites.append(Site(self.name, module, node.name, gname, False, str(e), check=step))
                 continue
             sites.append((m, info, module))
         groups: dict = defaultdict(list)
@@ -126,6 +128,7 @@ class LoraPass(GraphPass):
         for members in groups.values():
             for part in _placeable(gm, members):
                 fused = _replace_group(gm, part)
+                stats.add("fused ops")
                 for m, info, module in part:
                     stats.sites.append(Site(self.name, module, m["up"].name, gname, True, group=fused.name))
 

@@ -12,7 +12,7 @@ import importlib
 import inspect
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch.fx as fx
 
@@ -29,6 +29,7 @@ class Site:
     rewritten: bool
     reason: str = ""
     group: Optional[str] = None  # name of the fused node that absorbed this site
+    check: str = ""  # which check declined it (e.g. "pattern", "check()"), for `fxfuse explain`
 
 
 @dataclass
@@ -36,6 +37,12 @@ class PassStats:
     name: str
     uuid: str
     sites: list[Site] = field(default_factory=list)
+    # The pass's own report columns (name -> number), summed over graphs by the report and shown
+    # by `fxfuse inspect` after the common ones; e.g. the LoRA pass counts the fused ops it emitted.
+    columns: dict[str, float] = field(default_factory=dict)
+
+    def add(self, column: str, n: float = 1) -> None:
+        self.columns[column] = self.columns.get(column, 0) + n
 
     @property
     def candidates(self) -> int:
@@ -91,7 +98,9 @@ class PassManager:
         blob = "|".join(f"{p.name}:{p.uuid()}" for p in self.passes)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def run(self, gm: fx.GraphModule) -> list[PassStats]:
+    def run(self, gm: fx.GraphModule,
+            after_pass: Optional[Callable[[str, fx.GraphModule], None]] = None) -> list[PassStats]:
+        """after_pass(name, gm) is called after each pass (the CLI snapshots every stage with it)."""
         results = []
         for p in self.passes:
             stats = PassStats(p.name, p.uuid())
@@ -100,4 +109,6 @@ class PassManager:
                 g.graph.lint()
                 g.recompile()
             results.append(stats)
+            if after_pass is not None:
+                after_pass(p.name, gm)
         return results
