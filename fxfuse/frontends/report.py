@@ -81,9 +81,10 @@ class Report:
             lines.append(f"  graph break x{n}: {reason}")
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
-        lines.append(f"{'pass':<10} {'candidates':>10} {'rewritten':>10} {'declined':>9}")
+        pw = max([len(n) for n in self.pass_names] + [8])  # pass-name column
+        lines.append(f"{'pass':<{pw}} {'candidates':>10} {'rewritten':>10} {'declined':>9}")
         for name, s in self.summary().items():
-            lines.append(f"{name:<10} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}")
+            lines.append(f"{name:<{pw}} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}")
             for reason, n in s["declined"].items():
                 lines.append(f"  declined x{n}: {reason}")
         snap = runtime_stats.snapshot()
@@ -93,11 +94,11 @@ class Report:
             lines.append(f"  fallback x{n}: {what}")
         if sites:
             width = max([len(s.module) for s in self.sites()] + [6])
-            lines.append(f"{'pass':<8} {'status':<10} {'module':<{width}} {'node / reason'}")
+            lines.append(f"{'pass':<{pw}} {'status':<10} {'module':<{width}} {'node / reason'}")
             for s in self.sites():
                 status = "rewritten" if s.rewritten else "declined"
                 detail = f"{s.node} -> {s.group}" if s.rewritten else s.reason
-                lines.append(f"{s.pass_name:<8} {status:<10} {s.module:<{width}} {detail}")
+                lines.append(f"{s.pass_name:<{pw}} {status:<10} {s.module:<{width}} {detail}")
         return "\n".join(lines)
 
     __str__ = table
