@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import cross_entropy as ce_op
+from ..runtime.ops import lora as _lora_op  # noqa: F401  (torch.ops.fxfuse.lora_linear, to name LoRA heads)
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Lit, Match, Op, Opt, Var, _show, canon, example_value, graphs_of, match_pat, module_path
 
