@@ -48,18 +48,25 @@ def chunk_rows(tokens: int, vocab: int, dtype: torch.dtype, budget: int = CHUNK_
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, reduction: str, softcap: float,
                                    ignore_index: int, with_grad: bool) -> Tuple[Tensor, Tensor]:
-    """HF's math, unchunked: model-dtype GEMM, fp32 upcast, softcap, F.cross_entropy; the
-    gradient from autograd."""
-    with torch.enable_grad():
-        h = hidden.detach().requires_grad_(with_grad)
-        logits = (h @ weight.detach().t()).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
-        if not with_grad:
-            return loss.detach(), hidden.new_empty((0, hidden.shape[1]))
-        (grad,) = torch.autograd.grad(loss, h)
-    return loss.detach(), grad
+    """HF's math, unchunked: model-dtype GEMM, fp32 upcast, softcap, F.cross_entropy. The gradient
+    is written out (an op body runs below autograd): scale·(softmax − onehot), rounded to the
+    model dtype like autograd's through `.float()`, times W."""
+    logits = hidden @ weight.t()
+    z = logits.float()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    loss = torch.nn.functional.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction)
+    if not with_grad:
+        return loss, hidden.new_empty((0, hidden.shape[1]))
+    valid = target != ignore_index
+    dz = torch.softmax(z, dim=-1)
+    dz[valid, target[valid]] -= 1.0
+    if reduction == "mean":
+        dz /= valid.sum()
+    dz[~valid] = 0.0
+    if softcap:
+        dz *= 1.0 - (z / softcap) ** 2
+    return loss, dz.to(hidden.dtype) @ weight
 
 
 # ---------------------------------------------------------------- kernel implementation
