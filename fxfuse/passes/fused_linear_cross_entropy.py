@@ -46,8 +46,9 @@ def _is_lora_output(node) -> bool:
     return c is not None and c.kind == "add" and "linear" in kinds and "mul" in kinds
 
 
-# Tried in order: the first that matches is rewritten; the last is only there to name a decline.
+# Tried in order: the first that matches is rewritten.
 PATTERNS = (_loss_of(SOFTCAPPED), _loss_of(LINEAR))
+# Never rewritten: matched only to name the decline of a LoRA-adapted lm_head.
 LORA_HEAD = _loss_of(Var("adapted", where=_is_lora_output))
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
