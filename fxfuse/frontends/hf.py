@@ -152,7 +152,7 @@ def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gr
     from .optimize import build_manager
     from .report import Report
 
-    manager = build_manager(passes)
+    manager = build_manager(passes, keep_logits=False)  # what optimize() runs by default
     report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in manager.passes])
     cap = Capture(report=report)
 

@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..passes.causal_mask import CausalMaskPass
+from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
 from ..runtime import cache
@@ -19,34 +20,52 @@ from .report import Report
 PASSES = {
     "lora": LoraPass,
     "causal_mask": CausalMaskPass,
+    "fused_linear_cross_entropy": FusedLinearCrossEntropyPass,
 }
 
 _REPORT_ATTR = "_fxfuse_report"
 
 
-def build_manager(passes: Optional[Iterable[str]] = None) -> PassManager:
+def build_manager(passes: Optional[Iterable[str]] = None, keep_logits: bool = True) -> PassManager:
     names = list(PASSES) if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise ValueError(f"unknown pass(es) {unknown}; available: {list(PASSES)}")
-    return PassManager([PASSES[n]() for n in PASSES if n in names])
+    options = {"fused_linear_cross_entropy": {"keep_logits": keep_logits}}
+    return PassManager([PASSES[n](**options.get(n, {})) for n in PASSES if n in names])
+
+
+def _drop_logits(module, args, kwargs, output):
+    """Forward hook (keep_logits=False): an output whose loss will be backpropagated carries
+    logits=None. The hook runs wherever dynamo's graph breaks put it, so the graph that computes
+    the loss cannot see it; the pass keys on the same condition (the loss requires grad) and then
+    returns a NaN stand-in for the logits, which this hook removes."""
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.requires_grad and getattr(output, "logits", None) is not None:
+        output["logits"] = None
+    return output
 
 
 def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",
              dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True,
-             cudagraphs: bool = False) -> torch.nn.Module:
+             cudagraphs: bool = False, keep_logits: bool = False) -> torch.nn.Module:
     """Compile `model` through fxfuse's torch.compile backend and return the same object.
 
     The passes rewrite dynamo's graphs (including checkpointed decoder layers) before Inductor
     compiles them; compilation happens at the first call. Parameters, names and state_dict keys
     are untouched (no `_orig_mod.` prefix). `fxfuse.report(model)` tells what was rewritten.
     `cudagraphs=True` (Inductor on CUDA only) replays the compiled graphs as CUDA graphs.
+
+    keep_logits=False (default): a forward whose loss will be backpropagated (labels given, grad
+    enabled) returns `logits=None`, so the lm_head + loss can be fused without materialising the
+    logits. Eval / no_grad forwards keep their logits. keep_logits=True keeps them always (and the
+    fused_linear_cross_entropy pass then declines).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, _REPORT_ATTR):
         raise ValueError("this model was already optimized by fxfuse")
-    manager = build_manager(passes)
+    manager = build_manager(passes, keep_logits=keep_logits)
     report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in manager.passes])
     if compiler == "inductor":
         report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
@@ -62,6 +81,8 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
                   "eager reference and count as fallbacks in the report", file=sys.stderr)
         print(f"fxfuse: passes {report.pass_names} (uuid {report.manager_uuid}), compiler {compiler}; "
               "graphs compile at the first call", file=sys.stderr)
+    if not keep_logits:
+        model.register_forward_hook(_drop_logits, with_kwargs=True)
     model.compile(backend=backend, dynamic=dynamic)
     object.__setattr__(model, _REPORT_ATTR, report)
     return model

@@ -100,10 +100,11 @@ class Report:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
         columns = self.columns()
         extra = list(dict.fromkeys(c for cols in columns.values() for c in cols))
-        lines.append(f"{'pass':<10} {'candidates':>10} {'rewritten':>10} {'declined':>9}"
+        pw = max([len(n) for n in self.pass_names] + [8])  # pass-name column
+        lines.append(f"{'pass':<{pw}} {'candidates':>10} {'rewritten':>10} {'declined':>9}"
                      + "".join(f" {c:>{max(len(c), 6)}}" for c in extra))
         for name, s in self.summary().items():
-            lines.append(f"{name:<10} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}"
+            lines.append(f"{name:<{pw}} {s['candidates']:>10} {s['rewritten']:>10} {sum(s['declined'].values()):>9}"
                          + "".join(f" {_num(columns[name].get(c, '-')):>{max(len(c), 6)}}" for c in extra))
             for reason, n in s["declined"].items():
                 lines.append(f"  declined x{n}: {reason}")
@@ -114,11 +115,11 @@ class Report:
             lines.append(f"  fallback x{n}: {what}")
         if sites:
             width = max([len(s.module) for s in self.sites()] + [6])
-            lines.append(f"{'pass':<8} {'status':<10} {'module':<{width}} {'node / reason'}")
+            lines.append(f"{'pass':<{pw}} {'status':<10} {'module':<{width}} {'node / reason'}")
             for s in self.sites():
                 status = "rewritten" if s.rewritten else "declined"
                 detail = f"{s.node} -> {s.group}" if s.rewritten else s.reason
-                lines.append(f"{s.pass_name:<8} {status:<10} {s.module:<{width}} {detail}")
+                lines.append(f"{s.pass_name:<{pw}} {status:<10} {s.module:<{width}} {detail}")
         return "\n".join(lines)
 
     __str__ = table

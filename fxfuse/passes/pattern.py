@@ -26,6 +26,9 @@ _MUL = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
 _DROPOUT = {torch.nn.functional.dropout, torch.dropout, torch.ops.aten.dropout.default}
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention,
          torch.ops.aten.scaled_dot_product_attention.default}
+_DIV = {operator.truediv, torch.div, torch.true_divide}
+_TANH = {torch.tanh, torch.nn.functional.tanh}
+_CROSS_ENTROPY = {torch.nn.functional.cross_entropy}
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -54,6 +57,15 @@ def canon(node: Any) -> Optional[Canon]:
             return Canon("add", tuple(node.args))
         if t in _MUL and len(node.args) == 2:
             return Canon("mul", tuple(node.args))
+        if t in _DIV and len(node.args) == 2 and not node.kwargs:
+            return Canon("div", tuple(node.args))
+        if t in _TANH and len(node.args) == 1 and not node.kwargs:
+            return Canon("tanh", (node.args[0],))
+        if t in _CROSS_ENTROPY:
+            names = ("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+            defaults = (None, None, -100, None, "mean", 0.0)
+            return Canon("cross_entropy", (_arg(node, 0, "input"), _arg(node, 1, "target")),
+                         {k: _arg(node, 2 + i, k, d) for i, (k, d) in enumerate(zip(names, defaults))})
         if t in _DROPOUT:
             train_kw = "training" if t is torch.nn.functional.dropout else "train"
             return Canon("dropout", (_arg(node, 0, "input"),),
@@ -68,6 +80,13 @@ def canon(node: Any) -> Optional[Canon]:
             return Canon("add", tuple(node.args))
         if t == "mul" and len(node.args) == 2 and not node.kwargs:
             return Canon("mul", tuple(node.args))
+        if t in ("div", "truediv") and len(node.args) == 2 and not node.kwargs:
+            return Canon("div", tuple(node.args))
+        if t == "tanh" and len(node.args) == 1 and not node.kwargs:
+            return Canon("tanh", (node.args[0],))
+        if t in ("view", "reshape") and len(node.args) >= 2 and not node.kwargs:
+            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            return Canon("view", (node.args[0],), {"shape": tuple(shape)})
         if t in _CAST_METHODS and len(node.args) == 1:
             return Canon("to", (node.args[0],), {"dtype": _CAST_METHODS[t]})
         if t == "to":
