@@ -9,6 +9,8 @@ import torch
 
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
+from ..passes.rms_norm import RmsNormPass
+from ..passes.swiglu import SwigluPass
 from ..runtime import cache
 from ..runtime.kernels import lora as lora_kernels
 from .backend import make_backend
@@ -17,6 +19,8 @@ from .report import Report
 # Passes in the order they run. Each entry builds a fresh pass.
 PASSES = {
     "lora": LoraPass,
+    "rms_norm": RmsNormPass,
+    "swiglu": SwigluPass,
 }
 
 _REPORT_ATTR = "_fxfuse_report"
