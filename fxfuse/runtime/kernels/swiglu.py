@@ -32,10 +32,11 @@ def _act(g, ACT: tl.constexpr):
         a = g * s
         da = s * (1.0 + g * (1.0 - s))
     else:
+        # 0.5·(1 + tanh(z)) = sigmoid(2z): no cancellation where gelu tends to 0
         z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0  # tanh(z); tl has no tanh in the interpreter
-        a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+        s = 1.0 / (1.0 + tl.exp(-2.0 * z))
+        a = g * s
+        da = s + g * s * (1.0 - s) * 2.0 * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
     return a, da
 
 
