@@ -24,9 +24,11 @@ def act64(g, activation):
     if activation == "silu":
         s = torch.sigmoid(g)
         return g * s, s * (1 + g * (1 - s))
+    # 0.5·(1 + tanh(z)) written as sigmoid(2z): float64's 1 + tanh(z) cancels to 0 for z << 0
     c = math.sqrt(2 / math.pi)
-    t = torch.tanh(c * (g + 0.044715 * g ** 3))
-    return 0.5 * g * (1 + t), 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * c * (1 + 3 * 0.044715 * g * g)
+    z = c * (g + 0.044715 * g ** 3)
+    s = torch.sigmoid(2 * z)
+    return g * s, s + g * 2 * s * (1 - s) * c * (1 + 3 * 0.044715 * g * g)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -42,8 +44,10 @@ def test_forward_and_backward_match_float64(dtype, rows, width, activation, mag,
         dg, du = K.swiglu_backward(dy.to(DEVICE), gate.to(DEVICE), up.to(DEVICE), activation)
     a, da = act64(f64(gate), activation)
     ar = rnd(a, dtype)  # HF rounds act(gate) before the product
-    # a few fp32 ulps for exp/sigmoid in fp32, plus one rounding of the dtype
-    tol = 1.01 * ULP[dtype] + 16 * ULP[F32]
+    # one rounding of the dtype, plus fp32 exp(x) whose relative error grows with |x| (x is rounded)
+    gd = f64(gate)
+    x = gd.abs() if activation == "silu" else 2 * math.sqrt(2 / math.pi) * (gd + 0.044715 * gd ** 3).abs()
+    tol = 1.01 * ULP[dtype] + 8 * ULP[F32] * (1 + x)
     tiny = torch.finfo(dtype).tiny * ULP[dtype]
     want = ar * f64(up)
     # act(gate) itself may round the other way when fp32 exp differs from float64's last bit
