@@ -73,6 +73,7 @@ def parse_args(argv=None):
     ap.add_argument("--warm-cache", action="store_true",
                     help="keep Inductor's on-disk cache (default: a fresh one per process, so the first "
                          "step's time is the real compile time)")
+    ap.add_argument("--passes", default=None, help="fxfuse variants: comma-separated passes (default: the variant's)")
     ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
     return ap.parse_args(argv)
 
@@ -180,11 +181,13 @@ def main(argv=None) -> int:
     else:
         import fxfuse
         passes = ["lora"] if variant == "fxfuse-lora" else None
+        if args.passes:
+            passes = args.passes.split(",")
         fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg")
         fwd = model
         rep = fxfuse.report(model)
 
-    base = dict(variant=args.label or variant, size=args.size, gc=use_gc, rank=args.rank,
+    base = dict(variant=args.label or variant, passes=args.passes, size=args.size, gc=use_gc, rank=args.rank,
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),

@@ -11,6 +11,8 @@ from ..passes.causal_mask import CausalMaskPass
 from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
+from ..passes.rms_norm import RmsNormPass
+from ..passes.swiglu import SwigluPass
 from ..runtime import cache
 from ..runtime.kernels import lora as lora_kernels
 from .backend import make_backend
@@ -20,6 +22,8 @@ from .report import Report
 PASSES = {
     "lora": LoraPass,
     "causal_mask": CausalMaskPass,
+    "rms_norm": RmsNormPass,
+    "swiglu": SwigluPass,
     "fused_linear_cross_entropy": FusedLinearCrossEntropyPass,
 }
 

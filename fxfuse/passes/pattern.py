@@ -30,6 +30,11 @@ _DIV = {operator.truediv, torch.div, torch.true_divide}
 _TANH = {torch.tanh, torch.nn.functional.tanh}
 _CROSS_ENTROPY = {torch.nn.functional.cross_entropy}
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+_POW = {operator.pow, torch.pow}
+_RSQRT = {torch.rsqrt}
+_MEAN = {torch.mean}
+_SILU = {torch.nn.functional.silu}
+_GELU = {torch.nn.functional.gelu}
 
 
 @dataclass
@@ -75,7 +80,29 @@ def canon(node: Any) -> Optional[Canon]:
             return Canon("sdpa", tuple(_arg(node, i, n) for i, n in enumerate(("query", "key", "value", "attn_mask"))),
                          {"dropout_p": _arg(node, 4, "dropout_p", 0.0), "is_causal": _arg(node, 5, "is_causal", False),
                           "scale": _arg(node, 6, "scale"), "enable_gqa": node.kwargs.get("enable_gqa", False)})
+        if t in _POW and len(node.args) == 2:
+            return Canon("pow", tuple(node.args))
+        if t in _RSQRT and len(node.args) == 1:
+            return Canon("rsqrt", tuple(node.args))
+        if t in _MEAN:
+            return _mean(node)
+        if t in _SILU:
+            return Canon("silu", (_arg(node, 0, "input"),), {"inplace": _arg(node, 1, "inplace", False)})
+        if t in _GELU:
+            return Canon("gelu", (_arg(node, 0, "input"),), {"approximate": _arg(node, 1, "approximate", "none")})
     if node.op == "call_method":
+        if t == "pow" and len(node.args) == 2 and not node.kwargs:
+            return Canon("pow", tuple(node.args))
+        if t == "rsqrt" and len(node.args) == 1 and not node.kwargs:
+            return Canon("rsqrt", tuple(node.args))
+        if t == "mean":
+            return _mean(node)
+        if t == "type_as" and len(node.args) == 2 and not node.kwargs:
+            # a cast to the other tensor's dtype (Gemma's RMSNorm ends with `.type_as(x)`)
+            other = example_value(node.args[1])
+            if isinstance(other, torch.Tensor):
+                return Canon("to", (node.args[0],), {"dtype": other.dtype})
+            return None
         if t == "add" and len(node.args) == 2 and not node.kwargs:
             return Canon("add", tuple(node.args))
         if t == "mul" and len(node.args) == 2 and not node.kwargs:
@@ -101,6 +128,13 @@ def canon(node: Any) -> Optional[Canon]:
             if isinstance(dtype, torch.dtype):
                 return Canon("to", (node.args[0],), {"dtype": dtype})
     return None
+
+
+def _mean(node: fx.Node) -> Optional[Canon]:
+    if len(node.args) > 3 or set(node.kwargs) - {"dim", "keepdim", "dtype"}:
+        return None
+    return Canon("mean", (node.args[0],), {"dim": _arg(node, 1, "dim"), "keepdim": _arg(node, 2, "keepdim", False),
+                                           "dtype": node.kwargs.get("dtype")})
 
 
 def example_value(node: Any) -> Any:

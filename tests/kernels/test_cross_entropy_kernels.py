@@ -134,10 +134,11 @@ def test_op_autograd_matches_eager_and_reference():
     """The custom op under autograd: with_grad (gradient from the forward, scaled in backward) and
     without (recomputed in backward) both give eager HF's loss and hidden-state gradient."""
     gen = torch.Generator().manual_seed(0)
-    h0 = torch.randn(2, 13, 20, generator=gen)
-    w = torch.randn(150, 20, generator=gen)
+    h0 = torch.randn(2, 13, 20, generator=gen).to(DEVICE)
+    w = torch.randn(150, 20, generator=gen).to(DEVICE)
     target = torch.randint(0, 150, (26,), generator=gen)
     target[:5] = -100
+    target = target.to(DEVICE)
     h = h0.clone().requires_grad_(True)
     want = F.cross_entropy((h @ w.t()).float().view(-1, 150), target, reduction="sum") * 2.5
     want.backward()
