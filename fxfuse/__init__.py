@@ -1,6 +1,6 @@
 """fxfuse: graph-rewriting passes that fuse LoRA (and friends) in traced Hugging Face models."""
-from .frontends.optimize import PASSES, optimize, report
+from .frontends.optimize import DEFAULT_PASSES, PASSES, optimize, report
 from .frontends.report import Report
 
-__all__ = ["optimize", "report", "Report", "PASSES"]
+__all__ = ["optimize", "report", "Report", "PASSES", "DEFAULT_PASSES"]
 __version__ = "0.1.0"

@@ -130,7 +130,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gc", action="store_true", help="enable gradient checkpointing (non-reentrant)")
     g.add_argument("--seq", type=int, default=16, help="sequence length of the traced batch (default 16)")
     g.add_argument("--batch", type=int, default=1, help="batch size of the traced batch (default 1)")
-    g.add_argument("--passes", default=None, help="comma-separated passes to run (default: all)")
+    g.add_argument("--passes", default=None, help="comma-separated passes to run (default: the defaults of fxfuse.optimize; "
+                                     "'all' runs every registered pass)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -232,6 +233,9 @@ def _capture(args, progress: "_Progress"):
     except Exception as e:  # transformers/peft rejecting this config: still the user's input
         raise UserError(f"cannot build {args.model}: {type(e).__name__}: {_first_line(e)}") from None
     passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    if passes == ["all"]:
+        from .optimize import PASSES
+        passes = list(PASSES)
     runtime_stats.reset()  # the run-time line then counts this trace's one forward only
     tracing = (f"tracing {args.model} on {device} (batch {args.batch}, seq {args.seq}"
                f"{', gradient checkpointing' if args.gc else ''})")

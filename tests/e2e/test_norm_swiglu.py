@@ -1,5 +1,5 @@
-"""End to end with every pass (LoRA, RMSNorm + residual add, SwiGLU): tiny Llama + LoRA through
-`fxfuse.optimize` gives eager's loss and every LoRA gradient."""
+"""End to end with every pass (the defaults plus the opt-in RMSNorm + residual add and SwiGLU): tiny
+Llama + LoRA through `fxfuse.optimize` gives eager's loss and every LoRA gradient."""
 
 import fxfuse
 from test_llama_lora import batch
@@ -10,7 +10,7 @@ def test_fp32_loss_and_every_lora_grad_match_eager():
     """With checkpointing (the harder graph: every layer in a subgraph, recomputed in backward);
     tests/e2e/test_llama_lora.py runs the default passes without it too."""
     ref = tiny_model(gc=True)
-    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)
+    opt = fxfuse.optimize(clone(ref), passes=list(fxfuse.PASSES), compiler="aot_eager", verbose=False)
     inputs = batch(3, 16, pad_rows=(1,))
     l_ref, g_ref = loss_and_grads(ref, **inputs)
     l_opt, g_opt = loss_and_grads(opt, **inputs)
@@ -30,7 +30,7 @@ def test_fp32_loss_and_every_lora_grad_match_eager():
 def test_trainable_norm_weights_get_eager_grads():
     """Norm weights that train (modules_to_save) get dw from the kernels; eager's grads to 1e-5."""
     ref = tiny_model(modules_to_save=["input_layernorm", "post_attention_layernorm", "norm"])
-    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)
+    opt = fxfuse.optimize(clone(ref), passes=list(fxfuse.PASSES), compiler="aot_eager", verbose=False)
     l_ref, g_ref = loss_and_grads(ref, **batch())
     l_opt, g_opt = loss_and_grads(opt, **batch())
     norms = [n for n in g_ref if "layernorm" in n or "norm.modules_to_save" in n]

@@ -15,6 +15,8 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import pytest
+
+import fxfuse
 import torch
 
 from fxfuse.frontends import cli
@@ -52,12 +54,15 @@ def test_dump_text_each_stage(capsys):
     assert rc == 0, err
     before, after = out.split("graph 0 after pass lora")
     assert "graph 0 before passes" in before and "lora_linear" not in before
-    assert after.count("torch.ops.fxfuse.lora_linear.default(") == LORA_OPS
+    stages = after.split("graph 0 after pass ")
+    assert [s.split()[0] for s in stages[1:]] == [p for p in fxfuse.DEFAULT_PASSES if p != "lora"]
+    for stage in stages:  # the LoRA ops stay in every later stage
+        assert stage.count("torch.ops.fxfuse.lora_linear.default(") == LORA_OPS
 
 
 def test_dump_svg_highlights_rewritten_and_removed(capsys, tmp_path):
     needs_dot()
-    rc, _, err = run(capsys, "dump", "llama-tiny", "--format", "svg", "-o", str(tmp_path / "g.svg"))
+    rc, _, err = run(capsys, "dump", "llama-tiny", "--passes", "lora", "--format", "svg", "-o", str(tmp_path / "g.svg"))
     assert rc == 0, err
     before = ET.parse(tmp_path / "g-graph0-before-passes.svg").getroot()
     after = ET.parse(tmp_path / "g-graph0-after-passes.svg").getroot()
@@ -92,7 +97,7 @@ class _PageParser(HTMLParser):
 def test_dump_html_is_self_contained_with_collapsible_layers(capsys, tmp_path):
     needs_dot()
     out_file = tmp_path / "page.html"
-    rc, _, err = run(capsys, "dump", "llama-tiny", "--gc", "--format", "html", "-o", str(out_file))
+    rc, _, err = run(capsys, "dump", "llama-tiny", "--gc", "--passes", "lora", "--format", "html", "-o", str(out_file))
     assert rc == 0, err
     page = out_file.read_text()
     parser = _PageParser()
@@ -109,7 +114,7 @@ def test_dump_html_is_self_contained_with_collapsible_layers(capsys, tmp_path):
 
 def test_dot_fallback_without_graphviz(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no `dot` anywhere
-    rc, out, err = run(capsys, "dump", "llama-tiny", "--stage", "after", "--format", "svg",
+    rc, out, err = run(capsys, "dump", "llama-tiny", "--passes", "lora", "--stage", "after", "--format", "svg",
                        "-o", str(tmp_path / "g.svg"))
     assert rc == 0, err
     assert "`dot` was not found" in err and "apt-get install graphviz" in err and "instead of svg" in err
@@ -143,7 +148,7 @@ def test_dump_dot_to_stdout(capsys):
 
 
 def test_diff_per_pass(capsys):
-    rc, out, err = run(capsys, "diff", "llama-tiny", "--gc", "--json")
+    rc, out, err = run(capsys, "diff", "llama-tiny", "--gc", "--passes", "lora", "--json")
     assert rc == 0, err
     (d,) = json.loads(out)["diff"]
     assert d["pass"] == "lora" and d["graph"] == 0
@@ -152,7 +157,7 @@ def test_diff_per_pass(capsys):
     assert d["nodes_before"] - len(d["removed"]) + len(d["added"]) == d["nodes_after"]
     assert sum(k.endswith("/lora_linear_default") for k in d["added"]) == 2  # one per checkpointed layer
     assert all(k.startswith("wrap_body_") for k in d["removed"])
-    rc, out, err = run(capsys, "diff", "llama-tiny", "--nodes")
+    rc, out, err = run(capsys, "diff", "llama-tiny", "--passes", "lora", "--nodes")
     assert rc == 0, err
     row = next(line.split() for line in out.splitlines() if line.strip().startswith("fxfuse.lora_linear"))
     assert row[1:] == ["0", str(LORA_OPS), f"+{LORA_OPS}"]
@@ -233,6 +238,7 @@ def test_a_new_pass_shows_up_everywhere(capsys, monkeypatch):
     from fxfuse.frontends import optimize
 
     monkeypatch.setitem(optimize.PASSES, "toy", ToyRsqrtPass)
+    monkeypatch.setattr(optimize, "DEFAULT_PASSES", ("lora", "toy"))
     rep = json.loads(run(capsys, "inspect", "llama-tiny", "--json")[1])
     assert rep["passes"]["toy"] == {"candidates": 5, "rewritten": 1, "declined": {"toy: only the first": 4}}
     assert rep["pass_columns"] == {"lora": {"fused ops": LORA_OPS}, "toy": {"rsqrt seen": 5}}

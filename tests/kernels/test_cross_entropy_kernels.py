@@ -166,8 +166,9 @@ def test_out_of_range_target_is_nan_not_a_number():
 
 
 def test_launcher_declines_what_it_cannot_do():
-    x = torch.randn(4, 8)
-    ok = dict(target=torch.zeros(4, dtype=torch.int64), losses=torch.zeros(4), scale=torch.ones(1))
+    x = torch.randn(4, 8, device=DEVICE)
+    ok = dict(target=torch.zeros(4, dtype=torch.int64, device=DEVICE), losses=torch.zeros(4, device=DEVICE),
+              scale=torch.ones(1, device=DEVICE))
     assert K.check_cross_entropy_rows(x, **ok) is None
     assert "contiguous" in K.check_cross_entropy_rows(x.t().contiguous().t(), **ok)
     assert "int64" in K.check_cross_entropy_rows(x, **{**ok, "target": ok["target"].int()})

@@ -180,14 +180,24 @@ def test_backward_matches_float64(c):
 
 @pytest.mark.parametrize("width", [4095, 96])
 def test_odd_widths_one_and_several_blocks(width):
-    """Default blocks (one block per row) and forced 256-blocks (several) agree bit for bit."""
+    """Default blocks (one block per row) and forced 256-blocks (several) agree: bit for bit in the
+    interpreter; on the GPU the fp32 sum of squares is reduced in another order, so the normalised
+    output may differ by one bf16 ulp (the residual sum is exact either way)."""
     g = torch.Generator().manual_seed(width)
     x = torch.randn(3, width, generator=g).to(BF16).to(DEVICE)
     r = torch.randn(3, width, generator=g).to(BF16).to(DEVICE)
     w = torch.randn(width, generator=g).to(BF16).to(DEVICE)
     one = K.rms_norm_forward(x, w, r, 1e-5, 0.0, BF16, BF16)
     many = K.rms_norm_forward(x, w, r, 1e-5, 0.0, BF16, BF16, block=256)
-    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    if DEVICE == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(one, many))
+    else:
+        assert torch.equal(one[0], many[0])  # the residual sum: no reduction involved
+        for a, b in zip(one[1:], many[1:]):
+            if a.is_floating_point() and a.dtype == BF16:
+                assert ((f64(a) - f64(b)).abs() <= ULP[BF16] * f64(a).abs() + 1e-30).all()
+            else:
+                assert torch.allclose(f64(a), f64(b), rtol=1e-6, atol=0)
     h_ref, _, _, _, y_ref = reference(x.cpu(), r.cpu(), w.cpu(), 1e-5, 0.0, BF16, BF16)
     assert torch.equal(f64(one[0]), h_ref)
     assert (f64(one[1]) - rnd(y_ref, BF16)).abs().max() <= 2 * ULP[BF16] * y_ref.abs().max()
