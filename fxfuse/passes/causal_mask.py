@@ -467,7 +467,8 @@ class CausalMaskPass(GraphPass):
                 params.update(attn_mask=None, is_causal=verdict == "causal")
                 q, k, v = (params.pop(n) for n in ("query", "key", "value"))
                 node.args, node.kwargs = (q, k, v), params
-                site.rewritten, site.group = True, "is_causal" if verdict == "causal" else "no mask"
+                # the SDPA call is rewritten in place: the group names that call and what it became
+                site.rewritten, site.group = True, f"{node.name}:{'is_causal' if verdict == 'causal' else 'no mask'}"
         proven = {top: cones[top] for top, v in verdicts.items() if not isinstance(v, Decline)}
         _drop_unused_masks(gm, proven)
 

@@ -53,7 +53,7 @@ def test_llama_mask_proven_causal(gc, eval_limit):
     ref_loss, ref_grads = loss_and_grads(copy.deepcopy(model), input_ids=tokens(), labels=tokens())
     before, after, stats, loss, grads = capture(model, CausalMaskPass(eval_limit=eval_limit))
     assert stats.candidates == 2 and stats.rewritten == 2, [s.reason for s in stats.sites]
-    assert all(s.group == "is_causal" for s in stats.sites)
+    assert all(s.group == f"{s.node}:is_causal" for s in stats.sites)
     for n in sdpa_nodes(before):
         assert canon(n).operands[3] is not None and not canon(n).attrs["is_causal"]
     for n in sdpa_nodes(after):
