@@ -16,6 +16,19 @@ def record_fallback(op: str, reason: str) -> None:
     fallbacks[(op, reason)] += 1
 
 
+def dispatch(op: str, device, kernels, reference, args):
+    """Run the Triton kernels where they can run on `device`; else the eager reference, counted as a
+    fallback with the reason (reports show it; the benchmark asserts there is none)."""
+    from .kernels.lora import triton_available  # every kernel family shares this check
+
+    why = triton_available(device)
+    if why is None:
+        record_kernel(op)
+        return kernels(*args)
+    record_fallback(op, why)
+    return reference(*args)
+
+
 def reset() -> None:
     kernel_calls.clear()
     fallbacks.clear()

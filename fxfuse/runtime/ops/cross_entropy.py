@@ -114,13 +114,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, reducti
                          ignore_index: int, with_grad: bool) -> Tuple[Tensor, Tensor]:
     _check(hidden, weight, target, reduction, softcap)
     hidden, target = hidden.contiguous(), target.contiguous()
-    why = K.triton_available(hidden.device)
-    if why is None:
-        stats.record_kernel(OP)
-        rows = chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
-        return linear_cross_entropy_chunked(hidden, weight, target, reduction, softcap, ignore_index, with_grad, rows)
-    stats.record_fallback(OP, why)
-    return linear_cross_entropy_reference(hidden, weight, target, reduction, softcap, ignore_index, with_grad)
+    rows = chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
+    return stats.dispatch(OP, hidden.device,
+                          lambda *a: linear_cross_entropy_chunked(*a, rows), linear_cross_entropy_reference,
+                          (hidden, weight, target, reduction, softcap, ignore_index, with_grad))
 
 
 @linear_cross_entropy.register_fake

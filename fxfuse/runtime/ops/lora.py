@@ -57,17 +57,6 @@ def gemm_strategy(device: torch.device) -> str:
     return "cublas" if device.type == "cuda" else "triton"
 
 
-def _dispatch(op: str, x: Tensor, kernels, reference, args):
-    """Run the Triton kernels where they can run; else the eager reference, counted as a
-    fallback with the reason (reports show it; the benchmark asserts there is none)."""
-    why = K.triton_available(x.device)
-    if why is None:
-        stats.record_kernel(op)
-        return kernels(*args)
-    stats.record_fallback(op, why)
-    return reference(*args)
-
-
 # ---------------------------------------------------------------- reference (eager) implementation
 
 
@@ -207,7 +196,7 @@ def lora_linear(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]
                 lora_bs: List[Tensor], scalings: List[float], dropout_ps: List[float], seed: Optional[Tensor],
                 out_dtype: torch.dtype) -> List[Tensor]:
     args = (x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype)
-    return _dispatch(OP, x, _forward_kernels, lora_linear_reference, args)
+    return stats.dispatch(OP, x.device, _forward_kernels, lora_linear_reference, args)
 
 
 @lora_linear.register_fake
@@ -228,7 +217,7 @@ def lora_linear_backward(dys: List[Tensor], x: Tensor, weights: List[Tensor], lo
                          lora_bs: List[Tensor], xa: Tensor, scalings: List[float], dropout_ps: List[float],
                          seed: Optional[Tensor], need_dx: bool) -> List[Tensor]:
     args = (dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx)
-    return _dispatch(BWD, x, _backward_kernels, lora_linear_backward_reference, args)
+    return stats.dispatch(BWD, x.device, _backward_kernels, lora_linear_backward_reference, args)
 
 
 @lora_linear_backward.register_fake

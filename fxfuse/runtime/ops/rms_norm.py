@@ -29,15 +29,6 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _dispatch(op: str, x: Tensor, kernels, reference, args):
-    """The Triton kernels where they can run, else the eager reference, counted as a fallback."""
-    why = K.triton_available(x.device)
-    if why is None:
-        stats.record_kernel(op)
-        return kernels(*args)
-    stats.record_fallback(op, why)
-    return reference(*args)
-
 
 # ---------------------------------------------------------------- reference (eager) implementation
 
@@ -93,7 +84,7 @@ def rms_norm(x: Tensor, weight: Tensor, residual: Optional[Tensor], eps: float, 
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     args = (x, weight.contiguous(), residual, eps, offset, round_dtype, out_dtype)
-    return _dispatch(OP, x, _forward_kernels, rms_norm_reference, args)
+    return stats.dispatch(OP, x.device, _forward_kernels, rms_norm_reference, args)
 
 
 @rms_norm.register_fake
@@ -108,7 +99,7 @@ def rms_norm_backward(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Tenso
     dy, h, rstd = dy.contiguous(), h.contiguous(), rstd.contiguous()
     dh = dh.contiguous() if dh is not None else None
     args = (dy, dh, h, weight.contiguous(), rstd, offset, round_dtype, need_dw)
-    return _dispatch(BWD, h, _backward_kernels, rms_norm_backward_reference, args)
+    return stats.dispatch(BWD, h.device, _backward_kernels, rms_norm_backward_reference, args)
 
 
 @rms_norm_backward.register_fake

@@ -18,15 +18,6 @@ OP = "fxfuse::swiglu"
 BWD = "fxfuse::swiglu_backward"
 
 
-def _dispatch(op: str, x: Tensor, kernels, reference, args):
-    """The Triton kernels where they can run, else the eager reference, counted as a fallback."""
-    why = K.triton_available(x.device)
-    if why is None:
-        stats.record_kernel(op)
-        return kernels(*args)
-    stats.record_fallback(op, why)
-    return reference(*args)
-
 
 def _activation(activation: str):
     if activation == "silu":
@@ -56,7 +47,7 @@ def swiglu_backward_reference(dy, gate, up, activation):
 @torch.library.custom_op(OP, mutates_args=())
 def swiglu(gate: Tensor, up: Tensor, activation: str) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
-    return _dispatch(OP, gate, K.swiglu_forward, swiglu_reference, (gate, up, activation))
+    return stats.dispatch(OP, gate.device, K.swiglu_forward, swiglu_reference, (gate, up, activation))
 
 
 @swiglu.register_fake
@@ -67,7 +58,7 @@ def _(gate, up, activation):
 @torch.library.custom_op(BWD, mutates_args=())
 def swiglu_backward(dy: Tensor, gate: Tensor, up: Tensor, activation: str) -> List[Tensor]:
     dy, gate, up = dy.contiguous(), gate.contiguous(), up.contiguous()
-    return list(_dispatch(BWD, gate, K.swiglu_backward, swiglu_backward_reference, (dy, gate, up, activation)))
+    return list(stats.dispatch(BWD, gate.device, K.swiglu_backward, swiglu_backward_reference, (dy, gate, up, activation)))
 
 
 @swiglu_backward.register_fake
