@@ -89,10 +89,11 @@ def test_rows_loss_and_grad_match_float64(case):
     assert torch.isfinite(losses).all()
     assert abs(got.item() - want_loss.item()) <= 1e-5 * max(1.0, abs(want_loss.item())), (got, want_loss)
     assert torch.isfinite(buf).all()
-    if want_grad.abs().max() > 0:
+    # a gradient below the storage dtype's smallest value (softmax tails of huge logits) stores as 0
+    if want_grad.to(dtype).abs().max() > 0:
         assert rel(buf.cpu(), want_grad) < GRAD_TOL[dtype]
     else:
-        assert torch.equal(buf.cpu().double(), want_grad)
+        assert torch.equal(buf.cpu().double(), want_grad.to(dtype).double())
 
 
 @st.composite
