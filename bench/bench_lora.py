@@ -9,7 +9,8 @@ the last 5.
     python bench/bench_lora.py VARIANT SEQS [--size 8b|1b|tiny] [--device cuda|cpu] [--dynamic ...]
 
 VARIANT: hf (sdpa, eager), compile (torch.compile(model), Inductor), fxfuse-lora
-(fxfuse.optimize(model, passes=["lora"])), fxfuse (every pass), fxfuse-cg (every pass, CUDA graphs). SEQS: comma-separated sequence lengths,
+(fxfuse.optimize(model, passes=["lora"])), fxfuse (the default passes), fxfuse-cg (default passes, CUDA graphs),
+fxfuse-offload (default passes + offload_activations=True). SEQS: comma-separated sequence lengths,
 run one after the other in this process (as the anchor does); for a fresh process per length call
 once per length (bench/run_gpu.sh FRESH=1). One JSON line per (variant, seq) on stdout.
 
@@ -44,7 +45,7 @@ from collections import Counter
 
 import torch
 
-VARIANTS = ("hf", "compile", "fxfuse-lora", "fxfuse", "fxfuse-cg")
+VARIANTS = ("hf", "compile", "fxfuse-lora", "fxfuse", "fxfuse-cg", "fxfuse-offload")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIGS = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -62,6 +63,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variant", help="|".join(VARIANTS))
     ap.add_argument("seqs", help="comma-separated sequence lengths, e.g. 1024,4096,16384")
+    ap.add_argument("--gpu-gib", type=float, default=None,
+                    help="cap the caching allocator at this many GiB (e.g. 79.1 to stand for an H100 80GB on an H200)")
     ap.add_argument("--size", choices=sorted(CONFIGS), default="8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=7, help="steps per length; the median is over the last 5")
@@ -164,6 +167,9 @@ def main(argv=None) -> int:
     if not args.warm_cache and compiler == "inductor" and variant != "hf":
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse_bench_inductor_")
     dev = Device(args.device)
+    if args.gpu_gib and dev.cuda:
+        total = torch.cuda.get_device_properties(dev.dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib * 2**30 / total), dev.dev)
 
     model, cfg = build_model(args.size, args.device, args.rank, use_gc)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -183,7 +189,8 @@ def main(argv=None) -> int:
         passes = ["lora"] if variant == "fxfuse-lora" else None
         if args.passes:
             passes = args.passes.split(",")
-        fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg")
+        fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg",
+                        offload_activations=variant == "fxfuse-offload")
         fwd = model
         rep = fxfuse.report(model)
 
@@ -191,7 +198,7 @@ def main(argv=None) -> int:
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
-                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), device=torch.cuda.get_device_name(dev.dev)
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), gpu_gib_cap=args.gpu_gib, device=torch.cuda.get_device_name(dev.dev)
                 if dev.cuda else args.device, torch=torch.__version__)
     failures = []
     for index, seq in enumerate(seqs):
@@ -245,6 +252,10 @@ def main(argv=None) -> int:
                        lora_declined=summary["lora"]["declined"], lora_new_sites=len(rep.sites("lora")) - sites_before,
                        lora_expected=n_lora, runtime_fallbacks=rep.runtime_fallbacks,
                        kernel_calls=sum(_kernel_calls().values()))
+            if "activation_offload" in summary:
+                off = summary["activation_offload"]
+                row.update(offload_rewritten=off["rewritten"], offload_declined=off["declined"],
+                           offload_mib=rep.columns()["activation_offload"].get("MiB offloaded", 0))
             ok, why = lora_check(summary, n_lora)
             if not ok:
                 failures.append(why)

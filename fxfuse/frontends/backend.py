@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
+from ..passes.activation_offload import ActivationOffload, offload_partition_fn
 from ..passes.manager import PassManager
 from ..passes.pattern import graphs_of
 from .report import Report
@@ -19,14 +21,37 @@ def _node_count(gm: fx.GraphModule) -> int:
     return sum(len(g.graph.nodes) for _, g in graphs_of(gm))
 
 
+class OffloadPartitioner(CustomPartitionerFn):
+    """Inductor's custom-partitioner hook: min-cut, then the activation offload. Inductor pickles
+    it into its cache key: only the offload's uuid goes there."""
+
+    def __init__(self, offload: ActivationOffload, on_stats):
+        self.offload, self.on_stats = offload, on_stats
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        return offload_partition_fn(self.offload, self.on_stats)(gm, joint_inputs, **kwargs)
+
+    def uuid(self):
+        return self.offload.uuid()
+
+    def __getstate__(self):
+        return {"uuid": self.uuid()}
+
+
 def make_backend(manager: PassManager, report: Report, compiler: str = "inductor",
-                 cudagraphs: bool = False) -> Callable:
+                 cudagraphs: bool = False, offload: Optional[ActivationOffload] = None) -> Callable:
     """compiler: 'inductor' (the real thing), 'aot_eager' (AOTAutograd with a pass-through
     compiler: same forward/backward split, no codegen; for fast tests), 'eager' (rewritten graph
     run as is). cudagraphs: Inductor replays each compiled graph as a CUDA graph (removes the
-    per-op launch cost that dominates short sequences; costs memory pools)."""
+    per-op launch cost that dominates short sequences; costs memory pools). offload: moves the
+    activations that training graphs save for backward to host memory (partition time)."""
     if compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {COMPILERS}, not {compiler!r}")
+    if offload is not None and compiler == "eager":
+        raise ValueError("activation offload needs AOTAutograd: compiler 'inductor' or 'aot_eager'")
+
+    def record(stats):
+        report.graphs[-1].passes.append(stats)
 
     def fxfuse_backend(gm: fx.GraphModule, example_inputs):
         before = _node_count(gm)
@@ -43,8 +68,17 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
         report.add_graph(before, _node_count(gm), stats)
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True} if cudagraphs else None)
+            patches = {"triton.cudagraphs": True} if cudagraphs else {}
+            if offload is not None:
+                patches["custom_partitioner_fn"] = OffloadPartitioner(offload, record)
+            return compile_fx(gm, example_inputs, config_patches=patches or None)
         if compiler == "aot_eager":
+            if offload is not None:
+                from functorch.compile import make_boxed_func
+                from torch._dynamo.backends.common import aot_autograd
+                nop = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
+                return aot_autograd(fw_compiler=nop, bw_compiler=nop,
+                                    partition_fn=offload_partition_fn(offload, record))(gm, example_inputs)
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)
         return gm.forward

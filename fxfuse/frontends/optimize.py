@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..passes.activation_offload import ActivationOffload
 from ..passes.causal_mask import CausalMaskPass
 from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
 from ..passes.lora import LoraPass
@@ -56,7 +57,8 @@ def _drop_logits(module, args, kwargs, output):
 
 def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",
              dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True,
-             cudagraphs: bool = False, keep_logits: bool = False) -> torch.nn.Module:
+             cudagraphs: bool = False, keep_logits: bool = False,
+             offload_activations: "bool | ActivationOffload" = False) -> torch.nn.Module:
     """Compile `model` through fxfuse's torch.compile backend and return the same object.
 
     The passes rewrite dynamo's graphs (including checkpointed decoder layers) before Inductor
@@ -68,19 +70,32 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     enabled) returns `logits=None`, so the lm_head + loss can be fused without materialising the
     logits. Eval / no_grad forwards keep their logits. keep_logits=True keeps them always (and the
     fused_linear_cross_entropy pass then declines).
+
+    offload_activations=True: the activations that training graphs save for the backward (with
+    gradient checkpointing: each decoder layer's input) wait in pinned host memory, copied on a
+    side stream that overlaps with compute (checkpoint policy `offload_saved`,
+    fxfuse/passes/activation_offload.py). Needs compiler 'inductor' or 'aot_eager'. An
+    `ActivationOffload(...)` instead of True sets its options.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, _REPORT_ATTR):
         raise ValueError("this model was already optimized by fxfuse")
     manager = build_manager(passes, keep_logits=keep_logits)
-    report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in manager.passes])
+    if isinstance(offload_activations, ActivationOffload):
+        offload = offload_activations
+    else:
+        offload = ActivationOffload() if offload_activations else None
+    if offload is not None and cudagraphs:
+        raise ValueError("offload_activations=True and cudagraphs=True do not combine (side-stream copies)")
+    uuid = manager.uuid() if offload is None else f"{manager.uuid()}-{offload.uuid()}"
+    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + ([offload.name] if offload else []))
     if compiler == "inductor":
         report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
     report.start()
     if cudagraphs and compiler != "inductor":
         raise ValueError("cudagraphs=True needs compiler='inductor'")
-    backend = make_backend(manager, report, compiler, cudagraphs)
+    backend = make_backend(manager, report, compiler, cudagraphs, offload)
     if verbose:
         backend = _with_progress(backend, report)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
