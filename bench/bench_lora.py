@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     dev = Device(args.device)
     if args.gpu_gib and dev.cuda:
         total = torch.cuda.get_device_properties(dev.dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib * 2**30 / total), dev.dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib * 2**30 / total), torch.cuda.current_device())
 
     model, cfg = build_model(args.size, args.device, args.rank, use_gc)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -82,9 +82,9 @@ if want info; then
 fi
 
 if want tests; then
-  t=$(left 240); log "START tests (timeout ${t}s)"
+  t=$(left ${TESTS_CAP:-240}); log "START tests (timeout ${t}s)"
   # tests/kernels defaults TRITON_INTERPRET to 1 when unset: 0 runs them compiled, on the GPU.
-  FXFUSE_AUTOTUNE=${FXFUSE_AUTOTUNE:-0} TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout -k 10 "$t" "$PY" -m pytest ${TESTS:-tests/gpu tests/kernels} -q ${PYTEST_ARGS:-} -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+  FXFUSE_FAILURES=$OUT/gpu_test_failures.txt FXFUSE_AUTOTUNE=${FXFUSE_AUTOTUNE:-0} TRITON_INTERPRET=${TRITON_INTERPRET:-0} timeout -k 10 "$t" "$PY" -m pytest ${TESTS:-tests/gpu tests/kernels} -q ${PYTEST_ARGS:-} -p no:cacheprovider -p bench.pytest_instafail > "$OUT/gpu_tests.txt" 2>&1
   rc=$?; tail -5 "$OUT/gpu_tests.txt" | tee -a "$LOG"; log "END tests rc=$rc"
   echo "{\"source\": \"tests\", \"rc\": $rc, \"summary\": \"$(tail -1 "$OUT/gpu_tests.txt" | tr -d '"\\' | cut -c1-200)\"}" >> "$JSONL"
 fi
