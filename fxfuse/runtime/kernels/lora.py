@@ -196,14 +196,22 @@ def _maybe_autotune(configs, key, interp_meta: dict, **kwargs):
             fn._fixed_meta = dict(interp_meta)
             return fn
         if not _AUTOTUNE:
-            first = configs[0]
-            fn._fixed_meta = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
+            # The config with the smallest shared-memory footprint: fp32 operands double the tiles,
+            # and the autotuner (which skips configs that do not fit) is not there to choose.
+            small = min(configs, key=_smem_footprint)
+            fn._fixed_meta = {**small.kwargs, "num_warps": small.num_warps, "num_stages": small.num_stages}
             return fn
         tuned = triton.autotune(configs=configs, key=key, **kwargs)(fn)
         tuned._fixed_meta = {}
         return tuned
 
     return deco
+
+
+def _smem_footprint(cfg) -> int:
+    """Elements staged in shared memory by a config's pipelined K loop (x and w tiles)."""
+    meta = cfg.kwargs
+    return cfg.num_stages * meta.get("BLOCK_K", 1) * (meta.get("BLOCK_M", 1) + meta.get("BLOCK_N", 0))
 
 
 def _cfg(num_warps: int, num_stages: int, **meta):
