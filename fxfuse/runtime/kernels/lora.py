@@ -196,10 +196,11 @@ def _maybe_autotune(configs, key, interp_meta: dict, **kwargs):
             fn._fixed_meta = dict(interp_meta)
             return fn
         if not _AUTOTUNE:
-            # The config with the smallest shared-memory footprint: fp32 operands double the tiles,
-            # and the autotuner (which skips configs that do not fit) is not there to choose.
-            small = min(configs, key=_smem_footprint)
-            fn._fixed_meta = {**small.kwargs, "num_warps": small.num_warps, "num_stages": small.num_stages}
+            # Smallest shared-memory footprint first, the others as fallbacks: fp32 operands double
+            # the tiles, and the autotuner (which skips configs that do not fit) is not there.
+            metas = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                     for c in sorted(configs, key=_smem_footprint)]
+            fn._fixed_meta, fn._fallback_metas = metas[0], metas[1:]
             return fn
         tuned = triton.autotune(configs=configs, key=key, **kwargs)(fn)
         tuned._fixed_meta = {}
@@ -212,6 +213,19 @@ def _smem_footprint(cfg) -> int:
     """Elements staged in shared memory by a config's pipelined K loop (x and w tiles)."""
     meta = cfg.kwargs
     return cfg.num_stages * meta.get("BLOCK_K", 1) * (meta.get("BLOCK_M", 1) + meta.get("BLOCK_N", 0))
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](...) with its fixed config; without autotuning, a config that does not fit the
+    device's shared memory (raised at load, before anything runs) passes to the next one."""
+    metas = [kernel._fixed_meta, *getattr(kernel, "_fallback_metas", ())]
+    for i, meta in enumerate(metas):
+        try:
+            return kernel[grid](*args, **kwargs, **meta)
+        except triton.runtime.errors.OutOfResources:
+            if i == len(metas) - 1:
+                raise
+            kernel._fixed_meta, kernel._fallback_metas = metas[i + 1], metas[i + 2:]
 
 
 def _cfg(num_warps: int, num_stages: int, **meta):
@@ -583,13 +597,13 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     kernel = _skinny_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
     with _on_device(x.device):
-        kernel[grid](
+        _launch(kernel, grid,
             x, a, out, m, k, r,
             x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
             float(scale) / (1.0 - float(p)), float(p), int(seed),
             _bucket(m), _bucket(k),
             BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
-            PRECISION=precision, ATOMIC=atomic, **kernel._fixed_meta,
+            PRECISION=precision, ATOMIC=atomic,
         )
     return out
 
@@ -651,7 +665,7 @@ def fused_lora_matmul(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: tor
     kernel = _fused_lora_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with _on_device(x.device):
-        kernel[grid](
+        _launch(kernel, grid,
             x, w, xa, b, bias if bias is not None else x, out,
             m, n, k, r,
             x.stride(0), x.stride(1), w.stride(0), w.stride(1),
@@ -663,7 +677,6 @@ def fused_lora_matmul(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: tor
             BLOCK_R=min(_pow2_at_least(r), 64), HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0,
             UPCAST=upcast, BASE_PRECISION=base_precision,
             LOWRANK_PRECISION="tf32" if allow_tf32_lowrank else _FP32_DOT_PRECISION,
-            **kernel._fixed_meta,
         )
     return out
 
@@ -717,12 +730,12 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     kernel = _lowrank_wgrad_kernel
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), split_m)
     with _on_device(x.device):
-        kernel[grid](
+        _launch(kernel, grid,
             g, x, out, m, k, r,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
             float(scale) / (1.0 - float(p)), float(p), int(seed),
             _bucket(m),
             BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
-            PRECISION=precision, ATOMIC=atomic, **kernel._fixed_meta,
+            PRECISION=precision, ATOMIC=atomic,
         )
     return out
