@@ -58,7 +58,7 @@ def _drop_logits(module, args, kwargs, output):
 def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",
              dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True,
              cudagraphs: bool = False, keep_logits: bool = False,
-             offload_activations: "bool | ActivationOffload" = False) -> torch.nn.Module:
+             offload_activations: "bool | str | ActivationOffload" = "auto") -> torch.nn.Module:
     """Compile `model` through fxfuse's torch.compile backend and return the same object.
 
     The passes rewrite dynamo's graphs (including checkpointed decoder layers) before Inductor
@@ -71,23 +71,19 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     logits. Eval / no_grad forwards keep their logits. keep_logits=True keeps them always (and the
     fused_linear_cross_entropy pass then declines).
 
-    offload_activations=True: the activations that training graphs save for the backward (with
-    gradient checkpointing: each decoder layer's input) wait in pinned host memory, copied on a
-    side stream that overlaps with compute (checkpoint policy `offload_saved`,
-    fxfuse/passes/activation_offload.py). Needs compiler 'inductor' or 'aot_eager'. An
-    `ActivationOffload(...)` instead of True sets its options.
+    offload_activations: with gradient checkpointing, the activations training graphs save for the
+    backward (each decoder layer's input) wait in pinned host memory, copied on a side stream that
+    overlaps with compute (checkpoint policy `offload_saved`, fxfuse/passes/activation_offload.py;
+    only CUDA tensors, only graphs with checkpointed regions). "auto" (default): on, except with
+    compiler='eager' or cudagraphs=True, which cannot run it; True: on, and those combinations are
+    errors; False: off. An `ActivationOffload(...)` sets its options.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, _REPORT_ATTR):
         raise ValueError("this model was already optimized by fxfuse")
     manager = build_manager(passes, keep_logits=keep_logits)
-    if isinstance(offload_activations, ActivationOffload):
-        offload = offload_activations
-    else:
-        offload = ActivationOffload() if offload_activations else None
-    if offload is not None and cudagraphs:
-        raise ValueError("offload_activations=True and cudagraphs=True do not combine (side-stream copies)")
+    offload = _offload_for(offload_activations, compiler, cudagraphs)
     uuid = manager.uuid() if offload is None else f"{manager.uuid()}-{offload.uuid()}"
     report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + ([offload.name] if offload else []))
     if compiler == "inductor":
@@ -109,6 +105,20 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     model.compile(backend=backend, dynamic=dynamic)
     object.__setattr__(model, _REPORT_ATTR, report)
     return model
+
+
+def _offload_for(choice, compiler: str, cudagraphs: bool) -> Optional[ActivationOffload]:
+    if choice is False or choice is None:
+        return None
+    if choice == "auto":
+        return None if compiler == "eager" or cudagraphs else ActivationOffload()
+    if choice is True or isinstance(choice, ActivationOffload):
+        if cudagraphs:
+            raise ValueError("offload_activations and cudagraphs=True do not combine (side-stream copies)")
+        if compiler == "eager":
+            raise ValueError("offload_activations needs AOTAutograd: compiler 'inductor' or 'aot_eager'")
+        return choice if isinstance(choice, ActivationOffload) else ActivationOffload()
+    raise ValueError(f"offload_activations must be 'auto', True, False or an ActivationOffload, not {choice!r}")
 
 
 def report(model: torch.nn.Module) -> Report:

@@ -126,7 +126,7 @@ class Report:
 
 
 def _num(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _graph_break_counter() -> Counter:

@@ -17,9 +17,12 @@ partition function of `aot_eager`), on the forward and backward graphs min-cut p
   before the first use of the activation the backward reloads just before this one (one decoder
   layer of lead), and replaces x in every use.
 
-Declined with a reason: graph inputs (parameters, model inputs: not activations), views and
-multi-output items (they share storage, nothing would be freed), non-contiguous tensors, tensors
-that are also model outputs, tensors below `min_bytes`, and host tensors.
+Declined with a reason: views and multi-output items (they share storage, nothing would be
+freed), non-contiguous tensors, tensors that are also model outputs, tensors below `min_bytes`,
+host tensors, graphs without checkpointed regions (there every op's intermediate is saved, and
+moving all of them over PCIe would cost more than the compute it hides behind), and what would not
+fit in half of the host's available memory (checked at compile time, for the traced size). Graph
+inputs (parameters, model inputs) are counted in the `inputs saved` column, not as candidates.
 """
 from __future__ import annotations
 
@@ -49,6 +52,19 @@ def _hint(n: Any) -> Optional[int]:
 def _nbytes(val: torch.Tensor) -> Optional[int]:
     numel = _hint(val.numel())
     return None if numel is None else numel * val.element_size()
+
+
+def _host_bytes_available() -> Optional[int]:
+    """Half of the host's available memory (Linux /proc/meminfo), the share offloads may pin; None
+    where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return None
 
 
 def _fake_like(val: torch.Tensor, device) -> torch.Tensor:
@@ -107,6 +123,10 @@ class ActivationOffload:
         bw_inputs = {n.name: n for n in bw.graph.find_nodes(op="placeholder")}
         bw_order = {n: i for i, n in enumerate(bw.graph.nodes)}
 
+        # Without checkpointed regions the saved tensors are every op's intermediates: moving them
+        # all over PCIe would cost more than the compute it overlaps with.
+        checkpointed = any("ac_graph_id" in n.meta or "recompute" in n.meta for n in fw.graph.nodes)
+        host_left = _host_bytes_available()
         chosen: list[tuple[fx.Node, fx.Node]] = []  # (forward node, backward placeholder)
         for node in dict.fromkeys(outputs[num_fwd_outputs:]):
             if not isinstance(node, fx.Node):
@@ -115,6 +135,15 @@ class ActivationOffload:
                 stats.add("inputs saved")
                 continue
             why = self._why_not(node, model_outputs)
+            if why is None and not checkpointed:
+                why = ("the graph has no checkpointed regions (policy offload_saved moves what gradient "
+                       "checkpointing saves; without it every intermediate is saved)")
+            if why is None and host_left is not None:
+                size = _nbytes(node.meta["val"])
+                if size > host_left:
+                    why = f"host memory: {size >> 20} MiB would not fit in the {host_left >> 20} MiB left to offloads"
+                else:
+                    host_left -= size
             placeholder = bw_inputs.get(node.name)
             if why is None and (placeholder is None or not placeholder.users):
                 why = "not read by the backward graph"
@@ -159,7 +188,7 @@ class ActivationOffload:
             ph.replace_all_uses_with(back)
             bw.graph.erase_node(ph)
             stats.sites.append(self._site(node, True, group=back.name))
-            stats.add("MiB offloaded", round(_nbytes(val) / 2**20, 1))
+            stats.add("MiB offloaded", _nbytes(val) / 2**20)
 
         for gm in (fw, bw):
             gm.graph.lint()

@@ -1,0 +1,157 @@
+"""The activation-offload partitioner: which saved activations it moves to the host and why it
+declines the others, op counts in the forward and backward graphs, and loss/gradients equal to the
+same build without it. On the CPU the ops are plain copies (devices=("cpu",) opts in): the graph
+plumbing is what is tested here; tests/gpu/test_offload_gpu.py runs the stream path."""
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch.utils.checkpoint import checkpoint
+
+import fxfuse
+from fxfuse.passes.activation_offload import ActivationOffload, offload_partition_fn
+from fxfuse.passes.manager import PassStats
+from tiny import clone, loss_and_grads, rel, tiny_model, tokens
+
+OFF, BACK = torch.ops.fxfuse.offload.default, torch.ops.fxfuse.reload.default
+
+
+def count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.target is target)
+
+
+def layer(x, w):
+    return x + torch.tanh(x @ w)  # a residual "decoder layer"
+
+
+def stack(x, ws, use_checkpoint=True):
+    for w in ws:
+        x = checkpoint(layer, x, w, use_reentrant=False) if use_checkpoint else layer(x, w)
+    return (x * x).sum()
+
+
+def compiled(fn, offload, graphs, stats):
+    def keep(name):
+        def compiler(gm, _):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+    # through dynamo, so that checkpoint() becomes a tagged region, as in a real model
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"),
+                           partition_fn=offload_partition_fn(offload, stats.append))
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+@pytest.mark.parametrize("layers", [1, 3, 6])
+def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers):
+    torch.manual_seed(0)
+    x = torch.randn(33, 17, requires_grad=True)
+    ws = [(torch.randn(17, 17) / 5).requires_grad_() for _ in range(layers)]
+    graphs, stats = {}, []
+    fn = compiled(lambda x, *ws: stack(x, ws), ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)
+    loss = fn(x, *ws)
+    loss.backward()
+    got = [x.grad.clone()] + [w.grad.clone() for w in ws]
+    for t in [x, *ws]:
+        t.grad = None
+    stack(x, ws).backward()
+    want = [x.grad] + [w.grad for w in ws]
+    assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-6) for g, w in zip(got, want))
+    # saved activations: the inputs of layers 2..n (layer 1's input is a graph input)
+    (st,) = stats
+    moved = layers - 1 - (1 if layers > 1 else 0)  # the one the backward reads first stays
+    assert st.rewritten == moved, [(s.node, s.reason) for s in st.sites]
+    assert count(graphs["fw"], OFF) == moved and count(graphs["bw"], BACK) == moved
+    if layers > 1:
+        assert any("read first by the backward" in s.reason for s in st.declined)
+    # each host tensor is a forward output and a backward input (positional hand-over intact)
+    fw_outs = graphs["fw"].graph.find_nodes(op="output")[0].args[0]
+    assert sum(1 for n in fw_outs if getattr(n, "target", None) is OFF) == moved
+    # the last copy of the chain waits for itself; every copy after the first keeps its predecessor
+    offs = [n for n in graphs["fw"].graph.nodes if n.target is OFF]
+    if offs:
+        assert [n.args[2] for n in offs] == [False] * (len(offs) - 1) + [True]
+        assert offs[0].args[1] is None and all(n.args[1] is not None for n in offs[1:])
+
+
+def test_reload_runs_one_layer_ahead_of_its_first_use():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(5)]
+    graphs, stats = {}, []
+    compiled(lambda x, *ws: stack(x, ws), ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)(x, *ws).backward()
+    order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
+    reloads = sorted((n for n in graphs["bw"].graph.nodes if n.target is BACK), key=order.get)
+    first_use = [min(order[u] for u in r.users) for r in reloads]
+    assert len(reloads) == 3 and first_use == sorted(first_use)
+    # reload i is issued before the first use of reload i-1 (a layer of lead)
+    for i in range(1, len(reloads)):
+        assert order[reloads[i]] < first_use[i - 1]
+
+
+def test_declines_without_checkpointing_and_what_is_small_or_on_the_wrong_device():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(3)]
+
+    def reasons(offload, use_checkpoint=True):
+        graphs, stats = {}, []
+        compiled(lambda x, *ws: stack(x, ws, use_checkpoint), offload, graphs, stats)(x, *ws).backward()
+        assert count(graphs["fw"], OFF) == stats[0].rewritten
+        return stats[0].rewritten, {s.reason for s in stats[0].declined}
+
+    n, why = reasons(ActivationOffload(min_bytes=0, devices=("cpu",)), use_checkpoint=False)
+    assert n == 0 and any("no checkpointed regions" in r for r in why)
+    n, why = reasons(ActivationOffload(min_bytes=1 << 20, devices=("cpu",)))
+    assert n == 0 and any("below min_bytes" in r for r in why)
+    n, why = reasons(ActivationOffload(min_bytes=0))  # cuda only: these live on the CPU
+    assert n == 0 and any("not on an offloaded device type" in r for r in why)
+
+
+def test_bad_options_are_errors():
+    with pytest.raises(ValueError):
+        ActivationOffload(min_bytes=-1)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="AOTAutograd"):
+        fxfuse.optimize(clone(model), compiler="eager", offload_activations=True, verbose=False)
+    with pytest.raises(ValueError, match="do not combine"):
+        fxfuse.optimize(clone(model), compiler="aot_eager", cudagraphs=True, offload_activations=True, verbose=False)
+    with pytest.raises(ValueError, match="offload_activations must be"):
+        fxfuse.optimize(clone(model), offload_activations="yes", verbose=False)
+
+
+@pytest.mark.parametrize("gc", [True, False])
+def test_tiny_llama_with_offload_equals_eager(gc):
+    ref = tiny_model("llama", gc=gc, sizes=dict(num_hidden_layers=3))
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False,
+                          offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",)))
+    ids = tokens(2, 16)
+    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert rel(l_opt, l_ref) < 1e-5
+    assert g_ref.keys() == g_opt.keys() and all(rel(g_opt[n], g_ref[n]) < 1e-5 for n in g_ref)
+    s = fxfuse.report(opt).summary()["activation_offload"]
+    if gc:  # decoder layers 1 and 2 read their inputs from the host (layer 2's is read first: kept)
+        assert s["rewritten"] >= 1, s
+        mib = fxfuse.report(opt).columns()["activation_offload"]["MiB offloaded"]
+        assert mib > 0
+    else:
+        assert s["rewritten"] == 0 and any("no checkpointed regions" in r for r in s["declined"])
+
+
+def test_default_is_on_for_aot_compilers_and_declines_cpu_tensors_with_a_reason():
+    opt = fxfuse.optimize(tiny_model("llama", gc=True), compiler="aot_eager", verbose=False)
+    ids = tokens(2, 16)
+    loss_and_grads(opt, input_ids=ids, labels=ids)
+    s = fxfuse.report(opt).summary()["activation_offload"]
+    assert s["rewritten"] == 0 and any("not on an offloaded device type" in r for r in s["declined"])
+    eager = fxfuse.optimize(tiny_model("llama", gc=True), compiler="eager", verbose=False)
+    assert "activation_offload" not in fxfuse.report(eager).pass_names
+
+
+def test_uuid_follows_the_config():
+    a, b = ActivationOffload(), ActivationOffload(min_bytes=0)
+    assert a.uuid() == ActivationOffload().uuid() and a.uuid() != b.uuid()
+    st = PassStats("activation_offload", a.uuid())
+    assert st.rewritten == 0
