@@ -12,6 +12,12 @@ os.environ.setdefault("FXFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="fxfuse-test-c
 
 import pytest  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI (CI=true, as .ci/run runs) draws the same examples every run, so a red CI is reproducible and
+# never a new random draw; anywhere else hypothesis explores fresh examples each run.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI", "").lower() in ("1", "true") else "default")
 
 # Inductor probes the CPU's vector ISA in subprocesses (~12 s per process); trust the host instead.
 inductor_config.cpp.vec_isa_ok = True
