@@ -74,16 +74,18 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     offload_activations: with gradient checkpointing, the activations training graphs save for the
     backward (each decoder layer's input) wait in pinned host memory, copied on a side stream that
     overlaps with compute (checkpoint policy `offload_saved`, fxfuse/passes/activation_offload.py;
-    only CUDA tensors, only graphs with checkpointed regions). "auto" (default): on, except with
-    compiler='eager' or cudagraphs=True, which cannot run it; True: on, and those combinations are
-    errors; False: off. An `ActivationOffload(...)` sets its options.
+    only CUDA tensors, only graphs with checkpointed regions). "auto" (default): on for a model on a
+    CUDA device, except with compiler='eager' or cudagraphs=True, which cannot run it; True: on
+    (CPU tensors are then declined with the reason), and those combinations are errors; False: off.
+    An `ActivationOffload(...)` sets its options.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, _REPORT_ATTR):
         raise ValueError("this model was already optimized by fxfuse")
     manager = build_manager(passes, keep_logits=keep_logits)
-    offload = _offload_for(offload_activations, compiler, cudagraphs)
+    on_cuda = any(p.device.type == "cuda" for p in model.parameters())
+    offload = _offload_for(offload_activations, compiler, cudagraphs, on_cuda)
     uuid = manager.uuid() if offload is None else f"{manager.uuid()}-{offload.uuid()}"
     report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + ([offload.name] if offload else []))
     if compiler == "inductor":
@@ -107,11 +109,11 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     return model
 
 
-def _offload_for(choice, compiler: str, cudagraphs: bool) -> Optional[ActivationOffload]:
+def _offload_for(choice, compiler: str, cudagraphs: bool, on_cuda: bool) -> Optional[ActivationOffload]:
     if choice is False or choice is None:
         return None
     if choice == "auto":
-        return None if compiler == "eager" or cudagraphs else ActivationOffload()
+        return ActivationOffload() if on_cuda and compiler != "eager" and not cudagraphs else None
     if choice is True or isinstance(choice, ActivationOffload):
         if cudagraphs:
             raise ValueError("offload_activations and cudagraphs=True do not combine (side-stream copies)")

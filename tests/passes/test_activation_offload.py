@@ -140,14 +140,14 @@ def test_tiny_llama_with_offload_equals_eager(gc):
         assert s["rewritten"] == 0 and any("no checkpointed regions" in r for r in s["declined"])
 
 
-def test_default_is_on_for_aot_compilers_and_declines_cpu_tensors_with_a_reason():
-    opt = fxfuse.optimize(tiny_model("llama", gc=True), compiler="aot_eager", verbose=False)
+def test_default_is_on_for_cuda_models_only_and_true_reports_cpu_declines():
+    cpu = fxfuse.optimize(tiny_model("llama", gc=True), compiler="aot_eager", verbose=False)
+    assert "activation_offload" not in fxfuse.report(cpu).pass_names  # "auto": nothing to offload to
+    opt = fxfuse.optimize(tiny_model("llama", gc=True), compiler="aot_eager", verbose=False, offload_activations=True)
     ids = tokens(2, 16)
     loss_and_grads(opt, input_ids=ids, labels=ids)
     s = fxfuse.report(opt).summary()["activation_offload"]
     assert s["rewritten"] == 0 and any("not on an offloaded device type" in r for r in s["declined"])
-    eager = fxfuse.optimize(tiny_model("llama", gc=True), compiler="eager", verbose=False)
-    assert "activation_offload" not in fxfuse.report(eager).pass_names
 
 
 def test_uuid_follows_the_config():
