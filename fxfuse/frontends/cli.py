@@ -555,7 +555,8 @@ def cmd_demo(args) -> int:
     rep = fxfuse.report(fused)
     print(rep.table(sites=True))
     summary = rep.summary()
-    declined = sum(sum(s["declined"].values()) for s in summary.values())
+    # a site below a pass's size threshold (mlp_tiling at short context) is declined by design
+    declined = sum(1 for s in rep.sites() if not s.rewritten and s.check != "size")
     rewritten = sum(s["rewritten"] for s in summary.values())
     problems = []
     if not worst <= args.tolerance:  # also catches NaN

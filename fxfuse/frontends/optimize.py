@@ -12,6 +12,7 @@ from ..passes.causal_mask import CausalMaskPass
 from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
+from ..passes.mlp_tiling import MlpTilingPass
 from ..passes.rms_norm import RmsNormPass
 from ..passes.swiglu import SwigluPass
 from ..runtime import cache
@@ -22,6 +23,7 @@ from .report import Report
 # Passes in the order they run. Each entry builds a fresh pass.
 PASSES = {
     "lora": LoraPass,
+    "mlp_tiling": MlpTilingPass,
     "causal_mask": CausalMaskPass,
     "rms_norm": RmsNormPass,
     "swiglu": SwigluPass,
@@ -30,18 +32,32 @@ PASSES = {
 
 # What runs when no passes are named. rms_norm and swiglu are opt-in: on the H100 their ops lose to
 # Inductor's own fusion of the same elementwise code (bench/RESULTS.md: 8388 vs 9150 tok/s at 4k).
-DEFAULT_PASSES = ("lora", "causal_mask", "fused_linear_cross_entropy")
+# mlp_tiling only rewrites from a 4 GiB [tokens, intermediate] tensor up (~146k tokens on 8B).
+DEFAULT_PASSES = ("lora", "mlp_tiling", "causal_mask", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"
 
 
-def build_manager(passes: Optional[Iterable[str]] = None, keep_logits: bool = True) -> PassManager:
+def build_manager(passes: Optional[Iterable[str]] = None, keep_logits: bool = True,
+                  pass_options: Optional[dict] = None) -> PassManager:
     names = list(DEFAULT_PASSES) if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise ValueError(f"unknown pass(es) {unknown}; available: {list(PASSES)}")
+    extra = dict(pass_options or {})
+    if set(extra) - set(names):
+        raise ValueError(f"pass_options for passes that do not run: {sorted(set(extra) - set(names))}")
     options = {"fused_linear_cross_entropy": {"keep_logits": keep_logits}}
-    return PassManager([PASSES[n](**options.get(n, {})) for n in PASSES if n in names])
+    for name, opts in extra.items():
+        options[name] = {**options.get(name, {}), **opts}
+    built = []
+    for n in PASSES:
+        if n in names:
+            try:
+                built.append(PASSES[n](**options.get(n, {})))
+            except TypeError as e:
+                raise ValueError(f"bad options for pass {n!r}: {e}") from None
+    return PassManager(built)
 
 
 def _drop_logits(module, args, kwargs, output):
@@ -58,7 +74,8 @@ def _drop_logits(module, args, kwargs, output):
 def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",
              dynamic: Optional[bool] = None, cache_dir: Optional[str] = None, verbose: bool = True,
              cudagraphs: bool = False, keep_logits: bool = False,
-             offload_activations: "bool | str | ActivationOffload" = "auto") -> torch.nn.Module:
+             offload_activations: "bool | str | ActivationOffload" = "auto",
+             pass_options: Optional[dict] = None) -> torch.nn.Module:
     """Compile `model` through fxfuse's torch.compile backend and return the same object.
 
     The passes rewrite dynamo's graphs (including checkpointed decoder layers) before Inductor
@@ -78,12 +95,15 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     CUDA device, except with compiler='eager' or cudagraphs=True, which cannot run it; True: on
     (CPU tensors are then declined with the reason), and those combinations are errors; False: off.
     An `ActivationOffload(...)` sets its options.
+
+    pass_options: keyword arguments of a pass's constructor, by pass name, e.g.
+    `{"mlp_tiling": {"min_mib": 1024}}`; they are part of the pass's uuid.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxfuse.optimize expects a torch.nn.Module, got {type(model).__name__}")
     if hasattr(model, _REPORT_ATTR):
         raise ValueError("this model was already optimized by fxfuse")
-    manager = build_manager(passes, keep_logits=keep_logits)
+    manager = build_manager(passes, keep_logits=keep_logits, pass_options=pass_options)
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
     offload = _offload_for(offload_activations, compiler, cudagraphs, on_cuda)
     uuid = manager.uuid() if offload is None else f"{manager.uuid()}-{offload.uuid()}"

@@ -1,0 +1,99 @@
+"""The MLP tiling pass: op counts before/after (checkpointing off and on), loss and every LoRA
+gradient equal to eager, declines with reasons (size threshold, LoRA dropout, exact gelu), and the
+size test as a guard under dynamic shapes (a length across the threshold recompiles)."""
+import pytest
+import torch
+
+import fxfuse
+from fxfuse.frontends import hf
+from fxfuse.passes.mlp_tiling import MlpTilingPass
+from fxfuse.passes.pattern import count_ops
+from tiny import clone, loss_and_grads, rel, tiny_model, tokens
+
+TILE_ALL = {"mlp_tiling": {"min_mib": 0, "rows_per_chunk": 7}}
+
+
+LORA, TILED = str(torch.ops.fxfuse.lora_linear.default), str(torch.ops.fxfuse.tiled_mlp.default)
+
+
+def ops(cap, name):
+    return sum(count_ops(gm).get(name, 0) for gm in cap.after)  # count_ops walks the subgraphs
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_op_counts(gc, monkeypatch):
+    from fxfuse.frontends import optimize as O
+    monkeypatch.setitem(O.PASSES, "mlp_tiling", lambda: MlpTilingPass(min_mib=0, rows_per_chunk=5))
+    before = hf.capture_graphs(hf.build_model(hf.load_config("llama-tiny"), peft={"r": 8}), gradient_checkpointing=gc,
+                               passes=["lora"])
+    after = hf.capture_graphs(hf.build_model(hf.load_config("llama-tiny"), peft={"r": 8}), gradient_checkpointing=gc,
+                              passes=["lora", "mlp_tiling"])
+    layers = hf.load_config("llama-tiny").num_hidden_layers
+    assert ops(before, LORA) == 4 * layers and ops(before, "silu") == layers
+    assert ops(after, TILED) == layers
+    assert ops(after, LORA) == 2 * layers  # q/k/v and o remain
+    assert ops(after, "silu") == 0
+    s = after.report.summary()["mlp_tiling"]
+    assert s["candidates"] == s["rewritten"] == layers
+
+
+@pytest.mark.parametrize("arch, gc", [("llama", True), ("llama", False), ("qwen2", True)])
+def test_equal_to_eager(arch, gc):
+    ref = tiny_model(arch, gc=gc)
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, pass_options=TILE_ALL)
+    ids = tokens(2, 16)
+    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert rel(l_opt, l_ref) < 1e-5
+    assert g_ref.keys() == g_opt.keys() and len(g_ref) == 28
+    for name in g_ref:
+        assert rel(g_opt[name], g_ref[name]) < 1e-5, name
+    s = fxfuse.report(opt).summary()["mlp_tiling"]
+    assert s["rewritten"] == 2 and not s["declined"]
+    assert fxfuse.report(opt).runtime_fallbacks == 0
+
+
+def test_declines_below_the_size_threshold_and_with_lora_dropout():
+    opt = fxfuse.optimize(tiny_model(), compiler="aot_eager", verbose=False)  # default: 4 GiB
+    ids = tokens(2, 16)
+    loss_and_grads(opt, input_ids=ids, labels=ids)
+    s = fxfuse.report(opt).summary()["mlp_tiling"]
+    assert s["rewritten"] == 0 and all("below min_mib=4096" in r for r in s["declined"])
+    assert all(site.check == "size" for site in fxfuse.report(opt).sites("mlp_tiling"))
+
+    ref = tiny_model(lora_dropout=0.1)
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, pass_options=TILE_ALL)
+    loss_and_grads(opt, input_ids=ids, labels=ids)
+    s = fxfuse.report(opt).summary()["mlp_tiling"]
+    assert s["rewritten"] == 0 and any("LoRA dropout" in r for r in s["declined"])
+
+
+def test_size_test_is_a_guard_under_dynamic_shapes():
+    # [tokens, 96] fp32 = 384 bytes a token: tile from 32 tokens (12 KiB) up
+    ref = tiny_model()
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False,
+                          pass_options={"mlp_tiling": {"min_mib": 32 * 384 / 2**20, "rows_per_chunk": 5}})
+    rep = fxfuse.report(opt)
+    seen = []
+    for seq in (8, 16, 24, 9):  # 16, 32, 48, 18 tokens: static, dynamic (tiled), reused, recompiled
+        graphs = len(rep.graphs)
+        ids = tokens(2, seq)
+        ref.zero_grad()
+        opt.zero_grad()
+        l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+        l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+        assert rel(l_opt, l_ref) < 1e-5 and all(rel(g_opt[n], g_ref[n]) < 1e-5 for n in g_ref)
+        new = rep.sites("mlp_tiling")[sum(len(s) for s in seen):]
+        seen.append(new)
+        assert (len(rep.graphs) > graphs) == (seq != 24), seq
+    assert [sorted({s.rewritten for s in sites}) for sites in seen] == [[False], [True], [], [False]]
+
+
+def test_bad_pass_options_are_errors():
+    with pytest.raises(ValueError, match="bad options"):
+        fxfuse.optimize(tiny_model(), compiler="aot_eager", verbose=False, pass_options={"mlp_tiling": {"bogus": 1}})
+    with pytest.raises(ValueError, match="do not run"):
+        fxfuse.optimize(tiny_model(), compiler="aot_eager", verbose=False, passes=["lora"],
+                        pass_options={"mlp_tiling": {}})
+    with pytest.raises(ValueError):
+        MlpTilingPass(min_mib=-1)
