@@ -256,7 +256,11 @@ def match_pat(pat: Pat, value: Any, m: Match) -> None:
         return
     if isinstance(pat, Lit):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise Decline(f"expected a {pat.label}, found {_show(value)}")
+            why = f"expected a {pat.label}, found {_show(value)}"
+            if isinstance(value, fx.Node) and value.op == "call_method" and value.target == "item":
+                # torch.compile(dynamic=True) turns Python float attributes into graph inputs
+                why += " (a symbolic number: compile with dynamic=None, the default, to keep it a constant)"
+            raise Decline(why)
         _bind(m, pat.name, value)
         return
     if isinstance(pat, Opt):
