@@ -252,6 +252,8 @@ def main(argv=None) -> int:
                        lora_declined=summary["lora"]["declined"], lora_new_sites=len(rep.sites("lora")) - sites_before,
                        lora_expected=n_lora, runtime_fallbacks=rep.runtime_fallbacks,
                        kernel_calls=sum(_kernel_calls().values()))
+            if "mlp_tiling" in summary:
+                row.update(mlp_tiled=summary["mlp_tiling"]["rewritten"], mlp_tiling_declined=summary["mlp_tiling"]["declined"])
             if "activation_offload" in summary:
                 off = summary["activation_offload"]
                 row.update(offload_rewritten=off["rewritten"], offload_declined=off["declined"],
