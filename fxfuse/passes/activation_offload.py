@@ -126,7 +126,6 @@ class ActivationOffload:
         # Without checkpointed regions the saved tensors are every op's intermediates: moving them
         # all over PCIe would cost more than the compute it overlaps with.
         checkpointed = any("ac_graph_id" in n.meta or "recompute" in n.meta for n in fw.graph.nodes)
-        host_left = _host_bytes_available()
         chosen: list[tuple[fx.Node, fx.Node]] = []  # (forward node, backward placeholder)
         for node in dict.fromkeys(outputs[num_fwd_outputs:]):
             if not isinstance(node, fx.Node):
@@ -138,12 +137,6 @@ class ActivationOffload:
             if why is None and not checkpointed:
                 why = ("the graph has no checkpointed regions (policy offload_saved moves what gradient "
                        "checkpointing saves; without it every intermediate is saved)")
-            if why is None and host_left is not None:
-                size = _nbytes(node.meta["val"])
-                if size > host_left:
-                    why = f"host memory: {size >> 20} MiB would not fit in the {host_left >> 20} MiB left to offloads"
-                else:
-                    host_left -= size
             placeholder = bw_inputs.get(node.name)
             if why is None and (placeholder is None or not placeholder.users):
                 why = "not read by the backward graph"
@@ -156,9 +149,13 @@ class ActivationOffload:
         # The backward reads the activations in about the reverse order; keep the first ones read.
         first_use = {ph: min(bw_order[u] for u in ph.users) for _, ph in chosen}
         chosen.sort(key=lambda c: first_use[c[1]])
+        # each reload goes before the first use of the activation read just before it (kept ones too)
+        lead = {ph: min(prev_ph.users, key=bw_order.__getitem__)
+                for (_, prev_ph), (_, ph) in zip(chosen, chosen[1:])}
         for node, _ in chosen[: self.config["keep_first"]]:
             stats.sites.append(self._site(node, False, "read first by the backward: it would be reloaded at once"))
         chosen = chosen[self.config["keep_first"]:]
+        chosen = self._within_host_budget(chosen, stats)
         if not chosen:
             return
 
@@ -166,23 +163,27 @@ class ActivationOffload:
         fw_order = {n: i for i, n in enumerate(fw.graph.nodes)}
         by_fw = sorted(chosen, key=lambda c: fw_order[c[0]])
         host_of: dict[fx.Node, fx.Node] = {}
-        prev = None
+        prev = prev_host = None
         for i, (node, _) in enumerate(by_fw):
-            with fw.graph.inserting_after(node):
-                host = fw.graph.call_function(torch.ops.fxfuse.offload.default, (node, prev, i == len(by_fw) - 1))
+            # after both x and the previous copy: the chain is a data dependency, not a list order
+            after = node if prev_host is None or fw_order[node] > fw_order.get(prev_host, -1) else prev_host
+            with fw.graph.inserting_after(after):
+                host = fw.graph.call_function(torch.ops.fxfuse.offload.default,
+                                              (node, prev, prev_host, i == len(by_fw) - 1))
+            host.meta.update({k: v for k, v in node.meta.items() if k.startswith("saved_tensor")})
             host.meta["val"] = _fake_like(node.meta["val"], "cpu")
             host_of[node] = host
-            prev = node
+            fw_order[host] = fw_order[node] + 0.5 if after is node else fw_order[prev_host] + 0.5
+            prev, prev_host = node, host
         fw_out.args = (tuple(host_of.get(n, n) if isinstance(n, fx.Node) else n for n in outputs),)
 
         # backward: host placeholders, each reload one activation ahead of its first use
-        anchors = [min(ph.users, key=bw_order.__getitem__) for _, ph in chosen]
-        for i, (node, ph) in enumerate(chosen):
+        for node, ph in chosen:
             val = ph.meta["val"]
             with bw.graph.inserting_after(ph):
                 host_ph = bw.graph.placeholder(ph.name + "_host")
             host_ph.meta["val"] = host_of[node].meta["val"]
-            with bw.graph.inserting_before(anchors[max(i - 1, 0)]):
+            with bw.graph.inserting_before(lead.get(ph) or min(ph.users, key=bw_order.__getitem__)):
                 back = bw.graph.call_function(torch.ops.fxfuse.reload.default, (host_ph, val.device))
             back.meta["val"] = val
             ph.replace_all_uses_with(back)
@@ -193,6 +194,21 @@ class ActivationOffload:
         for gm in (fw, bw):
             gm.graph.lint()
             gm.recompile()
+
+    def _within_host_budget(self, chosen, stats: PassStats):
+        host_left = _host_bytes_available()
+        if host_left is None:
+            return chosen
+        kept = []
+        for node, ph in chosen:
+            size = _nbytes(node.meta["val"])
+            if size > host_left:
+                stats.sites.append(self._site(node, False, f"host memory: {size >> 20} MiB would not fit in the "
+                                                           f"{host_left >> 20} MiB left to offloads"))
+            else:
+                host_left -= size
+                kept.append((node, ph))
+        return kept
 
     def _site(self, node: fx.Node, rewritten: bool, reason: str = "", group: Optional[str] = None) -> Site:
         return Site(self.name, module_path(node), node.name, "aot", rewritten, reason, group, "policy")

@@ -102,8 +102,10 @@ class MlpTilingPass(GraphPass):
             check = "size" if "min_mib" in str(e) else "check()"  # a size threshold, by design
             return Site(self.name, module_path(prod), prod.name, gname, False, str(e), check=check)
         g = gm.graph
-        group, down, out, activation, rows = plan
+        group, down, out, activation, rows, gate_index = plan
         ga, da = _lora_args(group), _lora_args(down)
+        if gate_index == 1:  # the op activates its first member: put gate first
+            ga = {k: (list(v)[::-1] if k in ("weights", "lora_as", "lora_bs", "scalings") else v) for k, v in ga.items()}
         with g.inserting_before(out):
             fused = g.call_function(torch.ops.fxfuse.tiled_mlp.default, (
                 ga["x"], [*ga["weights"], *da["weights"]], [*ga["lora_as"], *da["lora_as"]],
@@ -165,4 +167,4 @@ class MlpTilingPass(GraphPass):
             raise Decline(f"[{_show(tokens)} tokens, {inter}] intermediate below min_mib={self.config['min_mib']} "
                           "(tiling adds an MLP forward per step; it pays only at long context)")
         rows = self.config["rows_per_chunk"] or max(1, int(self.config["chunk_mib"] * 2**20) // row_bytes)
-        return group, down, outs[0], activation, rows
+        return group, down, outs[0], activation, rows, i

@@ -32,13 +32,14 @@ def test_offload_matches_the_same_build_without_it():
 
 def test_round_trip_while_the_compute_stream_is_busy():
     x = torch.randn(64, 1 << 16, device="cuda", dtype=torch.bfloat16)
-    prev = None
+    prev = prev_host = None
     hosts = []
     for i in range(4):
         y = x * (i + 1)
         busy = torch.randn(4096, 4096, device="cuda") @ torch.randn(4096, 4096, device="cuda")  # keep compute busy
-        hosts.append((ops.offload(y, prev, i == 3), y.clone()))
-        prev = y
+        host = ops.offload(y, prev, prev_host, i == 3)
+        hosts.append((host, y.clone()))
+        prev, prev_host = y, host
         del busy
     for host, want in hosts:
         assert host.device.type == "cpu" and host.is_pinned()

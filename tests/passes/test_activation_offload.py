@@ -71,8 +71,10 @@ def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers
     # the last copy of the chain waits for itself; every copy after the first keeps its predecessor
     offs = [n for n in graphs["fw"].graph.nodes if n.target is OFF]
     if offs:
-        assert [n.args[2] for n in offs] == [False] * (len(offs) - 1) + [True]
+        assert [n.args[3] for n in offs] == [False] * (len(offs) - 1) + [True]
         assert offs[0].args[1] is None and all(n.args[1] is not None for n in offs[1:])
+        # each copy reads the previous one's output: the order is a data dependency
+        assert all(n.args[2] is p for p, n in zip(offs, offs[1:]))
 
 
 def test_reload_runs_one_layer_ahead_of_its_first_use():

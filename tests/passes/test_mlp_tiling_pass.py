@@ -97,3 +97,37 @@ def test_bad_pass_options_are_errors():
                         pass_options={"mlp_tiling": {}})
     with pytest.raises(ValueError):
         MlpTilingPass(min_mib=-1)
+
+
+def test_up_traced_before_gate_still_activates_gate():
+    """The LoRA group is [up, gate] when up_proj runs first: the op must still activate gate."""
+    from peft import LoraConfig, get_peft_model
+
+    class UpFirst(torch.nn.Module):
+        def __init__(self, h=16, i=24):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(h, i, bias=False)
+            self.up_proj = torch.nn.Linear(h, i, bias=False)
+            self.down_proj = torch.nn.Linear(i, h, bias=False)
+
+        def forward(self, x):
+            u = self.up_proj(x)
+            g = self.gate_proj(x)
+            return self.down_proj(torch.nn.functional.silu(g) * u)
+
+    torch.manual_seed(0)
+    ref = get_peft_model(UpFirst(), LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    for name, p in ref.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, passes=["lora", "mlp_tiling"],
+                          pass_options={"mlp_tiling": {"min_mib": 0, "rows_per_chunk": 3}})
+    x = torch.randn(2, 5, 16)
+    y_ref, y_opt = ref(x), opt(x)
+    assert fxfuse.report(opt).summary()["mlp_tiling"]["rewritten"] == 1
+    assert rel(y_opt.detach(), y_ref.detach()) < 1e-5
+    y_ref.square().sum().backward()
+    y_opt.square().sum().backward()
+    g_ref = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    g_opt = {n: p.grad for n, p in opt.named_parameters() if p.grad is not None}
+    assert g_ref.keys() == g_opt.keys() and all(rel(g_opt[n], g_ref[n]) < 1e-5 for n in g_ref)

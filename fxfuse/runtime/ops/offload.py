@@ -9,8 +9,10 @@ Both copies run on one side stream per device, so they overlap with the compute 
   Inductor may also reuse a dead buffer's storage inside the compiled graph, which the allocator
   never sees: so `prev` (the previous offloaded tensor) is an input here, which keeps it alive up to
   this call, and the compute stream waits here for the copies already issued, prev's among them
-  (long finished by then: a decoder layer ran in between). `sync` waits for this very copy (the
-  last offload of a graph: nothing later would keep its source alive).
+  (long finished by then: a decoder layer ran in between). `prev_host` (the previous offload's
+  output) is an input only to order the chain: without it a scheduler may run the offloads in
+  another order. `sync` waits for this very copy (the last offload of a graph: nothing later would
+  keep its source alive).
 - reload(x, device): allocated on the side stream (so the copy need not wait for compute work that
   still uses the memory), copied, then the compute stream waits for it. The partitioner issues a
   reload one decoder layer before its first use; since the host runs ahead of the GPU, the copy has
@@ -44,7 +46,7 @@ def _host_like(x: Tensor, pin: bool) -> Tensor:
 
 
 @torch.library.custom_op(OFFLOAD, mutates_args=())
-def offload(x: Tensor, prev: Optional[Tensor], sync: bool) -> Tensor:
+def offload(x: Tensor, prev: Optional[Tensor], prev_host: Optional[Tensor], sync: bool) -> Tensor:
     if x.device.type != "cuda":
         return x.clone()  # already on the host (CPU tests): a copy, as the device path makes
     compute = torch.cuda.current_stream(x.device)
@@ -62,7 +64,7 @@ def offload(x: Tensor, prev: Optional[Tensor], sync: bool) -> Tensor:
 
 
 @offload.register_fake
-def _(x, prev, sync):
+def _(x, prev, prev_host, sync):
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
 
 
