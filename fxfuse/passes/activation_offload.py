@@ -165,15 +165,14 @@ class ActivationOffload:
         host_of: dict[fx.Node, fx.Node] = {}
         prev = prev_host = None
         for i, (node, _) in enumerate(by_fw):
-            # after both x and the previous copy: the chain is a data dependency, not a list order
-            after = node if prev_host is None or fw_order[node] > fw_order.get(prev_host, -1) else prev_host
-            with fw.graph.inserting_after(after):
+            # right after x, which the forward computes after the previous copy's source: prev_host is
+            # already there, and as an input it makes the chain a data dependency, not a list order
+            with fw.graph.inserting_after(node):
                 host = fw.graph.call_function(torch.ops.fxfuse.offload.default,
                                               (node, prev, prev_host, i == len(by_fw) - 1))
             host.meta.update({k: v for k, v in node.meta.items() if k.startswith("saved_tensor")})
             host.meta["val"] = _fake_like(node.meta["val"], "cpu")
             host_of[node] = host
-            fw_order[host] = fw_order[node] + 0.5 if after is node else fw_order[prev_host] + 0.5
             prev, prev_host = node, host
         fw_out.args = (tuple(host_of.get(n, n) if isinstance(n, fx.Node) else n for n in outputs),)
 
