@@ -191,6 +191,8 @@ def _maybe_autotune(configs, key, interp_meta: dict, **kwargs):
     """Autotune on GPU; under the interpreter (where autotune cannot enumerate
     drivers) return the bare kernel and remember one fixed config for it."""
 
+    safe = _safe_config(configs)
+
     def deco(fn):
         if _INTERPRET:
             fn._fixed_meta = dict(interp_meta)
@@ -199,14 +201,24 @@ def _maybe_autotune(configs, key, interp_meta: dict, **kwargs):
             # Smallest shared-memory footprint first, the others as fallbacks: fp32 operands double
             # the tiles, and the autotuner (which skips configs that do not fit) is not there.
             metas = [{**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
-                     for c in sorted(configs, key=_smem_footprint)]
+                     for c in [*sorted(configs, key=_smem_footprint), safe]]
             fn._fixed_meta, fn._fallback_metas = metas[0], metas[1:]
             return fn
-        tuned = triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        tuned = triton.autotune(configs=[*configs, safe], key=key, **kwargs)(fn)
         tuned._fixed_meta = {}
         return tuned
 
     return deco
+
+
+def _safe_config(configs):
+    """A last config that fits any device's shared memory at every rank (<= 128) and dtype: one stage,
+    32-wide K tiles, 64-wide M/N tiles. Without it an fp32 rank-128 launch can exceed every tuned
+    config's shared memory (measured on an H200: 384 KiB asked, 227 KiB there)."""
+    meta = dict(min(configs, key=_smem_footprint).kwargs)
+    meta.update({k: min(meta[k], 64) for k in ("BLOCK_M", "BLOCK_N") if k in meta})
+    meta["BLOCK_K"] = min(meta.get("BLOCK_K", 32), 32)
+    return triton.Config(meta, num_warps=4, num_stages=1)
 
 
 def _smem_footprint(cfg) -> int:
@@ -218,6 +230,8 @@ def _smem_footprint(cfg) -> int:
 def _launch(kernel, grid, *args, **kwargs):
     """kernel[grid](...) with its fixed config; without autotuning, a config that does not fit the
     device's shared memory (raised at load, before anything runs) passes to the next one."""
+    # Tried in order on every launch (a config that failed for one shape may fit the next; Triton
+    # caches the failed compile, so retrying it is cheap).
     metas = [kernel._fixed_meta, *getattr(kernel, "_fallback_metas", ())]
     for i, meta in enumerate(metas):
         try:
@@ -225,7 +239,6 @@ def _launch(kernel, grid, *args, **kwargs):
         except triton.runtime.errors.OutOfResources:
             if i == len(metas) - 1:
                 raise
-            kernel._fixed_meta, kernel._fallback_metas = metas[i + 1], metas[i + 2:]
 
 
 def _cfg(num_warps: int, num_stages: int, **meta):
