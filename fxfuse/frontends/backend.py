@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from ..passes.activation_offload import ActivationOffload, offload_partition_fn
-from ..passes.manager import PassManager
+from ..passes.manager import PassManager, PassStats
 from ..passes.pattern import graphs_of
 from .report import Report
 
@@ -35,7 +35,20 @@ class OffloadPartitioner(CustomPartitionerFn):
         return self.offload.uuid()
 
     def __getstate__(self):
-        return {"uuid": self.uuid()}
+        return {"offload_uuid": self.uuid()}
+
+    # Inductor deep-copies its config (this object with it) before pickling the cache key. The default
+    # deepcopy goes through __getstate__, which would leave a copy without `offload`.
+    def __copy__(self):
+        return OffloadPartitioner(self.offload, self.on_stats)
+
+    def __deepcopy__(self, memo):
+        return self.__copy__()
+
+
+def _autograd_cache_hits() -> int:
+    from torch._dynamo.utils import counters
+    return counters["aot_autograd"]["autograd_cache_hit"]
 
 
 def make_backend(manager: PassManager, report: Report, compiler: str = "inductor",
@@ -69,9 +82,18 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if cudagraphs else {}
-            if offload is not None:
-                patches["custom_partitioner_fn"] = OffloadPartitioner(offload, record)
-            return compile_fx(gm, example_inputs, config_patches=patches or None)
+            if offload is None:
+                return compile_fx(gm, example_inputs, config_patches=patches or None)
+            patches["custom_partitioner_fn"] = OffloadPartitioner(offload, record)
+            graph, hits = report.graphs[-1], _autograd_cache_hits()
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            if _autograd_cache_hits() > hits and not any(p.name == offload.name for p in graph.passes):
+                # AOTAutograd's cache returned graphs partitioned (and offloaded) by an earlier process:
+                # the partitioner did not run here, so there are no sites to report, only that.
+                cached = PassStats(offload.name, offload.uuid())
+                cached.add("graphs from cache")
+                graph.passes.append(cached)
+            return compiled
         if compiler == "aot_eager":
             if offload is not None:
                 from functorch.compile import make_boxed_func

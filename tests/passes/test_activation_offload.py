@@ -157,3 +157,33 @@ def test_uuid_follows_the_config():
     assert a.uuid() == ActivationOffload().uuid() and a.uuid() != b.uuid()
     st = PassStats("activation_offload", a.uuid())
     assert st.rewritten == 0
+
+
+def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatch, tmp_path):
+    """Inductor deep-copies its config (the partitioner in it) and pickles it into the FX graph cache
+    key; a copy that cannot be pickled makes every graph bypass the cache (seen on the H200)."""
+    from torch._dynamo.utils import counters
+    from fxfuse.frontends.backend import make_backend
+    from fxfuse.frontends.report import Report
+    from fxfuse.passes.manager import PassManager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",))
+    manager = PassManager([])
+    ws = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    x = torch.randn(4, 8)
+    reports = []
+    for run in range(2):  # the second run stands for a second process: dynamo state reset, disk cache kept
+        torch._dynamo.reset()
+        counters.clear()
+        report = Report(manager_uuid=manager.uuid(), pass_names=[offload.name])
+        fn = torch.compile(stack, backend=make_backend(manager, report, "inductor", offload=offload), fullgraph=True)
+        fn(x, ws).backward()
+        assert counters["inductor"]["fxgraph_cache_bypass"] == 0, dict(counters["inductor"])
+        assert counters["aot_autograd"]["autograd_cache_hit"] == run, dict(counters["aot_autograd"])
+        reports.append(report)
+    assert reports[0].summary()["activation_offload"]["rewritten"] >= 1
+    # from the cache the partitioner does not run: the report says so instead of showing 0 sites
+    assert reports[1].columns()["activation_offload"] == {"graphs from cache": 1}
+    assert "graphs from cache" in reports[1].table()
