@@ -14,6 +14,7 @@ from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
 from ..passes.mlp_tiling import MlpTilingPass
 from ..passes.rms_norm import RmsNormPass
+from ..passes.sdpa_gqa import SdpaGqaPass
 from ..passes.swiglu import SwigluPass
 from ..runtime import cache
 from ..runtime.kernels import lora as lora_kernels
@@ -25,6 +26,7 @@ PASSES = {
     "lora": LoraPass,
     "mlp_tiling": MlpTilingPass,
     "causal_mask": CausalMaskPass,
+    "sdpa_gqa": SdpaGqaPass,
     "rms_norm": RmsNormPass,
     "swiglu": SwigluPass,
     "fused_linear_cross_entropy": FusedLinearCrossEntropyPass,
@@ -33,6 +35,7 @@ PASSES = {
 # What runs when no passes are named. rms_norm and swiglu are opt-in: on the H100 their ops lose to
 # Inductor's own fusion of the same elementwise code (bench/RESULTS.md: 8388 vs 9150 tok/s at 4k).
 # mlp_tiling only rewrites from a 4 GiB [tokens, intermediate] tensor up (~146k tokens on 8B).
+# sdpa_gqa is opt-in until it has run on a GPU (flash attention with enable_gqa; CPU-tested only).
 DEFAULT_PASSES = ("lora", "mlp_tiling", "causal_mask", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"
