@@ -77,6 +77,8 @@ def parse_args(argv=None):
                     help="keep Inductor's on-disk cache (default: a fresh one per process, so the first "
                          "step's time is the real compile time)")
     ap.add_argument("--passes", default=None, help="fxfuse variants: comma-separated passes (default: the variant's)")
+    ap.add_argument("--host-fraction", type=float, default=None,
+                    help="fxfuse-offload: share of the host's available memory offloads may pin (default: fxfuse's)")
     ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
     return ap.parse_args(argv)
 
@@ -154,6 +156,15 @@ def lora_check(summary: dict, expected: int) -> tuple[bool, str]:
     return ok, f"lora {rew}/{cand} rewritten (expected a multiple of {expected}), declined {s.get('declined')}"
 
 
+def _offload(variant: str, host_fraction):
+    if variant != "fxfuse-offload":
+        return False
+    if host_fraction is None:
+        return True
+    from fxfuse.passes.activation_offload import ActivationOffload
+    return ActivationOffload(host_fraction=host_fraction)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     variant = args.variant
@@ -190,7 +201,7 @@ def main(argv=None) -> int:
         if args.passes:
             passes = args.passes.split(",")
         fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg",
-                        offload_activations=variant == "fxfuse-offload")
+                        offload_activations=_offload(variant, args.host_fraction))
         fwd = model
         rep = fxfuse.report(model)
 
@@ -198,7 +209,7 @@ def main(argv=None) -> int:
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
-                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), gpu_gib_cap=args.gpu_gib, device=torch.cuda.get_device_name(dev.dev)
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, device=torch.cuda.get_device_name(dev.dev)
                 if dev.cuda else args.device, torch=torch.__version__)
     failures = []
     for index, seq in enumerate(seqs):
@@ -209,14 +220,17 @@ def main(argv=None) -> int:
         before = dynamo_counters()
         graphs_before = len(rep.graphs) if rep is not None else 0
         sites_before = len(rep.sites("lora")) if rep is not None else 0
-        times, losses, out = [], [], None
+        times, losses, out, phase = [], [], None, "setup"
         row = dict(base, seq=seq, seq_index=index)
         try:
             for _ in range(args.steps):
                 dev.sync()
                 t = time.perf_counter()
+                phase = "forward"  # named in an OOM row
                 out = fwd(input_ids=x, labels=x)
+                phase = "backward"
                 out.loss.backward()
+                phase = "optimizer"
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 dev.sync()
@@ -230,8 +244,11 @@ def main(argv=None) -> int:
                        flops_step=flops, first_step_s=round(times[0], 2),
                        compile_s=round(max(times[0] - med, 0.0), 2), second_step_s=round(times[1], 3)
                        if len(times) > 1 else None, loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
-        except torch.OutOfMemoryError:
-            row.update(oom=True, peak_gb=dev.peak_gib(), steps_done=len(times))
+        except torch.OutOfMemoryError as exc:
+            # the first line names the allocation that failed ("Tried to allocate ..."): where to cut next
+            row.update(oom=True, peak_gb=dev.peak_gib(), steps_done=len(times), oom_phase=phase,
+                       oom_message=str(exc).splitlines()[0][:300])
+            print(f"OOM at {seq} tokens: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
         except Exception as exc:  # a compiler failure for one length must not hide the others
             traceback.print_exc()
             row.update(error=f"{type(exc).__name__}: {str(exc)[:400]}", steps_done=len(times))

@@ -21,7 +21,8 @@ Declined with a reason: views and multi-output items (they share storage, nothin
 freed), non-contiguous tensors, tensors that are also model outputs, tensors below `min_bytes`,
 host tensors, graphs without checkpointed regions (there every op's intermediate is saved, and
 moving all of them over PCIe would cost more than the compute it hides behind), and what would not
-fit in half of the host's available memory (checked at compile time, for the traced size). Graph
+fit in `host_fraction` (default half) of the host's available memory (checked at compile time, for
+the traced size). Graph
 inputs (parameters, model inputs) are counted in the `inputs saved` column, not as candidates.
 """
 from __future__ import annotations
@@ -55,13 +56,12 @@ def _nbytes(val: torch.Tensor) -> Optional[int]:
 
 
 def _host_bytes_available() -> Optional[int]:
-    """Half of the host's available memory (Linux /proc/meminfo), the share offloads may pin; None
-    where it cannot be read."""
+    """The host's available memory (Linux /proc/meminfo); None where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
@@ -83,14 +83,21 @@ def _is_alias(node: fx.Node) -> bool:
 class ActivationOffload:
     name = "activation_offload"
 
-    def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",)):
+    def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",),
+                 host_fraction: float = 0.5):
         """min_bytes: smaller saved tensors stay on the device (a transfer's fixed cost would dominate).
         keep_first: how many of the activations the backward uses first stay on the device.
         devices: device types whose activations are offloaded; tests add "cpu" to exercise the
-        graph plumbing without a GPU."""
+        graph plumbing without a GPU.
+        host_fraction: the share of the host's available memory (at compile time) offloads may pin.
+        At 320k tokens on the 8B shape all 31 layer inputs need 77.5 GiB: 0.5 of a 124 GiB host
+        left 7 of them on the GPU (measured on an H200)."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
-        self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices)}
+        if not 0 < host_fraction <= 0.9:
+            raise ValueError("host_fraction must be in (0, 0.9]: pinned memory cannot be paged out")
+        self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices),
+                       "host_fraction": host_fraction}
 
     def uuid(self) -> str:
         src = [inspect.getsource(m) for m in (inspect.getmodule(type(self)), offload_ops)]
@@ -195,9 +202,10 @@ class ActivationOffload:
             gm.recompile()
 
     def _within_host_budget(self, chosen, stats: PassStats):
-        host_left = _host_bytes_available()
-        if host_left is None:
+        available = _host_bytes_available()
+        if available is None:
             return chosen
+        host_left = int(available * self.config["host_fraction"])
         kept = []
         for node, ph in chosen:
             size = _nbytes(node.meta["val"])

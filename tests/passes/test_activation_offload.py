@@ -111,9 +111,28 @@ def test_declines_without_checkpointing_and_what_is_small_or_on_the_wrong_device
     assert n == 0 and any("not on an offloaded device type" in r for r in why)
 
 
+@pytest.mark.parametrize("fraction, moved", [(0.5, 1), (0.75, 2), (0.9, 3)])
+def test_host_budget_is_a_fraction_of_the_available_memory(monkeypatch, fraction, moved):
+    from fxfuse.passes import activation_offload as ao
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(5)]  # 3 offloadable layer inputs
+    one = 8 * 16 * 4
+    monkeypatch.setattr(ao, "_host_bytes_available", lambda: 3 * one + one // 2)  # 3.5 activations
+    graphs, stats = {}, []
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",), host_fraction=fraction)
+    compiled(lambda x, *ws: stack(x, ws), offload, graphs, stats)(x, *ws).backward()
+    (st,) = stats
+    assert st.rewritten == moved == count(graphs["fw"], OFF)
+    assert sum("host memory" in s.reason for s in st.declined) == 3 - moved
+
+
 def test_bad_options_are_errors():
     with pytest.raises(ValueError):
         ActivationOffload(min_bytes=-1)
+    for bad in (0, 0.95, -1):
+        with pytest.raises(ValueError, match="host_fraction"):
+            ActivationOffload(host_fraction=bad)
     model = tiny_model()
     with pytest.raises(ValueError, match="AOTAutograd"):
         fxfuse.optimize(clone(model), compiler="eager", offload_activations=True, verbose=False)
