@@ -28,8 +28,10 @@ ARCHS = {  # model_type: (config overrides (dropout off so eager and compiled se
 }
 
 
+@pytest.mark.parametrize("passes", ["defaults", "all"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch):
+def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes):
+    """"all" adds the opt-in passes (rms_norm, swiglu, sdpa_gqa): they too rewrite or decline."""
     overrides, all_rewritten = ARCHS[arch]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **overrides))
@@ -38,7 +40,8 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     ref = copy.deepcopy(model)
-    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False,
+                          passes=list(fxfuse.PASSES) if passes == "all" else None)
     ids = tokens(2, 12)
     l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
     l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
@@ -46,7 +49,11 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch):
     assert rel(l_opt, l_ref) < 1e-5
     for name in g_ref:
         assert rel(g_opt[name], g_ref[name]) < 1e-4, name
-    summary = fxfuse.report(opt).summary()["lora"]
+    report = fxfuse.report(opt)
+    assert not report.errors, report.errors
+    for name, s in report.summary().items():
+        assert all(reason for reason in s["declined"]), (name, s)  # every decline says why
+    summary = report.summary()["lora"]
     assert summary["candidates"] > 0
     if all_rewritten:
         assert summary["rewritten"] == summary["candidates"], summary

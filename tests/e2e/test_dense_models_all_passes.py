@@ -14,15 +14,15 @@ from tiny import loss_and_grads, rel, tokens
 DENSE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
 MODELS = {  # model_type: (config overrides, passes that must rewrite something)
-    "llama": (DENSE, {"lora", "causal_mask", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
-    "qwen2": (DENSE, {"lora", "causal_mask", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
-    "qwen3": (dict(DENSE, head_dim=16), {"lora", "causal_mask", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
+    "llama": (DENSE, {"lora", "causal_mask", "sdpa_gqa", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
+    "qwen2": (DENSE, {"lora", "causal_mask", "sdpa_gqa", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
+    "qwen3": (dict(DENSE, head_dim=16), {"lora", "causal_mask", "sdpa_gqa", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
     # a window shorter than the sequence: the mask is not causal-only, so causal_mask must decline
     "mistral": (dict(DENSE, sliding_window=8), {"lora", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
     # softcapped final logits (gemma2), (1 + w) norms, sandwich norms, tanh-gelu; their sliding window
     # is longer than the sequence here, so the mask is exactly causal
-    "gemma2": (dict(DENSE, head_dim=16), {"lora", "causal_mask", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
-    "gemma3_text": (dict(DENSE, head_dim=16), {"lora", "causal_mask", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
+    "gemma2": (dict(DENSE, head_dim=16), {"lora", "causal_mask", "sdpa_gqa", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
+    "gemma3_text": (dict(DENSE, head_dim=16), {"lora", "causal_mask", "sdpa_gqa", "rms_norm", "swiglu", "fused_linear_cross_entropy"}),
 }
 
 
@@ -56,3 +56,6 @@ def test_dense_model_every_pass_equals_eager(arch):
     assert must_rewrite <= rewrote, summary
     if arch == "mistral":
         assert summary["causal_mask"]["rewritten"] == 0 and summary["causal_mask"]["candidates"] > 0, summary
+        # the sliding-window mask stays, so enable_gqa would leave flash: declined with that reason
+        assert summary["sdpa_gqa"]["rewritten"] == 0 and summary["sdpa_gqa"]["candidates"] > 0, summary
+        assert all("a tensor mask" in r for r in summary["sdpa_gqa"]["declined"]), summary

@@ -187,7 +187,6 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
     from fxfuse.passes.manager import PassManager
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
     offload = ActivationOffload(min_bytes=0, devices=("cpu",))
     manager = PassManager([])
     ws = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
@@ -198,7 +197,8 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
         counters.clear()
         report = Report(manager_uuid=manager.uuid(), pass_names=[offload.name])
         fn = torch.compile(stack, backend=make_backend(manager, report, "inductor", offload=offload), fullgraph=True)
-        fn(x, ws).backward()
+        with torch._inductor.config.patch(fx_graph_cache=True):
+            fn(x, ws).backward()
         assert counters["inductor"]["fxgraph_cache_bypass"] == 0, dict(counters["inductor"])
         assert counters["aot_autograd"]["autograd_cache_hit"] == run, dict(counters["aot_autograd"])
         reports.append(report)

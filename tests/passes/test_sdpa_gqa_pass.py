@@ -53,7 +53,7 @@ def test_op_counts(gc):
     assert s["candidates"] == s["rewritten"] == layers
 
 
-@pytest.mark.parametrize("arch, gc", [("llama", True), ("llama", False), ("qwen2", True), ("mistral", False)])
+@pytest.mark.parametrize("arch, gc", [("llama", True), ("llama", False), ("mistral", False)])  # more: e2e/
 def test_equal_to_eager(arch, gc):
     if arch == "mistral":
         torch.manual_seed(0)
