@@ -1,7 +1,8 @@
 """`fxfuse::tiled_mlp` against the untiled composition of the same ops (grouped gate/up LoRA op,
 act(gate) * up, down LoRA op) under autograd: chunking over tokens must change nothing but the
 summation order of the LoRA weight gradients. Random shapes incl. odd sizes, chunk sizes from 1
-row to more than all rows, fp32 and bf16 bases with fp32 adapters, silu and tanh-gelu."""
+row to more than all rows, fp32 and bf16 bases with fp32 adapters or adapters in the base dtype,
+silu and tanh-gelu."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,9 +42,12 @@ def cases(draw):
     x = torch.randn(*lead, h, generator=gen).to(dtype)
     ws = [(torch.randn(i, h, generator=gen) / h ** 0.5).to(dtype), (torch.randn(i, h, generator=gen) / h ** 0.5).to(dtype),
           (torch.randn(h, i, generator=gen) / i ** 0.5).to(dtype)]
-    as_ = [torch.randn(r, h, generator=gen) / h ** 0.5, torch.randn(r, h, generator=gen) / h ** 0.5,
-           torch.randn(r, i, generator=gen) / i ** 0.5]
-    bs = [torch.randn(i, r, generator=gen), torch.randn(i, r, generator=gen), torch.randn(h, r, generator=gen)]
+    # PEFT's default fp32 adapters, or adapters in the base dtype (bf16 adapters over a bf16 base)
+    ad = draw(st.sampled_from([torch.float32, dtype]))
+    as_ = [(torch.randn(r, h, generator=gen) / h ** 0.5).to(ad), (torch.randn(r, h, generator=gen) / h ** 0.5).to(ad),
+           (torch.randn(r, i, generator=gen) / i ** 0.5).to(ad)]
+    bs = [torch.randn(i, r, generator=gen).to(ad), torch.randn(i, r, generator=gen).to(ad),
+          torch.randn(h, r, generator=gen).to(ad)]
     ss = [draw(st.sampled_from([0.5, 2.0])) for _ in range(3)]
     return x, ws, as_, bs, ss, draw(st.sampled_from(list(T.ACTIVATIONS))), rows
 
@@ -53,8 +57,7 @@ def cases(draw):
 def test_tiled_equals_untiled_forward_and_backward(case):
     x, ws, as_, bs, ss, activation, rows = case
     dtype = x.dtype
-    dev = lambda ts: [t.to(DEVICE).requires_grad_(t.is_floating_point() and t.dtype == torch.float32 and t.dim() == 2
-                                                   and t is not None) for t in ts]  # noqa: E731
+    dev = lambda ts: [t.to(DEVICE).requires_grad_(True) for t in ts]  # noqa: E731  (the adapters)
     ws_d = [w.to(DEVICE) for w in ws]
     results = []
     for tiled in (True, False):

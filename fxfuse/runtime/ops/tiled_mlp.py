@@ -11,7 +11,8 @@ so the pass that emits this op only does so from a token count up (passes/mlp_ti
 
 Numerics are those of the untiled ops chunk by chunk: each chunk calls `fxfuse::lora_linear` and
 its backward (same kernels, same rounding points: the activation in the I/O dtype, then the
-product, as HF computes it); the LoRA weight gradients are summed over chunks in fp32. Dropout on
+product, as HF computes it); the LoRA weight gradients are summed over chunks in fp32 and rounded
+to the adapter dtype once (bf16 adapters too). Dropout on
 these projections and base biases are not supported (the pass declines them).
 """
 from __future__ import annotations
@@ -99,6 +100,11 @@ def tiled_mlp_backward(dy: Tensor, x: Tensor, weights: List[Tensor], lora_as: Li
                        scalings: List[float], activation: str, rows_per_chunk: int, mid_dtype: torch.dtype,
                        need_dx: bool) -> List[Tensor]:
     x2d, dy2d = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    # The per-chunk gradient ops get fp32 copies of bf16/fp16 adapters (exact casts), so they return
+    # fp32 dA/dB: the sum over chunks is rounded to the adapter dtype once, as the untiled op rounds.
+    # The forward recompute keeps the adapters as they are (same xa as the forward computed).
+    as32 = [a.float() for a in lora_as]
+    bs32 = [b.float() for b in lora_bs]
     d_as = [torch.zeros(a.shape, dtype=torch.float32, device=a.device) for a in lora_as]
     d_bs = [torch.zeros(b.shape, dtype=torch.float32, device=b.device) for b in lora_bs]
     dx = torch.empty_like(x2d) if need_dx else None
@@ -108,16 +114,15 @@ def tiled_mlp_backward(dy: Tensor, x: Tensor, weights: List[Tensor], lora_as: Li
         a = _act(g, activation)
         h = a * u
         (da_d, db_d, dh) = torch.ops.fxfuse.lora_linear_backward(
-            [dy2d[s:e]], h, [weights[2]], [lora_as[2]], [lora_bs[2]], _xa(h, lora_as[2]), [scalings[2]], [0.0],
+            [dy2d[s:e]], h, [weights[2]], [as32[2]], [bs32[2]], _xa(h, lora_as[2]), [scalings[2]], [0.0],
             None, True)
         del h
         # autograd of act(gate) * up, in the I/O dtype as eager computes it
         du = dh * a
         dg = _act_backward(dh * u, g, activation)
         del a, g, u, dh
-        grads = torch.ops.fxfuse.lora_linear_backward([dg, du], xc, list(weights[:2]), list(lora_as[:2]),
-                                                      list(lora_bs[:2]), xa_gu, list(scalings[:2]), [0.0, 0.0],
-                                                      None, need_dx)
+        grads = torch.ops.fxfuse.lora_linear_backward([dg, du], xc, list(weights[:2]), as32[:2], bs32[:2], xa_gu,
+                                                      list(scalings[:2]), [0.0, 0.0], None, need_dx)
         for i, d in enumerate((grads[0], grads[1], da_d)):
             d_as[i] += d
         for i, d in enumerate((grads[2], grads[3], db_d)):
