@@ -6,6 +6,7 @@ import copy
 import sys
 from typing import Callable, Optional
 
+import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
@@ -32,10 +33,14 @@ class OffloadPartitioner(CustomPartitionerFn):
         return offload_partition_fn(self.offload, self.on_stats)(gm, joint_inputs, **kwargs)
 
     def uuid(self):
-        return self.offload.uuid()
+        offload = getattr(self, "offload", None)
+        return offload.uuid() if offload is not None else self.offload_uuid
 
     def __getstate__(self):
         return {"offload_uuid": self.uuid()}
+
+    def __setstate__(self, state):  # an unpickled copy (a compile subprocess) only answers uuid()
+        self.offload, self.on_stats, self.offload_uuid = None, None, state["offload_uuid"]
 
     # Inductor deep-copies its config (this object with it) before pickling the cache key. The default
     # deepcopy goes through __getstate__, which would leave a copy without `offload`.
@@ -87,7 +92,10 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
             patches["custom_partitioner_fn"] = OffloadPartitioner(offload, record)
             graph, hits = report.graphs[-1], _autograd_cache_hits()
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
-            if _autograd_cache_hits() > hits and not any(p.name == offload.name for p in graph.passes):
+            # only a training graph would have been partitioned (inference graphs never are)
+            training = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+            if training and _autograd_cache_hits() > hits and not any(p.name == offload.name for p in graph.passes):
                 # AOTAutograd's cache returned graphs partitioned (and offloaded) by an earlier process:
                 # the partitioner did not run here, so there are no sites to report, only that.
                 cached = PassStats(offload.name, offload.uuid())

@@ -3,10 +3,11 @@ with `enable_gqa=True`.
 
 HF's sdpa attention repeats k and v up to the query heads (`x[:, :, None].expand(B, Hkv, n, T, D)
 .reshape(B, Hkv * n, T, D)`) whenever a tensor mask is present, and while tracing a mask always is.
-Once the causal-mask pass has replaced that mask by `is_causal=True`, the repeat is pure waste: it
-writes n copies of k and v (at 320k tokens on Llama-8B, 2 x 2.5 GiB per layer), the attention
-backward then produces gradients for every copy and sums them back. Flash attention reads the kv
-heads directly (query head h uses kv head h // n, the same grouping as repeat_kv).
+Once the causal-mask pass has replaced that mask by `is_causal=True`, the repeat is waste: it
+writes n copies of k and v (at 320k tokens on Llama-8B, 2 x 2.5 GiB per layer) that the attention
+then saves for its backward. Flash attention reads the kv heads directly (query head h uses kv head
+h // n, the same grouping as repeat_kv). Its backward still expands dk/dv to the query heads
+internally, so the saving is the forward copies and what is saved, not the gradient copies.
 
 Declined with the reason: a tensor mask (SDPA with enable_gqa and a mask runs the math kernel,
 O(T^2) memory), fp32 on CUDA (no fused kernel takes fp32 with enable_gqa: math again), head dims
@@ -48,6 +49,20 @@ def repeat_source(node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
     return cur, chain[::-1]
 
 
+def _dead_shape_queries(node: fx.Node) -> set:
+    """Users of `node` that only ask its size and whose answers nobody reads. Under dynamic shapes HF
+    slices the mask with `key.shape[-2]`; once the causal-mask pass dropped the mask, that `size`
+    call (and its getitems) stay behind inside checkpoint bodies with no readers."""
+    dead = set()
+    for u in node.users:
+        is_size = (u.op == "call_method" and u.target == "size") or \
+            (u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",))
+        if is_size and all(i.op == "call_function" and i.target is operator.getitem and not i.users
+                           for i in u.users):
+            dead.add(u)
+    return dead
+
+
 def _same(a, b) -> bool:
     return a == b if isinstance(a, int) and isinstance(b, int) else str(a) == str(b)
 
@@ -81,6 +96,14 @@ def check(params: dict, k_src, v_src) -> None:
     for src, rep in ((kv, k_rep), (vv, v_rep)):  # the grouped interleave: [B, Hkv, T, D] -> [B, Hq, T, D]
         if not all(_same(a, b) for a, b in zip(rep.shape, (src.shape[0], q.shape[1], src.shape[2], src.shape[3]))):
             raise Decline(f"repeat {tuple(src.shape)} -> {tuple(rep.shape)} does not give the {q.shape[1]} query heads")
+    for src, (_, chain) in ((kv, k_src), (vv, v_src)):  # only the inserted axis grows: (B, Hkv, n, T, D)
+        grown = example_value(chain[1])
+        want = (src.shape[0], src.shape[1], q.shape[1] // src.shape[1] if isinstance(q.shape[1], int)
+                and isinstance(src.shape[1], int) else None, src.shape[2], src.shape[3])
+        if not isinstance(grown, torch.Tensor) or grown.dim() != 5 or \
+                not all(w is not None and _same(g, w) for g, w in zip(grown.shape, want)):
+            raise Decline(f"expand to {tuple(grown.shape) if isinstance(grown, torch.Tensor) else '?'} is not "
+                          f"repeat_kv's (B, Hkv, n, T, D)")
     n_kv, n_q = kv.shape[1], q.shape[1]
     if not (isinstance(n_kv, int) and isinstance(n_q, int) and n_q % n_kv == 0 and n_q > n_kv):
         raise Decline(f"{n_q} query heads over {n_kv} kv heads is not grouped-query attention")
@@ -90,6 +113,10 @@ def check(params: dict, k_src, v_src) -> None:
         raise Decline(f"head dim {kv.shape[-1]} > {_MAX_HEAD_DIM}: no fused kernel, SDPA would run the math kernel")
     if q.device.type == "cuda" and q.dtype == torch.float32:
         raise Decline("fp32 attention on CUDA: no fused kernel takes fp32 with enable_gqa (math kernel)")
+    if q.device.type == "cuda" and isinstance(q.shape[-1], int) and q.shape[-1] > 192 \
+            and torch.cuda.is_available() and torch.cuda.get_device_capability(q.device) not in ((8, 0), (9, 0)):
+        # flash's backward takes head dims over 192 only on sm80/sm90; elsewhere GQA would fall to math
+        raise Decline(f"head dim {q.shape[-1]} > 192 on this GPU: flash attention cannot train it (math kernel)")
 
 
 class SdpaGqaPass(GraphPass):
@@ -113,11 +140,15 @@ class SdpaGqaPass(GraphPass):
                 stats.sites.append(site)
                 try:
                     check(params, k_src, v_src)
+                    others = [v for name, v in params.items() if name not in ("key", "value")]
                     for _, chain in (k_src, v_src):
+                        if any(n in others for n in chain):
+                            raise Decline(f"repeated k/v {chain[-1].name} is also another SDPA argument")
                         for inner in chain[:-1]:
                             if len(inner.users) != 1:
                                 raise Decline(f"repeated k/v intermediate {inner.name} is read elsewhere")
-                        if set(chain[-1].users) != {node}:
+                        users = set(chain[-1].users) - _dead_shape_queries(chain[-1])
+                        if users != {node}:
                             raise Decline(f"repeated k/v {chain[-1].name} is read elsewhere: nothing would be saved")
                 except Decline as e:
                     site.reason = str(e)
@@ -126,6 +157,10 @@ class SdpaGqaPass(GraphPass):
                 q, k, v = (params.pop(n) for n in ("query", "key", "value"))
                 node.args, node.kwargs = (q, k, v), params
                 for _, chain in (k_src, v_src):
+                    for query in _dead_shape_queries(chain[-1]):
+                        for item in list(query.users):
+                            sub.graph.erase_node(item)
+                        sub.graph.erase_node(query)
                     for dead in reversed(chain):
                         sub.graph.erase_node(dead)
                 site.rewritten, site.group = True, f"{node.name}:enable_gqa"

@@ -206,3 +206,26 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
     # from the cache the partitioner does not run: the report says so instead of showing 0 sites
     assert reports[1].columns()["activation_offload"] == {"graphs from cache": 1}
     assert "graphs from cache" in reports[1].table()
+    # a pickled copy (what a compile subprocess would get) still answers its uuid
+    import pickle
+    from fxfuse.frontends.backend import OffloadPartitioner
+    part = OffloadPartitioner(offload, lambda stats: None)
+    assert pickle.loads(pickle.dumps(part)).uuid() == offload.uuid()
+
+
+def test_inference_graphs_are_not_reported_as_offload_cache_hits(monkeypatch, tmp_path):
+    from fxfuse.frontends.backend import make_backend
+    from fxfuse.frontends.report import Report
+    from fxfuse.passes.manager import PassManager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",))
+    manager = PassManager([])
+    ws = [torch.randn(8, 8) for _ in range(3)]
+    for run in range(2):
+        torch._dynamo.reset()
+        report = Report(manager_uuid=manager.uuid(), pass_names=[offload.name])
+        fn = torch.compile(stack, backend=make_backend(manager, report, "inductor", offload=offload), fullgraph=True)
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
+            fn(torch.randn(4, 8), ws)
+        assert report.columns()["activation_offload"] == {}, (run, report.columns())

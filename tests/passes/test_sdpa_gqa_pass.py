@@ -119,6 +119,51 @@ def test_declined_when_the_repeated_kv_is_read_elsewhere():
     assert s["rewritten"] == 0 and any("read elsewhere" in r for r in s["declined"]), s
 
 
+def test_a_tile_over_another_axis_is_declined_not_rewritten():
+    # batch 1: expanding the batch axis n-fold then folding it into heads tiles the kv heads
+    # (head h reads kv head h % Hkv), which enable_gqa's grouping (h // n) is not
+    def f(q, k, v):
+        def tile(x):
+            b, h, t, d = x.shape
+            return x[:, :, None, :, :].expand(2, h, 1, t, d).reshape(1, 2 * h, t, d)
+        return F.scaled_dot_product_attention(q, tile(k), tile(v), is_causal=True)
+
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    out, report = run_pass(f, q, k, v)
+    assert torch.allclose(out, f(q, k, v), atol=1e-6)
+    s = report.summary()["sdpa_gqa"]
+    assert s["rewritten"] == 0 and any("repeat_kv's (B, Hkv, n, T, D)" in r for r in s["declined"]), s
+
+
+def test_repeated_key_that_is_also_the_query_is_declined():
+    def f(k, v):
+        kr = repeat_kv(k, 1 + 1)
+        return F.scaled_dot_product_attention(kr, kr, repeat_kv(v, 2), is_causal=True)
+
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    out, report = run_pass(f, k, v)
+    assert torch.allclose(out, f(k, v), atol=1e-6)
+    assert not report.errors  # the pass declined; it did not fail (which would compile the graph unrewritten)
+    s = report.summary()["sdpa_gqa"]
+    assert s["rewritten"] == 0 and s["candidates"] == 1, s
+
+
+def test_rewrites_after_an_automatic_dynamic_recompile():
+    # the second length recompiles with symbolic sizes: HF's key.shape[-2] (for the mask slice) leaves
+    # a dead size query on the repeated key once the mask is gone; it must not block the rewrite
+    ref = tiny_model("llama", gc=True)
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, passes=["lora", "causal_mask", "sdpa_gqa"])
+    for t in (12, 21, 17):
+        ids = tokens(2, t)
+        l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+        l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+        assert rel(l_opt, l_ref) < 1e-5 and all(rel(g_opt[n], g_ref[n]) < 1e-5 for n in g_ref), t
+    report = fxfuse.report(opt)
+    assert len(report.graphs) >= 2  # static, then dynamic
+    s = report.summary()["sdpa_gqa"]
+    assert s["rewritten"] == s["candidates"] == 2 * len([g for g in report.graphs if g.nodes_before > 100]), s
+
+
 def test_multi_head_attention_is_not_a_candidate():
     def f(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -139,7 +184,10 @@ def test_fp32_on_cuda_is_declined():
     reps = []
     for _ in range(2):  # k and v: two repeats of one kv tensor
         item = g.call_function(operator.getitem, (k, (slice(None), slice(None), None, slice(None), slice(None))))
-        rep = g.call_method("reshape", (g.call_method("expand", (item, 1, 2, 4, 16, 64)), 1, 8, 16, 64))
+        grown = g.call_method("expand", (item, 1, 2, 4, 16, 64))
+        with FakeTensorMode():
+            grown.meta["example_value"] = torch.empty(1, 2, 4, 16, 64, device="cuda")
+        rep = g.call_method("reshape", (grown, 1, 8, 16, 64))
         rep.meta["example_value"] = rep_val
         reps.append(rep)
     k_src, v_src = repeat_source(reps[0]), repeat_source(reps[1])
