@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, Op, Var, canon, example_value, graphs_of, match_at, module_path
+from .pattern import Decline, Op, Var, canon, example_value, graphs_of, match_at, module_path, sdpa_params
 
 SDPA = Op("sdpa", (Var("q"), Var("k"), Var("v"), Var("mask")), name="sdpa", label="scaled_dot_product_attention")
 
@@ -426,13 +426,6 @@ def _classify_affine(term, mask_shape: tuple) -> bool:
     raise Decline(f"mask term {term.op} over indices {d.coefs} + {d.c} is not causal ({what}?)")
 
 
-def _sdpa_params(node: fx.Node) -> dict:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    params = dict(zip(names, node.args))
-    params.update(node.kwargs)
-    return params
-
-
 class CausalMaskPass(GraphPass):
     name = "causal_mask"
     depends_on = ("fxfuse.passes.pattern",)
@@ -456,7 +449,7 @@ class CausalMaskPass(GraphPass):
                 except Decline as e:
                     site.reason = str(e)
                     continue
-                params = _sdpa_params(node)
+                params = sdpa_params(node)
                 q, k = example_value(params["query"]), example_value(params["key"])
                 if verdict == "causal" and not _size_eq(_sym(q.shape[-2]), _sym(k.shape[-2])):
                     site.reason = "causal mask with Tq != Tkv (SDPA's is_causal is top-left aligned)"

@@ -390,6 +390,14 @@ def graphs_of(gm: fx.GraphModule, prefix: str = "") -> Iterator[tuple[str, fx.Gr
             yield from graphs_of(child, f"{prefix}.{name}" if prefix else name)
 
 
+def sdpa_params(node: fx.Node) -> dict:
+    """An SDPA call's arguments by name, positional or keyword (for passes that rewrite the call)."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    params = dict(zip(names, node.args))
+    params.update(node.kwargs)
+    return params
+
+
 def count_ops(gm: fx.GraphModule) -> dict[str, int]:
     """Ops per canonical kind (or target name) over the graph and all subgraphs, for tests/diffs."""
     counts: dict[str, int] = {}

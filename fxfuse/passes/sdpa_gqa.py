@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, canon, example_value, graphs_of, module_path
+from .pattern import Decline, canon, example_value, graphs_of, module_path, sdpa_params
 
 _FULL = slice(None, None, None)
 # repeat_kv, as data: x[:, :, None, :, :] -> .expand(B, Hkv, n, T, D) -> .reshape(B, Hkv * n, T, D)
@@ -65,13 +65,6 @@ def _dead_shape_queries(node: fx.Node) -> set:
 
 def _same(a, b) -> bool:
     return a == b if isinstance(a, int) and isinstance(b, int) else str(a) == str(b)
-
-
-def _sdpa_params(node: fx.Node) -> dict:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    params = dict(zip(names, node.args))
-    params.update(node.kwargs)
-    return params
 
 
 def check(params: dict, k_src, v_src) -> None:
@@ -132,7 +125,7 @@ class SdpaGqaPass(GraphPass):
                 c = canon(node)
                 if c is None or c.kind != "sdpa":
                     continue
-                params = _sdpa_params(node)
+                params = sdpa_params(node)
                 k_src, v_src = repeat_source(params.get("key")), repeat_source(params.get("value"))
                 if k_src is None and v_src is None:
                     continue  # multi-head attention: nothing repeated
