@@ -2,9 +2,10 @@
 
     python bench/profile_step.py VARIANT SEQ [--layers 2]
 
-VARIANT: compile | fxfuse-lora | fxfuse (every pass) | hf. Prints step time (median of 5) and the top CUDA kernels of two
-profiled steps, so a slow op shows by name. Same workload as bench_lora.py, fewer layers so it
-compiles in seconds.
+VARIANT: compile | fxfuse-lora | fxfuse (default passes) | hf. Prints step time (median of 5), the top CUDA kernels
+of two profiled steps (so a slow op shows by name) and a breakdown by kernel family per step: GPU
+busy time, idle time (host gaps) and launches. Same workload as bench_lora.py, fewer layers so it
+compiles in seconds. --passes / --offload on|off pick fxfuse's passes and activation offload.
 """
 import argparse
 import statistics
@@ -21,6 +22,8 @@ ap.add_argument("variant")
 ap.add_argument("seq", type=int)
 ap.add_argument("--layers", type=int, default=2)
 ap.add_argument("--rows", type=int, default=22)
+ap.add_argument("--passes", default=None, help="fxfuse variant: comma-separated passes (default: the variant's)")
+ap.add_argument("--offload", choices=["on", "off"], default="on", help="fxfuse variant: activation offload")
 a = ap.parse_args()
 
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers, num_attention_heads=32,
@@ -38,7 +41,8 @@ if a.variant == "compile":
 elif a.variant == "fxfuse-lora":
     fwd = fxfuse.optimize(model, passes=["lora"], verbose=False)
 elif a.variant == "fxfuse":
-    fwd = fxfuse.optimize(model, verbose=False)
+    fwd = fxfuse.optimize(model, verbose=False, passes=a.passes.split(",") if a.passes else None,
+                          offload_activations=a.offload == "on")
 elif a.variant == "hf":
     fwd = model
 else:
@@ -74,5 +78,33 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, tor
         step()
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=70))
+
+# Kernel families, first match wins: where a layer's GPU time goes, and how much of the step the GPU waits.
+FAMILIES = [("memcpy/offload", ("memcpy", "Memcpy", "copy_kernel", "CatArrayBatched")),
+            ("flash attention", ("flash", "fmha", "attention")),
+            ("fxfuse lora triton", ("_skinny", "_lowrank", "_lora", "_weight_grad")),
+            ("fxfuse ce triton", ("_ce_", "cross_entropy", "_logsumexp")),
+            ("inductor fused", ("triton_",)),
+            ("gemm (cuBLAS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "Kernel2")),
+            ("adamw/foreach", ("foreach", "multi_tensor", "adam")),
+            ("other", ("",))]
+kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+fam_us, fam_n = {}, {}
+for e in kernels:
+    fam = next(f for f, keys in FAMILIES if any(k in e.name for k in keys))
+    fam_us[fam] = fam_us.get(fam, 0.0) + e.device_time
+    fam_n[fam] = fam_n.get(fam, 0) + 1
+busy = sum(fam_us.values()) / 2e3
+span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 2e3 if kernels else 0.0
+print(f"BREAKDOWN {a.variant} seq={a.seq} layers={a.layers} per step: kernel-sum {busy:.2f} ms, "
+      f"first-to-last kernel {span:.2f} ms, launches {len(kernels) // 2}")
+for fam, us in sorted(fam_us.items(), key=lambda kv: -kv[1]):
+    print(f"BREAKDOWN   {fam:<20} {us / 2e3:8.2f} ms  {fam_n[fam] // 2:5d} launches")
+# The 20 longest kernels by total time, full names (the table above truncates them).
+tot = {}
+for e in kernels:
+    tot[e.name] = tot.get(e.name, 0.0) + e.device_time
+for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:20]:
+    print(f"KERNEL {us / 2e3:8.3f} ms/step  {name[:160]}")
 if a.variant.startswith("fxfuse"):
     print(fxfuse.report(model).table())

@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
-from ..passes.activation_offload import ActivationOffload, offload_partition_fn
+from ..passes.activation_offload import ActivationOffload
 from ..passes.manager import PassManager, PassStats
 from ..passes.pattern import graphs_of
+from ..passes.recompute_lora_xa import RecomputeLoraXA
 from .report import Report
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -22,30 +23,64 @@ def _node_count(gm: fx.GraphModule) -> int:
     return sum(len(g.graph.nodes) for _, g in graphs_of(gm))
 
 
-class OffloadPartitioner(CustomPartitionerFn):
-    """Inductor's custom-partitioner hook: min-cut, then the activation offload. Inductor pickles
-    it into its cache key: only the offload's uuid goes there."""
+class PartitionPolicies:
+    """What runs when AOTAutograd splits a training graph, in order: min-cut partitions the joint
+    graph (the partitioner Inductor uses), recompute_lora_xa trims the backward's recomputation,
+    then the activation offload rewrites the forward and backward graphs. Each reports its sites."""
 
-    def __init__(self, offload: ActivationOffload, on_stats):
-        self.offload, self.on_stats = offload, on_stats
+    def __init__(self, recompute_xa: Optional[RecomputeLoraXA] = None, offload: Optional[ActivationOffload] = None):
+        self.recompute_xa, self.offload = recompute_xa, offload
+
+    @property
+    def policies(self) -> list:
+        return [p for p in (self.recompute_xa, self.offload) if p is not None]
+
+    def uuid(self) -> str:
+        return "-".join(p.uuid() for p in self.policies)
+
+    def partition_fn(self, on_stats: Callable[[PassStats], None], partition: Optional[Callable] = None) -> Callable:
+        if partition is None:
+            from torch._functorch.partitioners import min_cut_rematerialization_partition as partition
+
+        def partition_fn(joint: fx.GraphModule, joint_inputs, **kwargs):
+            fw, bw = partition(joint, joint_inputs, **kwargs)
+            if self.recompute_xa is not None:
+                stats = PassStats(self.recompute_xa.name, self.recompute_xa.uuid())
+                self.recompute_xa.run(bw, stats)
+                on_stats(stats)
+            if self.offload is not None:
+                stats = PassStats(self.offload.name, self.offload.uuid())
+                self.offload.run(fw, bw, kwargs["num_fwd_outputs"], stats)
+                on_stats(stats)
+            return fw, bw
+
+        return partition_fn
+
+
+class PolicyPartitioner(CustomPartitionerFn):
+    """Inductor's custom-partitioner hook around `PartitionPolicies`. Inductor pickles it into its
+    cache key: only the policies' uuid goes there."""
+
+    def __init__(self, policies: PartitionPolicies, on_stats):
+        self.policies, self.on_stats = policies, on_stats
 
     def __call__(self, gm, joint_inputs, **kwargs):
-        return offload_partition_fn(self.offload, self.on_stats)(gm, joint_inputs, **kwargs)
+        return self.policies.partition_fn(self.on_stats)(gm, joint_inputs, **kwargs)
 
     def uuid(self):
-        offload = getattr(self, "offload", None)
-        return offload.uuid() if offload is not None else self.offload_uuid
+        policies = getattr(self, "policies", None)
+        return policies.uuid() if policies is not None else self.policies_uuid
 
     def __getstate__(self):
-        return {"offload_uuid": self.uuid()}
+        return {"policies_uuid": self.uuid()}
 
     def __setstate__(self, state):  # an unpickled copy (a compile subprocess) only answers uuid()
-        self.offload, self.on_stats, self.offload_uuid = None, None, state["offload_uuid"]
+        self.policies, self.on_stats, self.policies_uuid = None, None, state["policies_uuid"]
 
     # Inductor deep-copies its config (this object with it) before pickling the cache key. The default
-    # deepcopy goes through __getstate__, which would leave a copy without `offload`.
+    # deepcopy goes through __getstate__, which would leave a copy without `policies`.
     def __copy__(self):
-        return OffloadPartitioner(self.offload, self.on_stats)
+        return PolicyPartitioner(self.policies, self.on_stats)
 
     def __deepcopy__(self, memo):
         return self.__copy__()
@@ -57,16 +92,20 @@ def _autograd_cache_hits() -> int:
 
 
 def make_backend(manager: PassManager, report: Report, compiler: str = "inductor",
-                 cudagraphs: bool = False, offload: Optional[ActivationOffload] = None) -> Callable:
+                 cudagraphs: bool = False, offload: Optional[ActivationOffload] = None,
+                 recompute_xa: Optional[RecomputeLoraXA] = None) -> Callable:
     """compiler: 'inductor' (the real thing), 'aot_eager' (AOTAutograd with a pass-through
     compiler: same forward/backward split, no codegen; for fast tests), 'eager' (rewritten graph
     run as is). cudagraphs: Inductor replays each compiled graph as a CUDA graph (removes the
     per-op launch cost that dominates short sequences; costs memory pools). offload: moves the
-    activations that training graphs save for backward to host memory (partition time)."""
+    activations that training graphs save for backward to host memory (partition time).
+    recompute_xa: a checkpointed backward recomputes only the xa of a LoRA op whose outputs it does
+    not read, not the op (partition time)."""
     if compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {COMPILERS}, not {compiler!r}")
     if offload is not None and compiler == "eager":
         raise ValueError("activation offload needs AOTAutograd: compiler 'inductor' or 'aot_eager'")
+    policies = PartitionPolicies(recompute_xa if compiler != "eager" else None, offload)
 
     def record(stats):
         report.graphs[-1].passes.append(stats)
@@ -87,28 +126,30 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if cudagraphs else {}
-            if offload is None:
+            if not policies.policies:
                 return compile_fx(gm, example_inputs, config_patches=patches or None)
-            patches["custom_partitioner_fn"] = OffloadPartitioner(offload, record)
+            patches["custom_partitioner_fn"] = PolicyPartitioner(policies, record)
             graph, hits = report.graphs[-1], _autograd_cache_hits()
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
             # only a training graph would have been partitioned (inference graphs never are)
             training = torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-            if training and _autograd_cache_hits() > hits and not any(p.name == offload.name for p in graph.passes):
-                # AOTAutograd's cache returned graphs partitioned (and offloaded) by an earlier process:
-                # the partitioner did not run here, so there are no sites to report, only that.
-                cached = PassStats(offload.name, offload.uuid())
-                cached.add("graphs from cache")
-                graph.passes.append(cached)
+            if training and _autograd_cache_hits() > hits:
+                # AOTAutograd's cache returned graphs partitioned by an earlier process: the
+                # policies did not run here, so there are no sites to report, only that.
+                for policy in policies.policies:
+                    if not any(p.name == policy.name for p in graph.passes):
+                        cached = PassStats(policy.name, policy.uuid())
+                        cached.add("graphs from cache")
+                        graph.passes.append(cached)
             return compiled
         if compiler == "aot_eager":
-            if offload is not None:
+            if policies.policies:
                 from functorch.compile import make_boxed_func
                 from torch._dynamo.backends.common import aot_autograd
                 nop = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
                 return aot_autograd(fw_compiler=nop, bw_compiler=nop,
-                                    partition_fn=offload_partition_fn(offload, record))(gm, example_inputs)
+                                    partition_fn=policies.partition_fn(record))(gm, example_inputs)
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)
         return gm.forward

@@ -14,6 +14,7 @@ from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
 from ..passes.mlp_tiling import MlpTilingPass
 from ..passes.rms_norm import RmsNormPass
+from ..passes.recompute_lora_xa import RecomputeLoraXA
 from ..passes.sdpa_gqa import SdpaGqaPass
 from ..passes.swiglu import SwigluPass
 from ..runtime import cache
@@ -109,14 +110,17 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     manager = build_manager(passes, keep_logits=keep_logits, pass_options=pass_options)
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
     offload = _offload_for(offload_activations, compiler, cudagraphs, on_cuda)
-    uuid = manager.uuid() if offload is None else f"{manager.uuid()}-{offload.uuid()}"
-    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + ([offload.name] if offload else []))
+    lora = next((p for p in manager.passes if p.name == "lora"), None)
+    recompute_xa = RecomputeLoraXA() if lora is not None and lora.config["recompute_xa"] and compiler != "eager" else None
+    policies = [p for p in (recompute_xa, offload) if p is not None]
+    uuid = "-".join([manager.uuid()] + [p.uuid() for p in policies])
+    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + [p.name for p in policies])
     if compiler == "inductor":
         report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
     report.start()
     if cudagraphs and compiler != "inductor":
         raise ValueError("cudagraphs=True needs compiler='inductor'")
-    backend = make_backend(manager, report, compiler, cudagraphs, offload)
+    backend = make_backend(manager, report, compiler, cudagraphs, offload, recompute_xa)
     if verbose:
         backend = _with_progress(backend, report)
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -32,7 +32,7 @@ import hashlib
 import inspect
 import json
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -219,19 +219,3 @@ class ActivationOffload:
 
     def _site(self, node: fx.Node, rewritten: bool, reason: str = "", group: Optional[str] = None) -> Site:
         return Site(self.name, module_path(node), node.name, "aot", rewritten, reason, group, "policy")
-
-
-def offload_partition_fn(offload: ActivationOffload, on_stats: Callable[[PassStats], None],
-                         partition: Optional[Callable] = None) -> Callable:
-    """A partition function: min-cut partitioning (the same Inductor uses), then the offload."""
-    if partition is None:
-        from torch._functorch.partitioners import min_cut_rematerialization_partition as partition
-
-    def partition_fn(joint: fx.GraphModule, joint_inputs, **kwargs):
-        fw, bw = partition(joint, joint_inputs, **kwargs)
-        stats = PassStats(offload.name, offload.uuid())
-        offload.run(fw, bw, kwargs["num_fwd_outputs"], stats)
-        on_stats(stats)
-        return fw, bw
-
-    return partition_fn

@@ -97,9 +97,12 @@ class LoraPass(GraphPass):
     name = "lora"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.kernels.lora")
 
-    def __init__(self, group: bool = True):
+    def __init__(self, group: bool = True, recompute_xa: bool = True):
+        """group: one op per set of LoRA linears reading the same input. recompute_xa: where a
+        checkpointed backward recomputes an op only for its low-rank activation, recompute only that
+        (checkpoint policy `recompute_lora_xa`, at partition time; fxfuse/passes/recompute_lora_xa.py)."""
         self.group = group
-        self.config = {"group": group, "max_rank": MAX_RANK}
+        self.config = {"group": group, "max_rank": MAX_RANK, "recompute_xa": recompute_xa}
 
     def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
         for gname, sub in graphs_of(gm):

@@ -9,7 +9,8 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.utils.checkpoint import checkpoint
 
 import fxfuse
-from fxfuse.passes.activation_offload import ActivationOffload, offload_partition_fn
+from fxfuse.frontends.backend import PartitionPolicies
+from fxfuse.passes.activation_offload import ActivationOffload
 from fxfuse.passes.manager import PassStats
 from tiny import clone, loss_and_grads, rel, tiny_model, tokens
 
@@ -39,7 +40,7 @@ def compiled(fn, offload, graphs, stats):
     # through dynamo, so that checkpoint() becomes a tagged region, as in a real model
     torch._dynamo.reset()
     backend = aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"),
-                           partition_fn=offload_partition_fn(offload, stats.append))
+                           partition_fn=PartitionPolicies(offload=offload).partition_fn(stats.append))
     return torch.compile(fn, backend=backend, fullgraph=True)
 
 
@@ -208,8 +209,8 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
     assert "graphs from cache" in reports[1].table()
     # a pickled copy (what a compile subprocess would get) still answers its uuid
     import pickle
-    from fxfuse.frontends.backend import OffloadPartitioner
-    part = OffloadPartitioner(offload, lambda stats: None)
+    from fxfuse.frontends.backend import PolicyPartitioner
+    part = PolicyPartitioner(PartitionPolicies(offload=offload), lambda stats: None)
     assert pickle.loads(pickle.dumps(part)).uuid() == offload.uuid()
 
 

@@ -64,19 +64,29 @@ def lora_linear_reference(x, weights, biases, lora_as, lora_bs, scalings, dropou
     """Eager math with the same semantics (fp32 low-rank, one rounding) and the kernels' dropout
     mask (`dropout_mask` reproduces it on the host when Triton cannot run)."""
     x2d = _flat(x)
-    outs, xas = [], []
-    for i, (w, b, a, bb, s, p) in enumerate(zip(weights, biases, lora_as, lora_bs, scalings, dropout_ps)):
-        xd = x2d.float()
-        if p > 0:
-            keep = K.dropout_mask(x2d.shape[0], x2d.shape[1], p, member_seed(_seed(seed), i), x.device)
-            xd = xd * keep / (1 - p)
-        xa = xd @ a.float().t()
+    xa_all = lora_xa_reference(x, lora_as, dropout_ps, seed)
+    outs, off = [], 0
+    for w, b, a, bb, s in zip(weights, biases, lora_as, lora_bs, scalings):
+        xa = xa_all[:, off:off + a.shape[0]]
+        off += a.shape[0]
         acc = x2d.float() @ w.float().t() + s * (xa @ bb.float().t())
         if b is not None:
             acc = acc + b.float()
         outs.append(acc.to(out_dtype).reshape(*x.shape[:-1], w.shape[0]))
-        xas.append(xa)
-    return outs + [torch.cat(xas, dim=1)]
+    return outs + [xa_all]
+
+
+def lora_xa_reference(x, lora_as, dropout_ps, seed):
+    """The op's last output alone: drop_i(x)·A_iᵀ side by side, fp32."""
+    x2d = _flat(x)
+    xas = []
+    for i, (a, p) in enumerate(zip(lora_as, dropout_ps)):
+        xd = x2d.float()
+        if p > 0:
+            keep = K.dropout_mask(x2d.shape[0], x2d.shape[1], p, member_seed(_seed(seed), i), x.device)
+            xd = xd * keep / (1 - p)
+        xas.append(xd @ a.float().t())
+    return torch.cat(xas, dim=1)
 
 
 def lora_linear_backward_reference(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
@@ -110,20 +120,23 @@ def lora_linear_backward_reference(dys, x, weights, lora_as, lora_bs, xa, scalin
 # ---------------------------------------------------------------- kernel implementation
 
 
-def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
+def _xa_kernels(x, lora_as, dropout_ps, seed):
     x2d = _flat(x)
-    m = x2d.shape[0]
-    seed_i = _seed(seed)
-    ranks = [a.shape[0] for a in lora_as]
     if all(p == 0 for p in dropout_ps):
         # one pass over x for every member's down-projection
-        xa = K.skinny_matmul(x2d, torch.cat(lora_as, dim=0) if len(lora_as) > 1 else lora_as[0])
-    else:
-        xa = torch.empty(m, sum(ranks), device=x.device, dtype=torch.float32)
-        off = 0
-        for i, (a, p) in enumerate(zip(lora_as, dropout_ps)):
-            xa[:, off:off + a.shape[0]] = K.skinny_matmul(x2d, a, p=p, seed=member_seed(seed_i, i))
-            off += a.shape[0]
+        return K.skinny_matmul(x2d, torch.cat(lora_as, dim=0) if len(lora_as) > 1 else lora_as[0])
+    xa = torch.empty(x2d.shape[0], sum(a.shape[0] for a in lora_as), device=x.device, dtype=torch.float32)
+    off, seed_i = 0, _seed(seed)
+    for i, (a, p) in enumerate(zip(lora_as, dropout_ps)):
+        xa[:, off:off + a.shape[0]] = K.skinny_matmul(x2d, a, p=p, seed=member_seed(seed_i, i))
+        off += a.shape[0]
+    return xa
+
+
+def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
+    x2d = _flat(x)
+    ranks = [a.shape[0] for a in lora_as]
+    xa = _xa_kernels(x, lora_as, dropout_ps, seed)
     xa_low = None
     outs, off = [], 0
     for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
@@ -131,13 +144,14 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
         if gemm_strategy(x.device) == "triton":
             y = K.fused_lora_matmul(x2d, w, xa_i, bb, scale=s, bias=b, out_dtype=out_dtype)
         else:
-            # cuBLAS: the low-rank term (and bias) becomes C of the base GEMM (beta=1 epilogue)
+            # cuBLAS: the low-rank term (and bias) is written where the output goes and becomes C of
+            # the base GEMM in place (beta=1 epilogue); an out-of-place addmm would copy C first.
             if xa_low is None:
                 xa_low = xa.to(x.dtype)
-            b_low = (bb * s).to(x.dtype)
+            b_low = torch.mul(bb, s, out=torch.empty(bb.shape, device=bb.device, dtype=x.dtype))
             xa_i = xa_low[:, off:off + r]
-            low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
-            y = torch.addmm(low, x2d, w.t()).to(out_dtype)
+            y = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
+            y = y.addmm_(x2d, w.t()).to(out_dtype)
         off += r
         outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
     return outs + [xa]
@@ -181,8 +195,8 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
                     term *= K.dropout_mask(m, k, p, si, x.device) / (1 - p)
                 low += term
             low = low.to(x.dtype)
-        dx = torch.addmm(low, dy2d[0], weights[0])
-        for dy, w in zip(dy2d[1:], weights[1:]):
+        dx = low  # accumulated in place: an out-of-place addmm would first copy `low`
+        for dy, w in zip(dy2d, weights):
             dx.addmm_(dy, w)
     out.append(dx.to(x.dtype).reshape(x.shape))
     return out
@@ -207,6 +221,24 @@ def _(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtyp
         m = m * d
     outs = [x.new_empty((*lead, w.shape[0]), dtype=out_dtype) for w in weights]
     return outs + [x.new_empty((m, sum(a.shape[0] for a in lora_as)), dtype=torch.float32)]
+
+
+XA = "fxfuse::lora_xa"
+
+
+@torch.library.custom_op(XA, mutates_args=())
+def lora_xa(x: Tensor, lora_as: List[Tensor], dropout_ps: List[float], seed: Optional[Tensor]) -> Tensor:
+    """lora_linear's last output alone, by the same kernels (bit-identical): what a checkpointed
+    backward needs from an op whose outputs it does not (passes/recompute_lora_xa.py)."""
+    return stats.dispatch(XA, x.device, _xa_kernels, lora_xa_reference, (x, lora_as, dropout_ps, seed))
+
+
+@lora_xa.register_fake
+def _(x, lora_as, dropout_ps, seed):
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    return x.new_empty((m, sum(a.shape[0] for a in lora_as)), dtype=torch.float32)
 
 
 BWD = "fxfuse::lora_linear_backward"
