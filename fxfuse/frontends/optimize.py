@@ -36,8 +36,9 @@ PASSES = {
 # What runs when no passes are named. rms_norm and swiglu are opt-in: on the H100 their ops lose to
 # Inductor's own fusion of the same elementwise code (bench/RESULTS.md: 8388 vs 9150 tok/s at 4k).
 # mlp_tiling only rewrites from a 4 GiB [tokens, intermediate] tensor up (~146k tokens on 8B).
-# sdpa_gqa is opt-in until it has run on a GPU (flash attention with enable_gqa; CPU-tested only).
-DEFAULT_PASSES = ("lora", "mlp_tiling", "causal_mask", "fused_linear_cross_entropy")
+# sdpa_gqa: GPU tests passed on an H200 (tests/gpu/test_sdpa_gqa_gpu.py); it cuts the layer's kernel
+# time at 4k (2-layer profile 35.3 -> 34.0 ms) and the k/v copies at long context.
+DEFAULT_PASSES = ("lora", "mlp_tiling", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"
 

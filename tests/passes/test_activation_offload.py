@@ -230,3 +230,28 @@ def test_inference_graphs_are_not_reported_as_offload_cache_hits(monkeypatch, tm
         with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
             fn(torch.randn(4, 8), ws)
         assert report.columns()["activation_offload"] == {}, (run, report.columns())
+
+
+def test_host_pool_pins_exact_sizes_and_reuses_only_unused_blocks():
+    """The caching host allocator rounds to powers of two (a 2.5 GiB input pinned 4 GiB); the pool
+    pins exact sizes, and a block goes out again only when no tensor still reads it."""
+    from fxfuse.runtime.ops.offload import HostPool
+    registered = []
+    pool = HostPool(register=lambda block: registered.append(block.numel()))
+    a = torch.randn(5, 3)  # 60 bytes: a power-of-two allocator would take 64
+    h1 = pool.take(a)
+    h1.copy_(a)
+    assert registered == [60] and h1.shape == a.shape and h1.dtype == a.dtype and h1.is_contiguous()
+    h2 = pool.take(a)  # h1 is alive: a second block
+    assert registered == [60, 60] and h2.data_ptr() != h1.data_ptr()
+    h2.copy_(a * 2)
+    assert torch.equal(h1, a)  # writing h2 did not touch h1
+    ptr = h1.data_ptr()
+    view = h1[1:]  # a view keeps the block in use
+    del h1
+    assert pool.take(torch.empty(2, 2)).data_ptr() != ptr and len(registered) == 3
+    del view
+    small = pool.take(torch.empty(4, dtype=torch.float64))  # 32 bytes: the smallest free block that fits
+    assert len(registered) == 3 and small.dtype == torch.float64
+    assert pool.take(torch.empty(100)).numel() == 100 and registered[-1] == 400
+    assert pool.pinned_bytes == 60 + 60 + 16 + 400
