@@ -54,10 +54,9 @@ run_py() {
   local tag=$1 t; t=$(left "$2"); shift 2
   if [ "$t" -le 0 ]; then log "SKIP $tag: budget spent"; echo "{\"source\": \"$tag\", \"skipped\": \"budget\"}" >> "$JSONL"; return; fi
   log "START $tag (timeout ${t}s): $*"
-  set -o pipefail
+  # the benchmark's own exit status (pipefail would report grep's 1 when it printed no JSON line)
   timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG" | grep --line-buffered '^{' | sed -u "s/^{/{\"source\": \"$tag\", /" >> "$JSONL"
-  local rc=$?
-  set +o pipefail
+  local rc=${PIPESTATUS[0]}
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "{\"source\": \"$tag\", \"timeout_s\": $t, \"cmd\": \"$*\"}" >> "$JSONL"
   elif [ $rc -ne 0 ]; then echo "{\"source\": \"$tag\", \"rc\": $rc, \"cmd\": \"$*\"}" >> "$JSONL"; fi
   log "END $tag rc=$rc"
