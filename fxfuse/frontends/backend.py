@@ -3,6 +3,8 @@ graph to Inductor (AOTAutograd for training) or to a lighter compiler for tests.
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import sys
 from typing import Callable, Optional
 
@@ -36,7 +38,9 @@ class PartitionPolicies:
         return [p for p in (self.recompute_xa, self.offload) if p is not None]
 
     def uuid(self) -> str:
-        return "-".join(p.uuid() for p in self.policies)
+        # this class's code composes the policies: it feeds the cache key too
+        own = hashlib.sha256(inspect.getsource(PartitionPolicies).encode()).hexdigest()[:8]
+        return "-".join([own] + [p.uuid() for p in self.policies])
 
     def partition_fn(self, on_stats: Callable[[PassStats], None], partition: Optional[Callable] = None) -> Callable:
         if partition is None:
@@ -148,7 +152,7 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
                 from functorch.compile import make_boxed_func
                 from torch._dynamo.backends.common import aot_autograd
                 nop = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
-                return aot_autograd(fw_compiler=nop, bw_compiler=nop,
+                return aot_autograd(fw_compiler=nop, bw_compiler=nop, keep_inference_input_mutations=True,
                                     partition_fn=policies.partition_fn(record))(gm, example_inputs)
             from torch._dynamo.backends.debugging import aot_eager
             return aot_eager(gm, example_inputs)

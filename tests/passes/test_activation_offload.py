@@ -211,7 +211,8 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
     import pickle
     from fxfuse.frontends.backend import PolicyPartitioner
     part = PolicyPartitioner(PartitionPolicies(offload=offload), lambda stats: None)
-    assert pickle.loads(pickle.dumps(part)).uuid() == offload.uuid()
+    assert pickle.loads(pickle.dumps(part)).uuid() == PartitionPolicies(offload=offload).uuid()
+    assert offload.uuid() in part.uuid()
 
 
 def test_inference_graphs_are_not_reported_as_offload_cache_hits(monkeypatch, tmp_path):
@@ -232,12 +233,14 @@ def test_inference_graphs_are_not_reported_as_offload_cache_hits(monkeypatch, tm
         assert report.columns()["activation_offload"] == {}, (run, report.columns())
 
 
-def test_host_pool_pins_exact_sizes_and_reuses_only_unused_blocks():
+def test_host_pool_pins_asked_sizes_and_reuses_only_unused_blocks():
     """The caching host allocator rounds to powers of two (a 2.5 GiB input pinned 4 GiB); the pool
-    pins exact sizes, and a block goes out again only when no tensor still reads it."""
+    pins what is asked (here page=1: exact bytes), and a block goes out again only when no tensor
+    still reads it, and only for a request it fits within max_slack."""
     from fxfuse.runtime.ops.offload import HostPool
-    registered = []
-    pool = HostPool(register=lambda block: registered.append(block.numel()))
+    registered, unregistered = [], []
+    pool = HostPool(register=lambda b: registered.append(b.numel()), unregister=lambda b: unregistered.append(b.numel()),
+                    page=1, max_slack=2.0)
     a = torch.randn(5, 3)  # 60 bytes: a power-of-two allocator would take 64
     h1 = pool.take(a)
     h1.copy_(a)
@@ -251,7 +254,22 @@ def test_host_pool_pins_exact_sizes_and_reuses_only_unused_blocks():
     del h1
     assert pool.take(torch.empty(2, 2)).data_ptr() != ptr and len(registered) == 3
     del view
-    small = pool.take(torch.empty(4, dtype=torch.float64))  # 32 bytes: the smallest free block that fits
-    assert len(registered) == 3 and small.dtype == torch.float64
-    assert pool.take(torch.empty(100)).numel() == 100 and registered[-1] == 400
-    assert pool.pinned_bytes == 60 + 60 + 16 + 400
+    small = pool.take(torch.empty(4, dtype=torch.float64))  # 32 bytes: fits the free 60-byte block (slack 2)
+    assert len(registered) == 3 and small.dtype == torch.float64 and small.data_ptr() == ptr
+    tiny = pool.take(torch.empty(2))  # 8 bytes: the free 16-byte block, not a 60-byte one
+    assert len(registered) == 3 and tiny.data_ptr() != ptr
+    del tiny
+    assert pool.take(torch.empty(1)).numel() == 1 and registered[-1] == 4  # 4 bytes: 16 is over slack 2
+    assert pool.pinned_bytes == 60 + 60 + 16 + 4
+    del small
+    assert pool.release() == 60 + 16 + 4 and sorted(unregistered) == [4, 16, 60]
+    assert pool.pinned_bytes == 60  # h2's block is still in use
+
+
+def test_host_pool_blocks_are_page_aligned_whole_pages():
+    from fxfuse.runtime.ops.offload import HostPool
+    pool = HostPool(register=lambda b: None, unregister=lambda b: None, page=64)
+    for n in (1, 15, 16, 17, 100):
+        h = pool.take(torch.empty(n))
+        assert h.data_ptr() % 64 == 0 and h.numel() == n
+    assert all(b.numel() % 64 == 0 and b.data_ptr() % 64 == 0 for b, _ in pool.blocks)

@@ -228,8 +228,9 @@ XA = "fxfuse::lora_xa"
 
 @torch.library.custom_op(XA, mutates_args=())
 def lora_xa(x: Tensor, lora_as: List[Tensor], dropout_ps: List[float], seed: Optional[Tensor]) -> Tensor:
-    """lora_linear's last output alone, by the same kernels (bit-identical): what a checkpointed
-    backward needs from an op whose outputs it does not (passes/recompute_lora_xa.py)."""
+    """lora_linear's last output alone, by the same kernels (the same value; bit-identical unless
+    split-K atomics reorder sums): what a checkpointed backward needs from an op whose outputs it
+    does not read (passes/recompute_lora_xa.py)."""
     return stats.dispatch(XA, x.device, _xa_kernels, lora_xa_reference, (x, lora_as, dropout_ps, seed))
 
 

@@ -23,12 +23,14 @@ On the CPU (tests) both are plain copies: the graph plumbing is the same, there 
 Pinned host memory comes from `HostPool`, not PyTorch's caching host allocator: that one rounds
 every block up to a power of two, so a 2.5 GiB layer input (320k tokens, 8B shape) pinned 4 GiB,
 and 32 of them exceeded a 128 GiB host (the process was killed on the H200). The pool pins blocks
-of the exact size (cudaHostRegister) and hands a block out again once no tensor uses it; copies
-into and out of it all run on the one side stream, so a reused block is never written before the
-reload that read it has finished.
+of the size asked for, rounded to whole pages (cudaHostRegister), and hands a block out again once
+no tensor uses it. There is one pool per device, and copies into and out of its blocks all run on
+that device's side stream, so a reused block is never written before the reload that read it has
+finished.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -53,37 +55,82 @@ def _use_count(block: Tensor) -> int:
 
 def _cuda_register(block: Tensor) -> None:
     err = torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 1)  # 1: portable
-    if int(getattr(err, "value", err)) != 0:
-        raise RuntimeError(f"cudaHostRegister of {block.numel() >> 20} MiB failed (cudaError {err}): "
-                           "host memory for activation offload could not be pinned")
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise RuntimeError(f"cudaHostRegister of {block.numel() >> 20} MiB failed "
+                           f"({torch.cuda.cudart().cudaGetErrorString(err)}, {code}): host memory for "
+                           "activation offload could not be pinned")
+
+
+def _cuda_unregister(block: Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
 
 
 class HostPool:
-    """Exact-size pinned host blocks, reused (smallest fitting free block first) once no tensor
-    uses them; they stay pinned for the process, like the caching allocator's."""
+    """Pinned host blocks of the requested size rounded up to whole pages (page-aligned, so pinning
+    covers no neighbouring heap memory), one pool per device. A block is handed out again, for a
+    request of at least 1/`max_slack` of its size, once no tensor shares its storage; free blocks
+    stay pinned until `release()`. The host tensors are internal to the offload graph: holding one's
+    storage without a tensor (`t.untyped_storage()`) is not seen, so the pool must stay private."""
 
-    def __init__(self, register=_cuda_register):
-        self.register = register
-        self.blocks: list[tuple[Tensor, int]] = []  # (uint8 block, its use count when unused)
+    def __init__(self, register=_cuda_register, unregister=_cuda_unregister, page: int = 4096,
+                 max_slack: float = 1.25):
+        self.register, self.unregister, self.page, self.max_slack = register, unregister, page, max_slack
+        self.blocks: list[tuple[Tensor, int]] = []  # (page-aligned uint8 block, its use count when unused)
+        self._lock = threading.Lock()
+
+    def _free(self) -> list[Tensor]:
+        return [b for b, idle in self.blocks if _use_count(b) <= idle]
 
     def take(self, x: Tensor) -> Tensor:
         """A host tensor with x's shape and dtype (contiguous) in a free block."""
         nbytes = x.numel() * x.element_size()
-        free = [b for b, idle in self.blocks if b.numel() >= nbytes and _use_count(b) <= idle]
-        if free:
-            block = min(free, key=Tensor.numel)
-        else:
-            block = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            self.register(block)
-            self.blocks.append((block, _use_count(block)))
-        return block[:nbytes].view(x.dtype).view(x.shape)
+        size = max(-(-nbytes // self.page) * self.page, self.page)
+        with self._lock:
+            fits = [b for b in self._free() if size <= b.numel() <= size * self.max_slack]
+            if fits:
+                block = min(fits, key=Tensor.numel)
+            else:
+                raw = torch.empty(size + self.page, dtype=torch.uint8)
+                start = -raw.data_ptr() % self.page
+                block = raw[start:start + size]
+                del raw
+                self.register(block)
+                self.blocks.append((block, _use_count(block)))
+            return block[:nbytes].view(x.dtype).view(x.shape)
+
+    def release(self) -> int:
+        """Unpins and drops the free blocks; returns the bytes released. The caller makes sure no
+        copy still reads them (torch.cuda.synchronize())."""
+        with self._lock:
+            free = {b.data_ptr() for b in self._free()}
+            gone = [b for b, _ in self.blocks if b.data_ptr() in free]
+            self.blocks = [(b, idle) for b, idle in self.blocks if b.data_ptr() not in free]
+        for b in gone:
+            self.unregister(b)
+        return sum(b.numel() for b in gone)
 
     @property
     def pinned_bytes(self) -> int:
         return sum(b.numel() for b, _ in self.blocks)
 
 
-host_pool = HostPool()
+# Copies into and out of a pool's blocks are ordered by one device's side stream only: a pool per
+# device, so a block freed by one device's reload is never rewritten by another device's offload.
+host_pools: dict[int, HostPool] = {}
+
+
+def host_pool(device: torch.device) -> HostPool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return host_pools.setdefault(index, HostPool())
+
+
+def release_host_memory() -> int:
+    """Unpins the offload's free host blocks on every device (e.g. after training, before a
+    different workload); returns the bytes released."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return sum(pool.release() for pool in host_pools.values())
 
 
 @torch.library.custom_op(OFFLOAD, mutates_args=())
@@ -96,7 +143,7 @@ def offload(x: Tensor, prev: Optional[Tensor], prev_host: Optional[Tensor], sync
         compute.wait_stream(side)  # prev's copy is done: its storage may be reused after this call
     side.wait_stream(compute)  # x is computed
     with torch.cuda.stream(side):
-        host = host_pool.take(x)
+        host = host_pool(x.device).take(x)
         host.copy_(x, non_blocking=True)
     x.record_stream(side)
     if sync:
