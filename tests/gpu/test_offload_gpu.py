@@ -18,9 +18,11 @@ def test_offload_matches_the_same_build_without_it():
     plain = fxfuse.optimize(clone(ref), verbose=False)
     off = fxfuse.optimize(clone(ref), verbose=False, offload_activations=ActivationOffload(min_bytes=0))
     ids = torch.randint(0, 1024, (2, 512), generator=torch.Generator().manual_seed(3)).cuda()
+    pinned = []
     for step in range(3):  # later steps reuse pinned blocks and side-stream memory
         l_plain, g_plain = loss_and_grads(plain, input_ids=ids, labels=ids)
         l_off, g_off = loss_and_grads(off, input_ids=ids, labels=ids)
+        pinned.append(ops.host_pool(torch.device("cuda")).pinned_bytes)
         assert torch.equal(l_plain, l_off), (step, l_plain, l_off)
         for name in g_plain:
             assert rel(g_off[name], g_plain[name]) < 1e-6, (step, name)
@@ -28,6 +30,7 @@ def test_offload_matches_the_same_build_without_it():
             m.zero_grad(set_to_none=True)
     summary = fxfuse.report(off).summary()["activation_offload"]
     assert summary["rewritten"] >= 3, summary  # the inputs of decoder layers 1..3 at least
+    assert pinned[0] > 0 and pinned[1] == pinned[2] == pinned[0], pinned  # blocks reused, not re-pinned
 
 
 def test_round_trip_while_the_compute_stream_is_busy():
