@@ -46,12 +46,15 @@ def test_down_projection_recomputes_only_xa_and_grads_are_bit_identical(monkeypa
     seen = _backward_graphs(monkeypatch)
     x = tokens()
     torch.manual_seed(3)
-    loss_on, grads_on = loss_and_grads(_build(True, dropout=dropout, offload=True), input_ids=x, labels=x)
+    model_on = _build(True, dropout=dropout, offload=True)
+    loss_on, grads_on = loss_and_grads(model_on, input_ids=x, labels=x)
     bw = seen[0]
     # 3 layers x 4 ops recomputed before; every down projection but the last layer's (its output
     # feeds the final norm outside the checkpointed regions, whose backward reads it) loses its GEMM
     assert _count(bw, torch.ops.fxfuse.lora_linear.default) == 3 * 4 - 2
     assert _count(bw, torch.ops.fxfuse.lora_xa.default) == 2
+    # the offload ran after the policy, on the trimmed backward
+    assert fxfuse.report(model_on).summary()["activation_offload"]["rewritten"] >= 1
     torch.manual_seed(3)
     model_off = _build(False, dropout=dropout, offload=True)
     first = len(seen)
@@ -70,26 +73,11 @@ def test_report_names_what_it_trimmed_and_what_it_declined():
     loss_and_grads(model, input_ids=x, labels=x)
     sites = fxfuse.report(model).sites("recompute_lora_xa")
     done = [s for s in sites if s.rewritten]
-    assert [s.module for s in done] == ["base_model.model.model.layers.0.mlp.down_proj"] or \
-        [s.module.split("layers.")[-1] for s in done] == ["0.mlp.down_proj"]
+    assert [s.module.split("layers.")[-1] for s in done] == ["0.mlp.down_proj"]
     declined = {s.module.split("layers.")[-1]: s.reason for s in sites if not s.rewritten}
     assert declined["1.mlp.down_proj"] == "the backward reads its outputs: recomputed in full"
     assert declined["0.mlp.gate_proj"] == "the backward reads its outputs: recomputed in full"
     assert "recompute_lora_xa" in fxfuse.report(model).table()
-
-
-def test_with_offload_both_policies_run_and_grads_match(monkeypatch):
-    seen = _backward_graphs(monkeypatch)
-    x = tokens()
-    model = _build(True, offload=True)
-    loss, grads = loss_and_grads(model, input_ids=x, labels=x)
-    assert _count(seen[0], torch.ops.fxfuse.lora_xa.default) == 2
-    rep = fxfuse.report(model)
-    assert rep.summary()["activation_offload"]["rewritten"] >= 1
-    loss_ref, grads_ref = loss_and_grads(_build(False, offload=False), input_ids=x, labels=x)
-    assert torch.equal(loss, loss_ref)
-    for name in grads:
-        assert torch.equal(grads[name], grads_ref[name]), name
 
 
 def test_without_checkpointing_nothing_is_recomputed(monkeypatch):
