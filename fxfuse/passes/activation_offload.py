@@ -28,9 +28,6 @@ inputs (parameters, model inputs) are counted in the `inputs saved` column, not 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
-import json
 import operator
 from typing import Any, Optional
 
@@ -38,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import offload as offload_ops
-from .manager import PassStats, Site
+from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
 
 POLICY = "offload_saved"
@@ -100,9 +97,7 @@ class ActivationOffload:
                        "host_fraction": host_fraction}
 
     def uuid(self) -> str:
-        src = [inspect.getsource(m) for m in (inspect.getmodule(type(self)), offload_ops)]
-        blob = json.dumps({"src": src, "config": self.config}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return source_uuid((type(self).__module__, offload_ops.__name__), self.config)
 
     def _why_not(self, node: fx.Node, model_outputs: set) -> Optional[str]:
         val = node.meta.get("val")

@@ -65,6 +65,12 @@ def _source(module_name: str) -> str:
         return hashlib.sha256(open(module.__file__, "rb").read()).hexdigest()
 
 
+def source_uuid(modules, config: dict) -> str:
+    """A pass's or policy's uuid: the source of the modules whose code it runs, and its config."""
+    blob = json.dumps({"src": [_source(m) for m in modules], "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class GraphPass(abc.ABC):
     """Base class: a pass rewrites one fx graph (and its subgraphs) in place and records sites."""
 
@@ -75,10 +81,7 @@ class GraphPass(abc.ABC):
     depends_on: tuple[str, ...] = ()
 
     def uuid(self) -> str:
-        modules = (type(self).__module__, *self.depends_on)
-        blob = json.dumps({"src": [_source(m) for m in modules], "config": self.config},
-                          sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return source_uuid((type(self).__module__, *self.depends_on), self.config)
 
     @abc.abstractmethod
     def run(self, gm: fx.GraphModule, stats: PassStats) -> None:

@@ -19,16 +19,13 @@ recomputed in full, as before).
 """
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
-from .manager import PassStats, Site
+from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
 
 
@@ -39,10 +36,8 @@ class RecomputeLoraXA:
         self.config = {"policy": self.name}
 
     def uuid(self) -> str:
-        from ..runtime.ops import lora as lora_ops  # lora_xa's code is what the rewrite calls
-        src = [inspect.getsource(m) for m in (inspect.getmodule(type(self)), lora_ops)]
-        blob = json.dumps({"src": src, "config": self.config}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        # lora_xa's code (runtime/ops/lora.py) is what the rewrite calls
+        return source_uuid((type(self).__module__, "fxfuse.runtime.ops.lora"), self.config)
 
     def run(self, bw: fx.GraphModule, stats: PassStats) -> None:
         op_target, xa_target = torch.ops.fxfuse.lora_linear.default, torch.ops.fxfuse.lora_xa.default
@@ -74,8 +69,8 @@ class RecomputeLoraXA:
         n = len(op.args[1])  # one output per member, then xa
         if any(u.target is not operator.getitem for u in op.users):
             return "its output list is read whole"
-        read = sorted(u.args[1] for u in op.users if u.users)
-        if read != [n]:
+        read = {u.args[1] for u in op.users if u.users}
+        if read != {n}:
             if any(i < n for i in read):
                 return "the backward reads its outputs: recomputed in full"
             return "the backward does not read its xa"

@@ -213,14 +213,17 @@ def lora_linear(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]
     return stats.dispatch(OP, x.device, _forward_kernels, lora_linear_reference, args)
 
 
+def _fake_xa(x, lora_as):
+    m = 1
+    for d in x.shape[:-1]:
+        m = m * d
+    return x.new_empty((m, sum(a.shape[0] for a in lora_as)), dtype=torch.float32)
+
+
 @lora_linear.register_fake
 def _(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
-    lead = x.shape[:-1]
-    m = 1
-    for d in lead:
-        m = m * d
-    outs = [x.new_empty((*lead, w.shape[0]), dtype=out_dtype) for w in weights]
-    return outs + [x.new_empty((m, sum(a.shape[0] for a in lora_as)), dtype=torch.float32)]
+    outs = [x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype) for w in weights]
+    return outs + [_fake_xa(x, lora_as)]
 
 
 XA = "fxfuse::lora_xa"
@@ -236,10 +239,7 @@ def lora_xa(x: Tensor, lora_as: List[Tensor], dropout_ps: List[float], seed: Opt
 
 @lora_xa.register_fake
 def _(x, lora_as, dropout_ps, seed):
-    m = 1
-    for d in x.shape[:-1]:
-        m = m * d
-    return x.new_empty((m, sum(a.shape[0] for a in lora_as)), dtype=torch.float32)
+    return _fake_xa(x, lora_as)
 
 
 BWD = "fxfuse::lora_linear_backward"
