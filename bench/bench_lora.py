@@ -68,6 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--size", choices=sorted(CONFIGS), default="8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=7, help="steps per length; the median is over the last 5")
+    ap.add_argument("--progress", action="store_true", help="print when each phase of a step ends (long context)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dynamic", choices=sorted(DYNAMIC), default="auto",
                     help="torch.compile dynamic=: auto (None: static first, dynamic after a size change), "
@@ -165,6 +166,14 @@ def _offload(variant: str, host_fraction):
     return ActivationOffload(host_fraction=host_fraction)
 
 
+def _progress(args, seq, phase, t0, dev):
+    """With --progress: when each phase of a step ends (a long-context step runs minutes)."""
+    if args.progress:
+        dev.sync()
+        print(f"[{seq} tokens] {phase} done {time.perf_counter() - t0:.1f}s into the step, peak {dev.peak_gib()} GiB",
+              file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     variant = args.variant
@@ -228,8 +237,10 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 phase = "forward"  # named in an OOM row
                 out = fwd(input_ids=x, labels=x)
+                _progress(args, seq, phase, t, dev)
                 phase = "backward"
                 out.loss.backward()
+                _progress(args, seq, phase, t, dev)
                 phase = "optimizer"
                 opt.step()
                 opt.zero_grad(set_to_none=True)
