@@ -68,6 +68,8 @@ def parse_args(argv=None):
     ap.add_argument("--size", choices=sorted(CONFIGS), default="8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=7, help="steps per length; the median is over the last 5")
+    ap.add_argument("--offload-options", default=None,
+                    help='fxfuse-offload: ActivationOffload keyword arguments as JSON, e.g. \'{"save_attention": false}\'')
     ap.add_argument("--progress", action="store_true", help="print when each phase of a step ends (long context)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dynamic", choices=sorted(DYNAMIC), default="auto",
@@ -157,13 +159,16 @@ def lora_check(summary: dict, expected: int) -> tuple[bool, str]:
     return ok, f"lora {rew}/{cand} rewritten (expected a multiple of {expected}), declined {s.get('declined')}"
 
 
-def _offload(variant: str, host_fraction):
+def _offload(variant: str, args):
     if variant != "fxfuse-offload":
         return False
-    if host_fraction is None:
+    opts = json.loads(args.offload_options) if args.offload_options else {}
+    if args.host_fraction is not None:
+        opts["host_fraction"] = args.host_fraction
+    if not opts:
         return True
     from fxfuse.passes.activation_offload import ActivationOffload
-    return ActivationOffload(host_fraction=host_fraction)
+    return ActivationOffload(**opts)
 
 
 def _progress(args, seq, phase, t0, dev):
@@ -210,7 +215,7 @@ def main(argv=None) -> int:
         if args.passes:
             passes = args.passes.split(",")
         fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg",
-                        offload_activations=_offload(variant, args.host_fraction))
+                        offload_activations=_offload(variant, args))
         fwd = model
         rep = fxfuse.report(model)
 
@@ -218,7 +223,7 @@ def main(argv=None) -> int:
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
-                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, device=torch.cuda.get_device_name(dev.dev)
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
                 if dev.cuda else args.device, torch=torch.__version__)
     failures = []
     for index, seq in enumerate(seqs):
@@ -282,6 +287,9 @@ def main(argv=None) -> int:
                        kernel_calls=sum(_kernel_calls().values()))
             if "mlp_tiling" in summary:
                 row.update(mlp_tiled=summary["mlp_tiling"]["rewritten"], mlp_tiling_declined=summary["mlp_tiling"]["declined"])
+            if "save_attention" in summary:
+                row.update(save_attention=summary["save_attention"]["rewritten"],
+                           save_attention_declined=summary["save_attention"]["declined"])
             if "activation_offload" in summary:
                 off = summary["activation_offload"]
                 row.update(offload_rewritten=off["rewritten"], offload_declined=off["declined"],

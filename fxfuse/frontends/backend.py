@@ -16,6 +16,7 @@ from ..passes.activation_offload import ActivationOffload
 from ..passes.manager import PassManager, PassStats
 from ..passes.pattern import graphs_of
 from ..passes.recompute_lora_xa import RecomputeLoraXA
+from ..passes.save_attention import SaveAttention
 from .report import Report
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -26,16 +27,20 @@ def _node_count(gm: fx.GraphModule) -> int:
 
 
 class PartitionPolicies:
-    """What runs when AOTAutograd splits a training graph, in order: min-cut partitions the joint
-    graph (the partitioner Inductor uses), recompute_lora_xa trims the backward's recomputation,
-    then the activation offload rewrites the forward and backward graphs. Each reports its sites."""
+    """What runs when AOTAutograd splits a training graph, in order: save_attention marks what the
+    joint graph must save (with the offload only: the saved tensors go to host memory), min-cut
+    partitions the joint graph (the partitioner Inductor uses), recompute_lora_xa trims the
+    backward's recomputation, then the activation offload rewrites the forward and backward graphs.
+    Each reports its sites."""
 
     def __init__(self, recompute_xa: Optional[RecomputeLoraXA] = None, offload: Optional[ActivationOffload] = None):
         self.recompute_xa, self.offload = recompute_xa, offload
+        self.save_attention = (SaveAttention(offload.config["host_fraction"])
+                               if offload is not None and offload.config["save_attention"] else None)
 
     @property
     def policies(self) -> list:
-        return [p for p in (self.recompute_xa, self.offload) if p is not None]
+        return [p for p in (self.save_attention, self.recompute_xa, self.offload) if p is not None]
 
     def uuid(self) -> str:
         # this class's code composes the policies: it feeds the cache key too
@@ -47,6 +52,10 @@ class PartitionPolicies:
             from torch._functorch.partitioners import min_cut_rematerialization_partition as partition
 
         def partition_fn(joint: fx.GraphModule, joint_inputs, **kwargs):
+            if self.save_attention is not None:
+                stats = PassStats(self.save_attention.name, self.save_attention.uuid())
+                self.save_attention.run(joint, stats)
+                on_stats(stats)
             fw, bw = partition(joint, joint_inputs, **kwargs)
             if self.recompute_xa is not None:
                 stats = PassStats(self.recompute_xa.name, self.recompute_xa.uuid())

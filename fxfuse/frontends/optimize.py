@@ -19,7 +19,7 @@ from ..passes.sdpa_gqa import SdpaGqaPass
 from ..passes.swiglu import SwigluPass
 from ..runtime import cache
 from ..runtime.kernels import lora as lora_kernels
-from .backend import make_backend
+from .backend import PartitionPolicies, make_backend
 from .report import Report
 
 # Passes in the order they run. Each entry builds a fresh pass.
@@ -113,7 +113,7 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     offload = _offload_for(offload_activations, compiler, cudagraphs, on_cuda)
     lora = next((p for p in manager.passes if p.name == "lora"), None)
     recompute_xa = RecomputeLoraXA() if lora is not None and lora.config["recompute_xa"] and compiler != "eager" else None
-    policies = [p for p in (recompute_xa, offload) if p is not None]
+    policies = PartitionPolicies(recompute_xa, offload).policies
     uuid = "-".join([manager.uuid()] + [p.uuid() for p in policies])
     report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + [p.name for p in policies])
     if compiler == "inductor":

@@ -62,7 +62,7 @@ class Report:
         for g in self.graphs:
             for p in g.passes:
                 for col, n in p.columns.items():
-                    out[p.name][col] = out[p.name].get(col, 0) + n
+                    out.setdefault(p.name, {})[col] = out.get(p.name, {}).get(col, 0) + n
         return out
 
     @property

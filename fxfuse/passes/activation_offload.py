@@ -11,14 +11,16 @@ tokens on the Llama-3.1-8B shape that is 32 x 128 MiB of layer inputs.
 Unlike the other passes this one does not rewrite dynamo's graph: what is saved is only known
 after AOTAutograd partitions the joint graph, so it runs as Inductor's custom partitioner (or the
 partition function of `aot_eager`), on the forward and backward graphs min-cut produced:
-- forward: `off = fxfuse::offload(x, prev, sync)` right after x is computed; `off` (a host tensor)
-  replaces x among the saved outputs. The copies form a chain (see runtime/ops/offload.py why).
+- forward: `off = fxfuse::offload(x, done, prev_host, sync)` right after x is computed; `off` (a
+  host tensor) replaces x among the saved outputs. The copies form a chain; each waits for the copy
+  `lag` offloads back (see runtime/ops/offload.py why).
 - backward: x's placeholder becomes the host tensor; `fxfuse::reload(off, device)` is placed
-  before the first use of the activation the backward reloads just before this one (one decoder
-  layer of lead), and replaces x in every use.
+  before the first use of the activations the backward reads `lead` reads earlier (with the layer
+  inputs alone, `lead` decoder layers ahead), and replaces x in every use.
 
-Declined with a reason: views and multi-output items (they share storage, nothing would be
-freed), non-contiguous tensors, tensors that are also model outputs, tensors below `min_bytes`,
+Declined with a reason: views and items of ops that return views (they share storage, nothing
+would be freed), tensors with gaps or overlaps (contiguous and permuted-dense ones are copied as
+one block with their strides), tensors that are also model outputs, tensors below `min_bytes`,
 host tensors, graphs without checkpointed regions (there every op's intermediate is saved, and
 moving all of them over PCIe would cost more than the compute it hides behind), and what would not
 fit in `host_fraction` (default half) of the host's available memory (checked at compile time, for
@@ -71,30 +73,64 @@ def _fake_like(val: torch.Tensor, device) -> torch.Tensor:
 
 
 def _is_alias(node: fx.Node) -> bool:
+    """Shares storage with another tensor of the graph: a view, or an item of an op that returns
+    views (split, unbind) or of something that is not an op. An item of an op with fresh outputs
+    (the attention op's output, a LoRA op's output) owns its storage."""
     t = node.target
     if t is operator.getitem:
-        return True
+        parent = node.args[0]
+        pt = getattr(parent, "target", None)
+        if not isinstance(pt, torch._ops.OpOverload) or not isinstance(node.args[1], int):
+            return True
+        returns = pt._schema.returns
+        if len(returns) == 1:  # a list of tensors (Tensor[]): one alias annotation for all
+            return returns[0].alias_info is not None or not isinstance(parent.meta.get("val"), (list, tuple))
+        return node.args[1] >= len(returns) or returns[node.args[1]].alias_info is not None
     return isinstance(t, torch._ops.OpOverload) and any(r.alias_info is not None for r in t._schema.returns)
+
+
+def _dense(val: torch.Tensor) -> bool:
+    """Its elements fill its storage span exactly (contiguous, or permuted like a transpose's output):
+    the host copy keeps the strides, so the copy is one block. Checked on the traced sizes."""
+    dims = [(_hint(st), _hint(sz)) for sz, st in zip(val.size(), val.stride())]
+    if any(st is None or sz is None for st, sz in dims):
+        return False
+    expected = 1
+    for st, sz in sorted(d for d in dims if d[1] != 1):
+        if st != expected:
+            return False
+        expected *= sz
+    return True
 
 
 class ActivationOffload:
     name = "activation_offload"
 
     def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",),
-                 host_fraction: float = 0.5):
+                 host_fraction: float = 0.5, save_attention: bool = True, lag: int = 3, lead: int = 2):
         """min_bytes: smaller saved tensors stay on the device (a transfer's fixed cost would dominate).
         keep_first: how many of the activations the backward uses first stay on the device.
         devices: device types whose activations are offloaded; tests add "cpu" to exercise the
         graph plumbing without a GPU.
         host_fraction: the share of the host's available memory (at compile time) offloads may pin.
         At 320k tokens on the 8B shape all 31 layer inputs need 77.5 GiB: 0.5 of a 124 GiB host
-        left 7 of them on the GPU (measured on an H200)."""
+        left 7 of them on the GPU (measured on an H200).
+        save_attention: checkpoint policy `save_attention` (passes/save_attention.py) also saves,
+        and so offloads, each checkpointed attention op's q/k/v, output and log-sum-exp, instead of
+        the backward recomputing them, within the host memory left after the layer inputs.
+        lag: the compute stream waits for the copy `lag` offloads back (not the previous one), so
+        that close activations (q, k, v) copy back to back without stalling the forward.
+        lead: a reload is issued before the first use of the activations `lead` backward reads
+        earlier (activations first read by the same op count as one read)."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
+        if lag < 1 or lead < 1:
+            raise ValueError("lag and lead must be >= 1")
         if not 0 < host_fraction <= 0.9:
             raise ValueError("host_fraction must be in (0, 0.9]: pinned memory cannot be paged out")
         self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices),
-                       "host_fraction": host_fraction}
+                       "host_fraction": host_fraction, "save_attention": bool(save_attention), "lag": lag,
+                       "lead": lead}
 
     def uuid(self) -> str:
         return source_uuid((type(self).__module__, offload_ops.__name__), self.config)
@@ -109,8 +145,8 @@ class ActivationOffload:
             return "a view or multi-output item: shares storage, offloading it frees nothing"
         if val.device.type not in self.config["devices"]:
             return f"on {val.device.type}, not on an offloaded device type {self.config['devices']}"
-        if not val.is_contiguous():
-            return "not contiguous"
+        if not _dense(val):
+            return "not dense (has gaps or overlaps in its storage)"
         size = _nbytes(val)
         if size is None:
             return "size unknown at compile time (unbacked symbolic size)"
@@ -151,9 +187,16 @@ class ActivationOffload:
         # The backward reads the activations in about the reverse order; keep the first ones read.
         first_use = {ph: min(bw_order[u] for u in ph.users) for _, ph in chosen}
         chosen.sort(key=lambda c: first_use[c[1]])
-        # each reload goes before the first use of the activation read just before it (kept ones too)
-        lead = {ph: min(prev_ph.users, key=bw_order.__getitem__)
-                for (_, prev_ph), (_, ph) in zip(chosen, chosen[1:])}
+        # each reload goes before the first use of the activations read `lead` reads earlier (kept
+        # ones too); activations first read by the same node are one read (q, k, v by attention)
+        reads = sorted(set(first_use.values()))
+        read_index = {at: i for i, at in enumerate(reads)}
+        nodes_by_order = {i: n for n, i in bw_order.items()}
+        lead = {}
+        for _, ph in chosen:
+            i = read_index[first_use[ph]] - self.config["lead"]
+            if i >= 0:
+                lead[ph] = nodes_by_order[reads[i]]
         for node, _ in chosen[: self.config["keep_first"]]:
             stats.sites.append(self._site(node, False, "read first by the backward: it would be reloaded at once"))
         chosen = chosen[self.config["keep_first"]:]
@@ -164,18 +207,23 @@ class ActivationOffload:
         # forward: one chain of copies in the order the forward computes them
         fw_order = {n: i for i, n in enumerate(fw.graph.nodes)}
         by_fw = sorted(chosen, key=lambda c: fw_order[c[0]])
+        sources = [node for node, _ in by_fw]
+        lag = self.config["lag"]
         host_of: dict[fx.Node, fx.Node] = {}
-        prev = prev_host = None
-        for i, (node, _) in enumerate(by_fw):
+        prev_host = None
+        for i, node in enumerate(sources):
+            last = i == len(sources) - 1
+            # the sources whose copies must be done here, kept alive up to here as inputs: the one
+            # `lag` back; the last offload keeps every source still in flight (it waits for all)
+            done = sources[max(i - lag, 0):i] if last else sources[i - lag:i - lag + 1] if i >= lag else []
             # right after x, which the forward computes after the previous copy's source: prev_host is
             # already there, and as an input it makes the chain a data dependency, not a list order
             with fw.graph.inserting_after(node):
-                host = fw.graph.call_function(torch.ops.fxfuse.offload.default,
-                                              (node, prev, prev_host, i == len(by_fw) - 1))
+                host = fw.graph.call_function(torch.ops.fxfuse.offload.default, (node, done, prev_host, last))
             host.meta.update({k: v for k, v in node.meta.items() if k.startswith("saved_tensor")})
             host.meta["val"] = _fake_like(node.meta["val"], "cpu")
             host_of[node] = host
-            prev, prev_host = node, host
+            prev_host = host
         fw_out.args = (tuple(host_of.get(n, n) if isinstance(n, fx.Node) else n for n in outputs),)
 
         # backward: host placeholders, each reload one activation ahead of its first use

@@ -60,7 +60,7 @@ def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers
     want = [x.grad] + [w.grad for w in ws]
     assert all(torch.allclose(g, w, rtol=1e-6, atol=1e-6) for g, w in zip(got, want))
     # saved activations: the inputs of layers 2..n (layer 1's input is a graph input)
-    (st,) = stats
+    (st,) = [s for s in stats if s.name == "activation_offload"]
     moved = layers - 1 - (1 if layers > 1 else 0)  # the one the backward reads first stays
     assert st.rewritten == moved, [(s.node, s.reason) for s in st.sites]
     assert count(graphs["fw"], OFF) == moved and count(graphs["bw"], BACK) == moved
@@ -69,28 +69,39 @@ def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers
     # each host tensor is a forward output and a backward input (positional hand-over intact)
     fw_outs = graphs["fw"].graph.find_nodes(op="output")[0].args[0]
     assert sum(1 for n in fw_outs if getattr(n, "target", None) is OFF) == moved
-    # the last copy of the chain waits for itself; every copy after the first keeps its predecessor
+    # the last copy of the chain waits for every copy; each other copy waits for the one `lag`
+    # back, and keeps its source alive up to there
     offs = [n for n in graphs["fw"].graph.nodes if n.target is OFF]
+    lag = 3
     if offs:
         assert [n.args[3] for n in offs] == [False] * (len(offs) - 1) + [True]
-        assert offs[0].args[1] is None and all(n.args[1] is not None for n in offs[1:])
+        sources = [n.args[0] for n in offs]
+        for i, n in enumerate(offs[:-1]):
+            assert n.args[1] == ([sources[i - lag]] if i >= lag else [])
+        assert offs[-1].args[1] == sources[max(len(offs) - 1 - lag, 0):-1]
         # each copy reads the previous one's output: the order is a data dependency
         assert all(n.args[2] is p for p, n in zip(offs, offs[1:]))
 
 
-def test_reload_runs_one_layer_ahead_of_its_first_use():
+@pytest.mark.parametrize("lead", [1, 2])
+def test_reload_runs_lead_layers_ahead_of_its_first_use(lead):
     torch.manual_seed(0)
     x = torch.randn(8, 16, requires_grad=True)
-    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(5)]
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(6)]
     graphs, stats = {}, []
-    compiled(lambda x, *ws: stack(x, ws), ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)(x, *ws).backward()
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",), lead=lead)
+    compiled(lambda x, *ws: stack(x, ws), offload, graphs, stats)(x, *ws).backward()
     order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
-    reloads = sorted((n for n in graphs["bw"].graph.nodes if n.target is BACK), key=order.get)
+    reloads = sorted((n for n in graphs["bw"].graph.nodes if n.target is BACK),
+                     key=lambda r: min(order[u] for u in r.users))
     first_use = [min(order[u] for u in r.users) for r in reloads]
-    assert len(reloads) == 3 and first_use == sorted(first_use)
-    # reload i is issued before the first use of reload i-1 (a layer of lead)
-    for i in range(1, len(reloads)):
-        assert order[reloads[i]] < first_use[i - 1]
+    assert len(reloads) == 4
+    # reload i is issued before the first use of the activation `lead` reads earlier
+    for i in range(lead, len(reloads)):
+        assert order[reloads[i]] < first_use[i - lead]
+    # and not earlier than needed: after the first use of the one `lead + 1` reads earlier
+    for i in range(lead + 1, len(reloads)):
+        assert order[reloads[i]] > first_use[i - lead - 1]
 
 
 def test_declines_without_checkpointing_and_what_is_small_or_on_the_wrong_device():
@@ -101,8 +112,8 @@ def test_declines_without_checkpointing_and_what_is_small_or_on_the_wrong_device
     def reasons(offload, use_checkpoint=True):
         graphs, stats = {}, []
         compiled(lambda x, *ws: stack(x, ws, use_checkpoint), offload, graphs, stats)(x, *ws).backward()
-        assert count(graphs["fw"], OFF) == stats[0].rewritten
-        return stats[0].rewritten, {s.reason for s in stats[0].declined}
+        assert count(graphs["fw"], OFF) == stats[-1].rewritten
+        return stats[-1].rewritten, {s.reason for s in stats[-1].declined}
 
     n, why = reasons(ActivationOffload(min_bytes=0, devices=("cpu",)), use_checkpoint=False)
     assert n == 0 and any("no checkpointed regions" in r for r in why)
@@ -123,7 +134,7 @@ def test_host_budget_is_a_fraction_of_the_available_memory(monkeypatch, fraction
     graphs, stats = {}, []
     offload = ActivationOffload(min_bytes=0, devices=("cpu",), host_fraction=fraction)
     compiled(lambda x, *ws: stack(x, ws), offload, graphs, stats)(x, *ws).backward()
-    (st,) = stats
+    (st,) = [s for s in stats if s.name == "activation_offload"]
     assert st.rewritten == moved == count(graphs["fw"], OFF)
     assert sum("host memory" in s.reason for s in st.declined) == 3 - moved
 
@@ -196,7 +207,7 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
     for run in range(2):  # the second run stands for a second process: dynamo state reset, disk cache kept
         torch._dynamo.reset()
         counters.clear()
-        report = Report(manager_uuid=manager.uuid(), pass_names=[offload.name])
+        report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in PartitionPolicies(offload=offload).policies])
         fn = torch.compile(stack, backend=make_backend(manager, report, "inductor", offload=offload), fullgraph=True)
         with torch._inductor.config.patch(fx_graph_cache=True):
             fn(x, ws).backward()
@@ -226,7 +237,7 @@ def test_inference_graphs_are_not_reported_as_offload_cache_hits(monkeypatch, tm
     ws = [torch.randn(8, 8) for _ in range(3)]
     for run in range(2):
         torch._dynamo.reset()
-        report = Report(manager_uuid=manager.uuid(), pass_names=[offload.name])
+        report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in PartitionPolicies(offload=offload).policies])
         fn = torch.compile(stack, backend=make_backend(manager, report, "inductor", offload=offload), fullgraph=True)
         with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True):
             fn(torch.randn(4, 8), ws)

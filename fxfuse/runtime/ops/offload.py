@@ -4,15 +4,16 @@
 partitioned.
 
 Both copies run on one side stream per device, so they overlap with the compute stream:
-- offload(x, prev, sync): the side stream waits for x to be computed, copies it into pinned host
-  memory and `record_stream`s x, so the allocator cannot hand x's memory out before the copy ends.
-  Inductor may also reuse a dead buffer's storage inside the compiled graph, which the allocator
-  never sees: so `prev` (the previous offloaded tensor) is an input here, which keeps it alive up to
-  this call, and the compute stream waits here for the copies already issued, prev's among them
-  (long finished by then: a decoder layer ran in between). `prev_host` (the previous offload's
-  output) is an input only to order the chain: without it a scheduler may run the offloads in
-  another order. `sync` waits for this very copy (the last offload of a graph: nothing later would
-  keep its source alive).
+- offload(x, done, prev_host, sync): the side stream waits for x to be computed, copies it into
+  pinned host memory and `record_stream`s x, so the allocator cannot hand x's memory out before the
+  copy ends. Inductor may also reuse a dead buffer's storage inside the compiled graph, which the
+  allocator never sees: so the sources in `done` (an earlier offload's, `lag` back) are inputs here,
+  which keeps them alive up to this call, and the compute stream waits here for their copies (and,
+  the side stream being in order, every copy before them). Waiting for the copy `lag` back, not
+  the previous one, lets activations computed close together (q, k, v) copy back to back while the
+  forward goes on. `prev_host` (the previous offload's output) is an input only to order the chain:
+  without it a scheduler may run the offloads in another order. `sync` waits for every copy issued,
+  this one too (the last offload of a graph: nothing later would keep the sources alive).
 - reload(x, device): allocated on the side stream (so the copy need not wait for compute work that
   still uses the memory), copied, then the compute stream waits for it. The partitioner issues a
   reload one decoder layer before its first use; since the host runs ahead of the GPU, the copy has
@@ -83,7 +84,8 @@ class HostPool:
         return [b for b, idle in self.blocks if _use_count(b) <= idle]
 
     def take(self, x: Tensor) -> Tensor:
-        """A host tensor with x's shape and dtype (contiguous) in a free block."""
+        """A host tensor with x's shape, strides and dtype in a free block (x is dense: contiguous,
+        or a permutation of a contiguous layout)."""
         nbytes = x.numel() * x.element_size()
         size = max(-(-nbytes // self.page) * self.page, self.page)
         with self._lock:
@@ -97,7 +99,7 @@ class HostPool:
                 del raw
                 self.register(block)
                 self.blocks.append((block, _use_count(block)))
-            return block[:nbytes].view(x.dtype).view(x.shape)
+            return block[:nbytes].view(x.dtype).as_strided(x.size(), x.stride())
 
     def release(self) -> int:
         """Unpins and drops the free blocks; returns the bytes released. The caller makes sure no
@@ -133,26 +135,51 @@ def release_host_memory() -> int:
     return sum(pool.release() for pool in host_pools.values())
 
 
+# Per device: (source data_ptr, event recorded after its copy) of the copies not yet waited for.
+_in_flight: dict[int, list] = {}
+
+
+def _wait_for(compute, flight: list, done: list[Tensor]) -> None:
+    """The compute stream waits for the copies of `done` (and those issued before them)."""
+    ptrs = {t.data_ptr() for t in done}
+    hit = max((i for i, (ptr, _) in enumerate(flight) if ptr in ptrs), default=None)
+    if hit is None or len({p for p, _ in flight[:hit + 1]} & ptrs) < len(ptrs):
+        compute.wait_stream(side_stream(compute.device))  # not found (cannot happen): wait for all
+        flight.clear()
+        return
+    compute.wait_event(flight[hit][1])
+    del flight[:hit + 1]
+
+
 @torch.library.custom_op(OFFLOAD, mutates_args=())
-def offload(x: Tensor, prev: Optional[Tensor], prev_host: Optional[Tensor], sync: bool) -> Tensor:
+def offload(x: Tensor, done: list[Tensor], prev_host: Optional[Tensor], sync: bool) -> Tensor:
     if x.device.type != "cuda":
         return x.clone()  # already on the host (CPU tests): a copy, as the device path makes
     compute = torch.cuda.current_stream(x.device)
     side = side_stream(x.device)
-    if prev is not None:
-        compute.wait_stream(side)  # prev's copy is done: its storage may be reused after this call
+    flight = _in_flight.setdefault(side.device_index, [])
+    if prev_host is None and flight:  # a graph's first offload: an earlier run stopped midway
+        compute.wait_stream(side)
+        flight.clear()
+    if done:
+        _wait_for(compute, flight, done)  # their storage may be reused after this call
     side.wait_stream(compute)  # x is computed
     with torch.cuda.stream(side):
         host = host_pool(x.device).take(x)
         host.copy_(x, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(side)
     x.record_stream(side)
     if sync:
         compute.wait_stream(side)
+        flight.clear()
+    else:
+        flight.append((x.data_ptr(), event))
     return host
 
 
 @offload.register_fake
-def _(x, prev, prev_host, sync):
+def _(x, done, prev_host, sync):
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
 
 

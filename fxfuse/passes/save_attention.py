@@ -1,0 +1,134 @@
+"""Checkpoint policy `save_attention`: under gradient checkpointing with the activation offload on,
+the attention block's tensors (q, k, v as the attention op reads them, its output and log-sum-exp)
+are saved for the backward, and offloaded to host memory, instead of recomputed.
+
+Why: a checkpointed backward recomputes a decoder layer's forward up to what it needs. For the
+attention backward that is q/k/v (the grouped q/k/v LoRA op: a base GEMM of 2·T·4096·6144 FLOP on
+the Llama-3.1-8B shape, plus RoPE) and the attention forward itself (the O(T²) part). Saved, the
+backward reads them back from host memory: ~80 MiB per layer at 4k tokens, copied on the offload's
+side stream while the GPU computes. What still runs in the backward is the q/k/v op's `xa` for the
+adapters' dB (`recompute_lora_xa` turns that into `fxfuse::lora_xa`).
+
+It runs at partition time, before min-cut, on AOTAutograd's joint graph: each scaled-dot-product
+attention op inside a checkpointed region (tagged recompute) is marked MUST_SAVE, with its tensor
+outputs and the ops that produce its q/k/v (walking up through views to the op that computes the
+tensor; a multi-output op such as the grouped LoRA op is marked whole, since min-cut cannot save
+only some of its outputs while recomputing it). Min-cut then saves those tensors; the offload moves
+them to the host.
+
+Declined with a reason: attention outside checkpointed regions (already saved), an input that is a
+graph input or not computed by an op, and what would not fit the host memory the offload may pin
+(its `host_fraction`, less the layer inputs checkpointing saves anyway: at 320k tokens on the 8B
+shape those alone take ~80 GiB, and a saved tensor the offload cannot place stays on the GPU).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
+
+from .activation_offload import _host_bytes_available, _nbytes
+from .manager import PassStats, Site, source_uuid
+from .pattern import module_path
+
+aten = torch.ops.aten
+
+
+def _attention_ops() -> tuple:
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    return tuple(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def _recomputed(node: fx.Node) -> bool:
+    return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
+
+
+def _is_view(node: fx.Node) -> bool:
+    t = node.target
+    return (isinstance(t, torch._ops.OpOverload) and t is not operator.getitem
+            and len(t._schema.returns) == 1 and t._schema.returns[0].alias_info is not None)
+
+
+class SaveAttention:
+    name = "save_attention"
+
+    def __init__(self, host_fraction: float = 0.5):
+        """host_fraction: the offload's share of the host's available memory; what the layer inputs
+        (the checkpointed regions' boundaries) take of it comes first."""
+        self.config = {"policy": self.name, "host_fraction": host_fraction}
+
+    def uuid(self) -> str:
+        return source_uuid((type(self).__module__,), self.config)
+
+    def run(self, joint: fx.GraphModule, stats: PassStats) -> None:
+        ops = _attention_ops()
+        sites = [n for n in joint.graph.nodes if n.op == "call_function" and n.target in ops]
+        if not sites:
+            return
+        left = self._host_budget(joint)
+        for attn in sites:
+            if not _recomputed(attn):
+                stats.sites.append(self._site(attn, False, "not in a checkpointed region: the forward saves it already"))
+                continue
+            marks, why = self._marks(attn)
+            if why is None and left is not None:
+                size = sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor))
+                if size > left:
+                    why = (f"host memory: its {size >> 20} MiB would not fit in the {left >> 20} MiB the offload "
+                           "has left after the layer inputs")
+                else:
+                    left -= size
+            if why is not None:
+                stats.sites.append(self._site(attn, False, why))
+                continue
+            for n in marks:
+                n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            stats.sites.append(self._site(attn, True, group=attn.name))
+            stats.add("MiB saved", sum(_nbytes(n.meta["val"]) or 0 for n in marks
+                                       if isinstance(n.meta.get("val"), torch.Tensor)) / 2**20)
+
+    def _marks(self, attn: fx.Node) -> tuple[list[fx.Node], Optional[str]]:
+        """The nodes to mark MUST_SAVE (the attention op, its tensor outputs, the producers of its
+        q/k/v), or why not."""
+        marks = [attn] + [u for u in attn.users
+                          if u.target is operator.getitem and isinstance(u.meta.get("val"), torch.Tensor)]
+        for name, arg in zip("qkv", attn.args[:3]):
+            base = arg
+            while isinstance(base, fx.Node) and base.op == "call_function" and _is_view(base):
+                base = base.args[0]
+            if not isinstance(base, fx.Node) or base.op != "call_function":
+                return [], f"its {name} is not computed by an op in the graph"
+            if not _recomputed(base):
+                continue  # computed outside the region: saved already
+            if base.target is operator.getitem:  # one output of a multi-output op: mark the op whole
+                producer = base.args[0]
+                if not _recomputed(producer):
+                    continue
+                marks += [producer] + [u for u in producer.users if u.target is operator.getitem]
+            else:
+                marks.append(base)
+        return list(dict.fromkeys(marks)), None
+
+    def _host_budget(self, joint: fx.GraphModule) -> Optional[int]:
+        """Host bytes the offload may pin, less the checkpointed regions' boundary tensors (what
+        min-cut saves anyway: the layer inputs); None where the host's memory cannot be read."""
+        available = _host_bytes_available()
+        if available is None:
+            return None
+        boundary = 0
+        for n in joint.graph.nodes:
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor) or n.op != "call_function":
+                continue
+            gid = n.meta.get("ac_graph_id")
+            # a region's output read by a later region, or a tensor from outside read by a region
+            if any(_recomputed(u) and u.meta.get("ac_graph_id") != gid for u in n.users):
+                boundary += _nbytes(val) or 0
+        return max(int(available * self.config["host_fraction"]) - boundary, 0)
+
+    def _site(self, node: fx.Node, rewritten: bool, reason: str = "", group: Optional[str] = None) -> Site:
+        return Site(self.name, module_path(node), node.name, "aot", rewritten, reason, group, "policy")
