@@ -4,7 +4,7 @@ One LoRA training step, Llama-3.1-8B shape, r=16 on all 7 linears, bf16, batch 1
 checkpointing, AdamW; peak = torch.cuda.max_memory_allocated (GiB), which does not depend on the
 card. Every point is a measurement: the peers' from the team lead's H100 table
 (shared/README.md, 2026-11-24) and bench/RESULTS.md (same-call H100 rows, 2026-11-25); fxfuse's
-from bench/logs (H100 2026-11-25, H200 2026-12-01, incl. 32k/64k capped at 79.1 GiB). Missing points were not measured or ran out
+from bench/logs (H100 2026-11-25, H200 2026-12-01, incl. 32k/64k/320k capped at 79.1 GiB). Missing points were not measured or ran out
 of memory (listed in the legend). Standard library only: `python bench/make_memory_plot.py [OUT]`.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ SERIES = [
                                       131072: 49.1}, ""),
     ("fxfuse, no offload", "#72b7b2", {1024: 16.01, 4096: 17.59, 16384: 23.14}, ""),
     ("fxfuse defaults (offload)", "#4c78a8", {4096: 16.67, 16384: 19.81, 32768: 23.98, 65536: 32.32},
-     "320k: OOM at 76.7 GiB (80 GB cap, 7 layer inputs over the host budget)"),
+     "H200 2026-12-01 (second session)"),
+    ("fxfuse, third session", "#1f3b73", {4096: 16.69, 16384: 18.49, 327680: 62.47},
+     "320k: before save_attention, 79.1 GiB cap"),
 ]
 GOALS = {1024: 15.9, 4096: 16.5, 16384: 19.5, 32768: 23.5, 65536: 32.0, 131072: 48.0}
 
@@ -39,7 +41,8 @@ def _y(gib: float, top: float) -> float:
 
 def svg() -> str:
     seqs = sorted({s for _, _, pts, _ in SERIES for s in pts} | set(GOALS))
-    lo, hi, top = seqs[0], seqs[-1], 55.0
+    peak = max(g for _, _, pts, _ in SERIES for g in pts.values())
+    lo, hi, top = seqs[0], seqs[-1], max(55.0, math.ceil(peak / 10) * 10 + 5)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{L}" y="18" font-size="14">Peak GPU memory of one LoRA training step, Llama-3.1-8B shape (GiB)</text>']

@@ -20,8 +20,10 @@ them to the host.
 
 Declined with a reason: attention outside checkpointed regions (already saved), an input that is a
 graph input or not computed by an op, and what would not fit the host memory the offload may pin
-(its `host_fraction`, less the layer inputs checkpointing saves anyway: at 320k tokens on the 8B
-shape those alone take ~80 GiB, and a saved tensor the offload cannot place stays on the GPU).
+(its `host_fraction`, less the layer inputs checkpointing saves anyway, times `margin` = 0.5: at
+320k tokens on the 8B shape the layer inputs alone take ~80 GiB, and a saved tensor the offload
+cannot place stays on the GPU; with host_fraction 0.7 on a 124 GiB host that leaves ~3.4 GiB, less
+than one layer's ~6.3 GiB block, so 320k runs as measured before this policy).
 """
 from __future__ import annotations
 
@@ -58,10 +60,14 @@ def _is_view(node: fx.Node) -> bool:
 class SaveAttention:
     name = "save_attention"
 
-    def __init__(self, host_fraction: float = 0.5):
+    def __init__(self, host_fraction: float = 0.5, margin: float = 0.5):
         """host_fraction: the offload's share of the host's available memory; what the layer inputs
-        (the checkpointed regions' boundaries) take of it comes first."""
-        self.config = {"policy": self.name, "host_fraction": host_fraction}
+        (the checkpointed regions' boundaries) take of it comes first. margin: the share of the
+        rest this policy may plan for. The boundary sum is an estimate made before min-cut, and a
+        saved tensor the offload cannot place stays on the GPU, so the policy keeps a reserve."""
+        if not 0 < margin <= 1:
+            raise ValueError("margin must be in (0, 1]")
+        self.config = {"policy": self.name, "host_fraction": host_fraction, "margin": margin}
 
     def uuid(self) -> str:
         return source_uuid((type(self).__module__,), self.config)
@@ -116,8 +122,9 @@ class SaveAttention:
         return list(dict.fromkeys(marks)), None
 
     def _host_budget(self, joint: fx.GraphModule) -> Optional[int]:
-        """Host bytes the offload may pin, less the checkpointed regions' boundary tensors (what
-        min-cut saves anyway: the layer inputs); None where the host's memory cannot be read."""
+        """Host bytes this policy may plan for: the offload's share less the checkpointed regions'
+        boundary tensors (what min-cut saves anyway: the layer inputs), times the margin; None
+        where the host's memory cannot be read."""
         available = _host_bytes_available()
         if available is None:
             return None
@@ -130,7 +137,7 @@ class SaveAttention:
             # a region's output read by a later region, or a tensor from outside read by a region
             if any(_recomputed(u) and u.meta.get("ac_graph_id") != gid for u in n.users):
                 boundary += _nbytes(val) or 0
-        return max(int(available * self.config["host_fraction"]) - boundary, 0)
+        return max(int((available * self.config["host_fraction"] - boundary) * self.config["margin"]), 0)
 
     def _site(self, node: fx.Node, rewritten: bool, reason: str = "", group: Optional[str] = None) -> Site:
         return Site(self.name, module_path(node), node.name, "aot", rewritten, reason, group, "policy")

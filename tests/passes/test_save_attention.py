@@ -97,7 +97,7 @@ def test_declines_outside_checkpointed_regions_and_beyond_the_host_budget(monkey
     free = _build(True, sizes={"num_hidden_layers": 3})
     loss_and_grads(free, input_ids=x, labels=x)
     # the decoder layers' graph: its boundaries include the 2 later layers' inputs ([2, 16, 64] fp32)
-    assert min(budgets) <= 10**9 // 2 - 2 * 2 * 16 * 64 * 4
+    assert min(budgets) <= (10**9 // 2 - 2 * 2 * 16 * 64 * 4) // 2  # margin 0.5
     monkeypatch.setattr(sa, "_host_bytes_available", lambda: None)
     assert budget(sa.SaveAttention(), fx.symbolic_trace(lambda t: t + 1)) is None
 
