@@ -35,7 +35,7 @@ class PartitionPolicies:
 
     def __init__(self, recompute_xa: Optional[RecomputeLoraXA] = None, offload: Optional[ActivationOffload] = None):
         self.recompute_xa, self.offload = recompute_xa, offload
-        self.save_attention = (SaveAttention(offload.config["host_fraction"])
+        self.save_attention = (SaveAttention(offload.config["host_fraction"], devices=tuple(offload.config["devices"]))
                                if offload is not None and offload.config["save_attention"] else None)
 
     @property

@@ -41,6 +41,7 @@ from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
 
 POLICY = "offload_saved"
+SAVED_BY = "fxfuse_saved_by"  # node meta set by save_attention: saved by a policy, not by checkpointing
 
 
 def _hint(n: Any) -> Optional[int]:
@@ -107,7 +108,8 @@ class ActivationOffload:
     name = "activation_offload"
 
     def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",),
-                 host_fraction: float = 0.5, save_attention: bool = True, lag: int = 3, lead: int = 2):
+                 host_fraction: float = 0.5, save_attention: bool = True, lag: int = 3, lead: int = 2,
+                 lag_bytes: int = 256 << 20):
         """min_bytes: smaller saved tensors stay on the device (a transfer's fixed cost would dominate).
         keep_first: how many of the activations the backward uses first stay on the device.
         devices: device types whose activations are offloaded; tests add "cpu" to exercise the
@@ -119,7 +121,8 @@ class ActivationOffload:
         and so offloads, each checkpointed attention op's q/k/v, output and log-sum-exp, instead of
         the backward recomputing them, within the host memory left after the layer inputs.
         lag: the compute stream waits for the copy `lag` offloads back (not the previous one), so
-        that close activations (q, k, v) copy back to back without stalling the forward.
+        that close activations (q, k, v) copy back to back without stalling the forward; fewer
+        while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for).
         lead: a reload is issued before the first use of the activations `lead` backward reads
         earlier (activations first read by the same op count as one read)."""
         if min_bytes < 0 or keep_first < 0:
@@ -130,7 +133,7 @@ class ActivationOffload:
             raise ValueError("host_fraction must be in (0, 0.9]: pinned memory cannot be paged out")
         self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices),
                        "host_fraction": host_fraction, "save_attention": bool(save_attention), "lag": lag,
-                       "lead": lead}
+                       "lead": lead, "lag_bytes": lag_bytes}
 
     def uuid(self) -> str:
         return source_uuid((type(self).__module__, offload_ops.__name__), self.config)
@@ -208,14 +211,23 @@ class ActivationOffload:
         fw_order = {n: i for i, n in enumerate(fw.graph.nodes)}
         by_fw = sorted(chosen, key=lambda c: fw_order[c[0]])
         sources = [node for node, _ in by_fw]
-        lag = self.config["lag"]
+        sizes = [_nbytes(n.meta["val"]) for n in sources]
         host_of: dict[fx.Node, fx.Node] = {}
         prev_host = None
+        waited = 0  # sources[:waited] are waited for by earlier offloads
         for i, node in enumerate(sources):
             last = i == len(sources) - 1
-            # the sources whose copies must be done here, kept alive up to here as inputs: the one
-            # `lag` back; the last offload keeps every source still in flight (it waits for all)
-            done = sources[max(i - lag, 0):i] if last else sources[i - lag:i - lag + 1] if i >= lag else []
+            # the copies this offload waits for: all but the newest `lag`, and fewer while those
+            # exceed `lag_bytes` (at 320k tokens one layer input is 2.5 GiB: then the previous copy
+            # only, so no more sources stay alive than before); each source is an input of the
+            # offload that waits for it, which keeps it alive up to there. The last waits for all.
+            upto = i
+            if not last:
+                upto = max(i - self.config["lag"] + 1, 0)  # the newest lag - 1 copies stay in flight
+                while upto < i and sum(sizes[upto:i]) > self.config["lag_bytes"]:
+                    upto += 1
+                upto = max(upto, waited)
+            done, waited = sources[waited:upto], upto
             # right after x, which the forward computes after the previous copy's source: prev_host is
             # already there, and as an input it makes the chain a data dependency, not a list order
             with fw.graph.inserting_after(node):
@@ -249,16 +261,18 @@ class ActivationOffload:
         if available is None:
             return chosen
         host_left = int(available * self.config["host_fraction"])
-        kept = []
-        for node, ph in chosen:
+        kept = set()
+        # what checkpointing saves (the layer inputs) first, then what a policy chose to save
+        # (save_attention): whatever does not fit stays on the device, so let that be the policy's
+        for node, ph in sorted(chosen, key=lambda c: SAVED_BY in c[0].meta):
             size = _nbytes(node.meta["val"])
             if size > host_left:
                 stats.sites.append(self._site(node, False, f"host memory: {size >> 20} MiB would not fit in the "
                                                            f"{host_left >> 20} MiB left to offloads"))
             else:
                 host_left -= size
-                kept.append((node, ph))
-        return kept
+                kept.add(node)
+        return [c for c in chosen if c[0] in kept]
 
     def _site(self, node: fx.Node, rewritten: bool, reason: str = "", group: Optional[str] = None) -> Site:
         return Site(self.name, module_path(node), node.name, "aot", rewritten, reason, group, "policy")

@@ -19,7 +19,10 @@ only some of its outputs while recomputing it). Min-cut then saves those tensors
 them to the host.
 
 Declined with a reason: attention outside checkpointed regions (already saved), an input that is a
-graph input or not computed by an op, and what would not fit the host memory the offload may pin
+graph input or not computed by an op, a tensor the offload could not move (a view, not dense, on a
+device type it does not handle: saved on the device it would cost memory for nothing), a q/k/v
+producer that also computes large outputs attention does not read (a parallel block's grouped
+q/k/v + MLP op), and what would not fit the host memory the offload may pin
 (its `host_fraction`, less the layer inputs checkpointing saves anyway, times `margin` = 0.5: at
 320k tokens on the 8B shape the layer inputs alone take ~80 GiB, and a saved tensor the offload
 cannot place stays on the GPU; with host_fraction 0.7 on a 124 GiB host that leaves ~3.4 GiB, less
@@ -34,11 +37,12 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .activation_offload import _host_bytes_available, _nbytes
+from .activation_offload import _dense, _host_bytes_available, _nbytes
 from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
 
 aten = torch.ops.aten
+SAVED_BY = "fxfuse_saved_by"  # node meta: saved by a checkpoint policy, not by checkpointing itself
 
 
 def _attention_ops() -> tuple:
@@ -51,6 +55,21 @@ def _recomputed(node: fx.Node) -> bool:
     return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
 
 
+def _views_item(node: fx.Node) -> bool:
+    """An item of an op that returns views of its input (split, unbind)."""
+    parent = node.args[0]
+    t = getattr(parent, "target", None)
+    return isinstance(t, torch._ops.OpOverload) and any(r.alias_info is not None for r in t._schema.returns)
+
+
+def _ancestors(node: fx.Node, depth: int) -> set:
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+    return seen
+
+
 def _is_view(node: fx.Node) -> bool:
     t = node.target
     return (isinstance(t, torch._ops.OpOverload) and t is not operator.getitem
@@ -60,14 +79,16 @@ def _is_view(node: fx.Node) -> bool:
 class SaveAttention:
     name = "save_attention"
 
-    def __init__(self, host_fraction: float = 0.5, margin: float = 0.5):
+    def __init__(self, host_fraction: float = 0.5, margin: float = 0.5, devices: tuple[str, ...] = ("cuda",)):
         """host_fraction: the offload's share of the host's available memory; what the layer inputs
         (the checkpointed regions' boundaries) take of it comes first. margin: the share of the
         rest this policy may plan for. The boundary sum is an estimate made before min-cut, and a
-        saved tensor the offload cannot place stays on the GPU, so the policy keeps a reserve."""
+        saved tensor the offload cannot place stays on the GPU, so the policy keeps a reserve.
+        devices: the device types the offload moves (the policy declines the others)."""
         if not 0 < margin <= 1:
             raise ValueError("margin must be in (0, 1]")
-        self.config = {"policy": self.name, "host_fraction": host_fraction, "margin": margin}
+        self.config = {"policy": self.name, "host_fraction": host_fraction, "margin": margin,
+                       "devices": list(devices)}
 
     def uuid(self) -> str:
         return source_uuid((type(self).__module__,), self.config)
@@ -95,31 +116,63 @@ class SaveAttention:
                 continue
             for n in marks:
                 n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+                n.meta[SAVED_BY] = self.name  # the offload places these after the layer inputs
             stats.sites.append(self._site(attn, True, group=attn.name))
             stats.add("MiB saved", sum(_nbytes(n.meta["val"]) or 0 for n in marks
                                        if isinstance(n.meta.get("val"), torch.Tensor)) / 2**20)
 
     def _marks(self, attn: fx.Node) -> tuple[list[fx.Node], Optional[str]]:
         """The nodes to mark MUST_SAVE (the attention op, its tensor outputs, the producers of its
-        q/k/v), or why not."""
+        q/k/v), or why not. Every tensor marked must be one the offload can move: a tensor saved
+        on the GPU instead of recomputed would cost memory for nothing."""
         marks = [attn] + [u for u in attn.users
                           if u.target is operator.getitem and isinstance(u.meta.get("val"), torch.Tensor)]
+        bases = []
         for name, arg in zip("qkv", attn.args[:3]):
             base = arg
-            while isinstance(base, fx.Node) and base.op == "call_function" and _is_view(base):
-                base = base.args[0]
+            # up through views, and items of ops that return views (split, unbind): the storage
+            # is their input's
+            while isinstance(base, fx.Node) and base.op == "call_function":
+                if _is_view(base):
+                    base = base.args[0]
+                elif base.target is operator.getitem and _views_item(base):
+                    base = base.args[0].args[0]
+                else:
+                    break
             if not isinstance(base, fx.Node) or base.op != "call_function":
                 return [], f"its {name} is not computed by an op in the graph"
-            if not _recomputed(base):
-                continue  # computed outside the region: saved already
-            if base.target is operator.getitem:  # one output of a multi-output op: mark the op whole
-                producer = base.args[0]
-                if not _recomputed(producer):
-                    continue
-                marks += [producer] + [u for u in producer.users if u.target is operator.getitem]
-            else:
+            if base.target is operator.getitem and not isinstance(getattr(base.args[0], "target", None),
+                                                                  torch._ops.OpOverload):
+                return [], f"its {name} is an item of {base.args[0].target}, not of an op"
+            if _recomputed(base):
+                bases.append(base)
+        near = _ancestors(attn, depth=24)
+        qkv_bytes = sum(_nbytes(b.meta["val"]) or 0 for b in bases if isinstance(b.meta.get("val"), torch.Tensor))
+        for base in bases:
+            if base.target is not operator.getitem:
                 marks.append(base)
-        return list(dict.fromkeys(marks)), None
+                continue
+            producer = base.args[0]  # one output of a multi-output op: the op is marked whole
+            if not _recomputed(producer):
+                continue
+            items = [u for u in producer.users if u.target is operator.getitem]
+            other = sum(_nbytes(u.meta["val"]) or 0 for u in items
+                        if u not in near and isinstance(u.meta.get("val"), torch.Tensor))
+            if other > qkv_bytes:  # a LoRA op's xa is ~1% of q/k/v; a parallel block's MLP is ~5x
+                return [], (f"{producer.name} also computes {other >> 20} MiB attention does not read (e.g. a "
+                            "parallel block's MLP): saving it whole would save that too")
+            marks += [producer] + items
+        marks = list(dict.fromkeys(marks))
+        for n in marks:
+            val = n.meta.get("val")
+            # scalars (the attention's RNG seed/offset, on whatever device) cost nothing where they are
+            if not isinstance(val, torch.Tensor) or (_nbytes(val) or 0) <= 256:
+                continue
+            if val.device.type not in self.config["devices"]:
+                return [], f"on {val.device.type}, which the offload does not move ({self.config['devices']})"
+            if n.target is operator.getitem and _views_item(n) or _is_view(n) or not _dense(val):
+                return [], f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
+        return marks, None
 
     def _host_budget(self, joint: fx.GraphModule) -> Optional[int]:
         """Host bytes this policy may plan for: the offload's share less the checkpointed regions'
