@@ -354,3 +354,62 @@ def test_the_layer_inputs_get_the_host_budget_before_the_policy_saved_tensors(mo
     # attention blocks save_attention chose (read earlier by the backward) are what is left out
     assert {"add_6", "add_12"} <= {s.node for s in moved}, [(s.node, s.reason) for s in sites]
     assert sum("host memory" in s.reason for s in sites) >= 10
+
+
+@torch.library.custom_op("fxfuse_test::qkv_and_mlp", mutates_args=())
+def qkv_and_mlp(x: torch.Tensor, w: torch.Tensor, wm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A parallel block's grouped projection: q, k, v and the MLP's up projection from one input."""
+    q, k, v = (x @ w).chunk(3, -1)
+    return q.contiguous(), k.contiguous(), v.contiguous(), x @ wm
+
+
+@qkv_and_mlp.register_fake
+def _(x, w, wm):
+    d = w.shape[1] // 3
+    return (x.new_empty(*x.shape[:-1], d), x.new_empty(*x.shape[:-1], d), x.new_empty(*x.shape[:-1], d),
+            x.new_empty(*x.shape[:-1], wm.shape[1]))
+
+
+def _qkv_and_mlp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _qkv_and_mlp_backward(ctx, dq, dk, dv, dm):
+    x, w, wm = ctx.saved_tensors
+    dqkv = torch.cat([dq, dk, dv], -1)
+    dx = dqkv @ w.T + dm @ wm.T
+    flat = x.reshape(-1, x.shape[-1])
+    return dx, flat.T @ dqkv.reshape(-1, w.shape[1]), flat.T @ dm.reshape(-1, wm.shape[1])
+
+
+qkv_and_mlp.register_autograd(_qkv_and_mlp_backward, setup_context=_qkv_and_mlp_setup)
+
+
+def parallel_block(x, w, wm, heads=2):
+    b, t, d = x.shape
+    q, k, v, m = qkv_and_mlp(x, w, wm)
+    q, k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return x + o.transpose(1, 2).reshape(b, t, d) + torch.nn.functional.silu(m)[..., :d]
+
+
+def test_a_producer_that_also_computes_a_large_mlp_output_is_declined():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    ws = [((torch.randn(16, 48) / 4).requires_grad_(), (torch.randn(16, 128) / 4).requires_grad_()) for _ in range(2)]
+    flat = [t for pair in ws for t in pair]
+
+    def fn(x, *flat):
+        for w, wm in zip(flat[::2], flat[1::2]):
+            x = checkpoint(parallel_block, x, w, wm, use_reentrant=False)
+        return (x * x).sum()
+    graphs, stats = {}, []
+    compiled(fn, ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)(x, *flat).backward()
+    got = [x.grad.clone()] + [t.grad.clone() for t in flat]
+    for t in [x, *flat]:
+        t.grad = None
+    fn(x, *flat).backward()
+    assert all(torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6) for g, t in zip(got, [x, *flat]))
+    (sa,) = [s for s in stats if s.name == "save_attention"]
+    assert sa.candidates == 2 and sa.rewritten == 0, [(s.node, s.reason) for s in sa.sites]
+    assert all("also computes" in s.reason and "attention does not read" in s.reason for s in sa.sites)
