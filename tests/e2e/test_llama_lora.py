@@ -189,7 +189,7 @@ def test_optimize_rejects_bad_input():
         fxfuse.optimize(tiny_model(), compiler="tvm")
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("dropout", [0.2])  # with dropout: its masks are the one thing the strategies could disagree on
 def test_cublas_and_triton_gemm_strategies_agree(monkeypatch, dropout):
     """The op's two GEMM strategies (fused Triton GEMM; cuBLAS with the low-rank term as C) give
     the same loss and gradients, dropout masks included (both draw them from the same seed)."""

@@ -41,7 +41,7 @@ def _build(recompute_xa, layers=3, dropout=0.0, offload=True):
                            offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",), save_attention=False) if offload else False)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("dropout", [0.25])  # dropout on: xa's masks replay from the seed too (the fuzz covers 0)
 def test_down_projection_recomputes_only_xa_and_grads_are_bit_identical(monkeypatch, dropout):
     seen = _backward_graphs(monkeypatch)
     x = tokens()
