@@ -73,21 +73,33 @@ def _fake_like(val: torch.Tensor, device) -> torch.Tensor:
         return torch.empty_strided(val.size(), val.stride(), dtype=val.dtype, device=device)
 
 
+def _is_view(node: fx.Node) -> bool:
+    """An op (not an item) whose schema returns an alias of an input: view, transpose, expand..."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and any(r.alias_info is not None for r in t._schema.returns)
+
+
+def _views_item(node: fx.Node) -> bool:
+    """An item of an op that returns views of its input (split, unbind)."""
+    parent = node.args[0]
+    pt = getattr(parent, "target", None)
+    if node.target is not operator.getitem or not isinstance(pt, torch._ops.OpOverload):
+        return False
+    if not isinstance(node.args[1], int):
+        return True
+    returns = pt._schema.returns
+    if len(returns) == 1:  # a list of tensors (Tensor[]): one alias annotation for all
+        return returns[0].alias_info is not None or not isinstance(parent.meta.get("val"), (list, tuple))
+    return node.args[1] >= len(returns) or returns[node.args[1]].alias_info is not None
+
+
 def _is_alias(node: fx.Node) -> bool:
     """Shares storage with another tensor of the graph: a view, or an item of an op that returns
     views (split, unbind) or of something that is not an op. An item of an op with fresh outputs
     (the attention op's output, a LoRA op's output) owns its storage."""
-    t = node.target
-    if t is operator.getitem:
-        parent = node.args[0]
-        pt = getattr(parent, "target", None)
-        if not isinstance(pt, torch._ops.OpOverload) or not isinstance(node.args[1], int):
-            return True
-        returns = pt._schema.returns
-        if len(returns) == 1:  # a list of tensors (Tensor[]): one alias annotation for all
-            return returns[0].alias_info is not None or not isinstance(parent.meta.get("val"), (list, tuple))
-        return node.args[1] >= len(returns) or returns[node.args[1]].alias_info is not None
-    return isinstance(t, torch._ops.OpOverload) and any(r.alias_info is not None for r in t._schema.returns)
+    if node.target is operator.getitem:
+        return not isinstance(getattr(node.args[0], "target", None), torch._ops.OpOverload) or _views_item(node)
+    return _is_view(node)
 
 
 def _dense(val: torch.Tensor) -> bool:

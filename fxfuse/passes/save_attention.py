@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .activation_offload import _dense, _host_bytes_available, _nbytes
+from .activation_offload import _dense, _host_bytes_available, _is_alias, _is_view, _nbytes, _views_item
 from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
 
@@ -55,25 +55,12 @@ def _recomputed(node: fx.Node) -> bool:
     return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
 
 
-def _views_item(node: fx.Node) -> bool:
-    """An item of an op that returns views of its input (split, unbind)."""
-    parent = node.args[0]
-    t = getattr(parent, "target", None)
-    return isinstance(t, torch._ops.OpOverload) and any(r.alias_info is not None for r in t._schema.returns)
-
-
 def _ancestors(node: fx.Node, depth: int) -> set:
     seen, frontier = set(), [node]
     for _ in range(depth):
         frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
         seen.update(frontier)
     return seen
-
-
-def _is_view(node: fx.Node) -> bool:
-    t = node.target
-    return (isinstance(t, torch._ops.OpOverload) and t is not operator.getitem
-            and len(t._schema.returns) == 1 and t._schema.returns[0].alias_info is not None)
 
 
 class SaveAttention:
@@ -104,8 +91,8 @@ class SaveAttention:
                 stats.sites.append(self._site(attn, False, "not in a checkpointed region: the forward saves it already"))
                 continue
             marks, why = self._marks(attn)
+            size = sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor))
             if why is None and left is not None:
-                size = sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor))
                 if size > left:
                     why = (f"host memory: its {size >> 20} MiB would not fit in the {left >> 20} MiB the offload "
                            "has left after the layer inputs")
@@ -118,8 +105,7 @@ class SaveAttention:
                 n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
                 n.meta[SAVED_BY] = self.name  # the offload places these after the layer inputs
             stats.sites.append(self._site(attn, True, group=attn.name))
-            stats.add("MiB saved", sum(_nbytes(n.meta["val"]) or 0 for n in marks
-                                       if isinstance(n.meta.get("val"), torch.Tensor)) / 2**20)
+            stats.add("MiB saved", size / 2**20)
 
     def _marks(self, attn: fx.Node) -> tuple[list[fx.Node], Optional[str]]:
         """The nodes to mark MUST_SAVE (the attention op, its tensor outputs, the producers of its
@@ -135,7 +121,7 @@ class SaveAttention:
             while isinstance(base, fx.Node) and base.op == "call_function":
                 if _is_view(base):
                     base = base.args[0]
-                elif base.target is operator.getitem and _views_item(base):
+                elif _views_item(base):
                     base = base.args[0].args[0]
                 else:
                     break
@@ -170,7 +156,7 @@ class SaveAttention:
                 continue
             if val.device.type not in self.config["devices"]:
                 return [], f"on {val.device.type}, which the offload does not move ({self.config['devices']})"
-            if n.target is operator.getitem and _views_item(n) or _is_view(n) or not _dense(val):
+            if _is_alias(n) or not _dense(val):
                 return [], f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
         return marks, None
 

@@ -44,6 +44,17 @@ def compiled(fn, offload, graphs, stats):
     return torch.compile(fn, backend=backend, fullgraph=True)
 
 
+def offloaded_grads_match_eager(fn, inputs, graphs, stats):
+    """Runs fn compiled with the offload (and its policies) on CPU tensors, then eagerly: the
+    gradients of every input agree."""
+    compiled(fn, ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)(*inputs).backward()
+    got = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    fn(*inputs).backward()
+    assert all(torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6) for g, t in zip(got, inputs))
+
+
 @pytest.mark.parametrize("layers", [1, 3, 6])
 def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers):
     torch.manual_seed(0)
@@ -320,12 +331,7 @@ def test_fused_qkv_split_by_unbind_is_saved_whole_and_offloaded():
             x = checkpoint(attention_block, x, w, use_reentrant=False)
         return (x * x).sum()
     graphs, stats = {}, []
-    compiled(fn, ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)(x, *ws).backward()
-    got = [x.grad.clone()] + [w.grad.clone() for w in ws]
-    for t in [x, *ws]:
-        t.grad = None
-    fn(x, *ws).backward()
-    assert all(torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6) for g, t in zip(got, [x, *ws]))
+    offloaded_grads_match_eager(fn, [x, *ws], graphs, stats)
     (sa,) = [s for s in stats if s.name == "save_attention"]
     assert sa.rewritten == 3, [(s.node, s.reason) for s in sa.sites]
     (off,) = [s for s in stats if s.name == "activation_offload"]
@@ -404,12 +410,7 @@ def test_a_producer_that_also_computes_a_large_mlp_output_is_declined():
             x = checkpoint(parallel_block, x, w, wm, use_reentrant=False)
         return (x * x).sum()
     graphs, stats = {}, []
-    compiled(fn, ActivationOffload(min_bytes=0, devices=("cpu",)), graphs, stats)(x, *flat).backward()
-    got = [x.grad.clone()] + [t.grad.clone() for t in flat]
-    for t in [x, *flat]:
-        t.grad = None
-    fn(x, *flat).backward()
-    assert all(torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6) for g, t in zip(got, [x, *flat]))
+    offloaded_grads_match_eager(fn, [x, *flat], graphs, stats)
     (sa,) = [s for s in stats if s.name == "save_attention"]
     assert sa.candidates == 2 and sa.rewritten == 0, [(s.node, s.reason) for s in sa.sites]
     assert all("also computes" in s.reason and "attention does not read" in s.reason for s in sa.sites)
