@@ -16,7 +16,7 @@ from unittest import mock  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
 
 from fxfuse.runtime.kernels import lora as L  # noqa: E402
 
@@ -129,8 +129,14 @@ def assert_matches(out, ref, ref_abs, dtype):
     if ref_norm == 0:
         assert (out == 0).all()
     else:
-        rel = (out - ref).norm().item() / ref_norm
-        assert rel <= _L2_TOL[dtype], f"relative L2 error {rel:.3g} > {_L2_TOL[dtype]}"
+        # Relative L2 catches systematic error (wrong rounding, a dropped term). Under heavy
+        # cancellation (|ref| << ref_abs) fp32 accumulation alone is ~eps32 * ref_abs, so that
+        # much absolute error is allowed on top: 1e-6 is ~16 fp32 ulps of the |operand| sum.
+        err_norm = (out - ref).norm().item()
+        allowed = _L2_TOL[dtype] * ref_norm + 1e-6 * ref_abs.norm().item()
+        assert err_norm <= allowed, (
+            f"relative L2 error {err_norm / ref_norm:.3g} > {_L2_TOL[dtype]} "
+            f"(+ accumulation slack {1e-6 * ref_abs.norm().item():.3g} absolute)")
 
 
 def ref_skinny(x, a, scale, p, seed):
@@ -207,6 +213,10 @@ def test_fused_lora_matmul_fuzz(m, n, k, r, dtype, adapter_f32, out_f32, has_bia
        g_f32=st.booleans(), p=dropout_ps, seed=seeds, scale=scales(), lg=layouts,
        lx=layouts, split_m=st.sampled_from([None, 1, 2, 3]), big=st.booleans(),
        data_seed=st.integers(0, 2**16))
+# A one-element output whose 94 terms cancel to 3e-4 of their magnitude (a CI draw): the kernel's
+# fp32 sum is as close as a sequential fp32 sum, so the L2 check allows accumulation slack.
+@example(m=94, k=1, r=1, dtype=F16, g_f32=False, p=0.5, seed=1, scale=0.5, lg="sliced",
+         lx="sliced", split_m=None, big=False, data_seed=1)
 def test_lowrank_weight_grad_fuzz(m, k, r, dtype, g_f32, p, seed, scale, lg, lx, split_m, big,
                                   data_seed):
     gen = torch.Generator().manual_seed(data_seed)
