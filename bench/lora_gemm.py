@@ -15,8 +15,8 @@ TFLOP/s count 2*M*N*K (the base product) for all three, so they compare directly
 The memory-bound launchers are timed against their torch equivalents, in GB/s of compulsory traffic:
   skinny_matmul(x, A)         XA = X A^T (fwd), G = dY B (bwd), dB = dY^T XA (bwd, split-K)
   lowrank_weight_grad(g, x)   dA = G^T X
-torch equivalents: PEFT's own math (cast the bf16 operand to fp32, then mm), and an mm on operands
-already in the right dtype (the cast not counted).
+each with the default dot of a bf16/fp32 pair (bf16x3), the previous one (tf32x3), every split count,
+and PEFT's own math (cast the bf16 operand to fp32, then mm).
 
 Numerics: fused_lora_matmul and the cuBLAS path against float64 on one shape per direction (relative
 L2 error, must stay below 1e-2), and the skinny / weight-gradient kernels likewise.
@@ -152,43 +152,55 @@ def bench_gemm(ms, projs, timer, dev, gen) -> list:
     return rows
 
 
+SPLITS = (1, 2, 4, 8, 16)
+
+
 def bench_memory_bound(ms, projs, timer, dev, gen) -> None:
-    hidden = projs["q/o"][1]
-    print(f"\n== memory-bound launchers (r={RANK}): ms and GB/s of compulsory traffic ==", flush=True)
-    print(f"{'what':<34} {'M':>6} | {'fxfuse':>15} {'torch (peft)':>15} {'torch (no cast)':>15}", flush=True)
-    outs = {n for n, _ in projs.values()}
+    """Each skinny / weight-gradient launch as the LoRA op issues it (grouped ranks included: q/k/v
+    share one XA of rank 3r, gate/up one of 2r), timed with the default dot (bf16x3), the previous
+    one (tf32x3, ``split_fp32=False``), every split count, and torch (PEFT's cast-then-mm)."""
+    hidden, inter = projs["q/o"][1], projs["down"][1]
+    print(f"\n== memory-bound launchers: ms (GB/s of compulsory traffic); split = K splits (skinny) or "
+          f"M splits (dA) ==", flush=True)
+    head = " ".join(f"{'split=' + str(s):>13}" for s in SPLITS)
+    print(f"{'what':<30} {'M':>6} | {'auto bf16x3':>13} {'auto tf32x3':>13} {head} {'torch (peft)':>13}",
+          flush=True)
+    outs = sorted({n for n, _ in projs.values()})
     for m in ms:
         cases = []
-        x = torch.randn(m, hidden, generator=gen, device=dev).to(BF16)
-        a = torch.randn(RANK, hidden, generator=gen, device=dev) * hidden ** -0.5
-        a_bf = a.to(BF16)
-        cases.append((f"XA = X A^T   K={hidden}", m * hidden * 2 + RANK * hidden * 4 + m * RANK * 4,
-                      lambda: K.skinny_matmul(x, a), lambda: x.float() @ a.t(), lambda: (x @ a_bf.t())))
-        for n in sorted(outs):
+        for k, r, label in ((hidden, RANK, "XA  K=%d r=%d"), (hidden, 3 * RANK, "XA  K=%d r=%d (q/k/v)"),
+                            (inter, RANK, "XA  K=%d r=%d (down)")):
+            x = torch.randn(m, k, generator=gen, device=dev).to(BF16)
+            a = torch.randn(r, k, generator=gen, device=dev) * k ** -0.5
+            cases.append((label % (k, r), m * k * 2 + r * k * 4 + m * r * 4, "split_k",
+                          lambda x=x, a=a, **kw: K.skinny_matmul(x, a, **kw), lambda x=x, a=a: x.float() @ a.t()))
+        for n in outs:
             dy = torch.randn(m, n, generator=gen, device=dev).to(BF16)
             b = torch.randn(n, RANK, generator=gen, device=dev) * 0.1
-            b_bf = b.to(BF16)
             xa = torch.randn(m, RANK, generator=gen, device=dev)
-            cases.append((f"G = dY B      N={n}", m * n * 2 + n * RANK * 4 + m * RANK * 4,
-                          lambda dy=dy, b=b: K.skinny_matmul(dy, b.t()), lambda dy=dy, b=b: dy.float() @ b,
-                          lambda dy=dy, b_bf=b_bf: dy @ b_bf))
-            cases.append((f"dB = s dY^T XA N={n}", m * n * 2 + m * RANK * 4 + n * RANK * 4,
-                          lambda dy=dy, xa=xa: K.skinny_matmul(dy.t(), xa.t(), scale=SCALE),
-                          lambda dy=dy, xa=xa: SCALE * (dy.t().float() @ xa),
-                          lambda dy=dy, xa=xa: SCALE * (dy.t() @ xa.to(BF16))))
-        g = torch.randn(m, RANK, generator=gen, device=dev)
-        xf = x.float()
-        cases.append((f"dA = s G^T X  K={hidden}", m * hidden * 2 + m * RANK * 4 + RANK * hidden * 4,
-                      lambda: K.lowrank_weight_grad(g, x, scale=SCALE), lambda: SCALE * (g.t() @ x.float()),
-                      lambda: SCALE * (g.t() @ xf)))
-        for what, nbytes, ours, peft, nocast in cases:
+            cases.append((f"G = dY B    N={n}", m * n * 2 + n * RANK * 4 + m * RANK * 4, "split_k",
+                          lambda dy=dy, b=b, **kw: K.skinny_matmul(dy, b.t(), **kw), lambda dy=dy, b=b: dy.float() @ b))
+            cases.append((f"dB = dY^T XA N={n}", m * n * 2 + m * RANK * 4 + n * RANK * 4, "split_k",
+                          lambda dy=dy, xa=xa, **kw: K.skinny_matmul(dy.t(), xa.t(), scale=SCALE, **kw),
+                          lambda dy=dy, xa=xa: SCALE * (dy.t().float() @ xa)))
+        for k, r in ((hidden, RANK), (hidden, 3 * RANK), (inter, RANK)):
+            x = torch.randn(m, k, generator=gen, device=dev).to(BF16)
+            g = torch.randn(m, r, generator=gen, device=dev)
+            cases.append((f"dA = G^T X  K={k} r={r}", m * k * 2 + m * r * 4 + r * k * 4, "split_m",
+                          lambda g=g, x=x, **kw: K.lowrank_weight_grad(g, x, scale=SCALE, **kw),
+                          lambda g=g, x=x: SCALE * (g.t() @ x.float())))
+        for what, nbytes, split_arg, ours, torch_fn in cases:
+            variants = [("auto", dict()), ("tf32x3", dict(split_fp32=False))]
+            variants += [(f"split={s}", {split_arg: s}) for s in SPLITS]
+            variants += [("torch_peft", None)]
             res = {}
-            for impl, fn in (("fxfuse", ours), ("torch_peft", peft), ("torch_nocast", nocast)):
+            for impl, kw in variants:
+                fn = torch_fn if kw is None else (lambda kw=kw: ours(**kw))
                 try:
                     t = timer(fn)
                     res[impl] = t
-                    emit(dict(bench="lora_membound", what=what.split("  ")[0].strip(), shape=what, M=m, impl=impl,
-                              ms=round(t, 4), gbs=round(nbytes / t / 1e6, 1)))
+                    emit(dict(bench="lora_membound", shape=what, M=m, impl=impl, ms=round(t, 4),
+                              gbs=round(nbytes / t / 1e6, 1)))
                 except Exception as exc:
                     res[impl] = None
                     emit(dict(bench="lora_membound", shape=what, M=m, impl=impl,
@@ -196,9 +208,8 @@ def bench_memory_bound(ms, projs, timer, dev, gen) -> None:
 
             def cell(impl):
                 t = res.get(impl)
-                return f"{t:7.3f}/{nbytes / t / 1e6:6.0f}" if t else f"{'error':>15}"
-            print(f"{what:<34} {m:>6} | {cell('fxfuse'):>15} {cell('torch_peft'):>15} {cell('torch_nocast'):>15}",
-                  flush=True)
+                return f"{t:6.3f}({nbytes / t / 1e9:4.2f})" if t else f"{'error':>13}"
+            print(f"{what:<30} {m:>6} | " + " ".join(f"{cell(i):>13}" for i, _ in variants), flush=True)
 
 
 def numerics(projs, m, dev, gen) -> bool:
@@ -220,9 +231,12 @@ def numerics(projs, m, dev, gen) -> bool:
     x = torch.randn(m, k, generator=gen, device=dev).to(BF16)
     a = torch.randn(RANK, k, generator=gen, device=dev)
     g = torch.randn(m, RANK, generator=gen, device=dev)
-    for op, out, ref in (("skinny_matmul", K.skinny_matmul(x, a), x.to(F64) @ a.to(F64).t()),
-                         ("lowrank_weight_grad", K.lowrank_weight_grad(g, x, scale=SCALE),
-                          SCALE * (g.to(F64).t() @ x.to(F64)))):
+    checks = []
+    for mode, split in (("bf16x3", None), ("tf32x3", False)):
+        checks += [(f"skinny_matmul {mode}", K.skinny_matmul(x, a, split_fp32=split), x.to(F64) @ a.to(F64).t()),
+                   (f"lowrank_weight_grad {mode}", K.lowrank_weight_grad(g, x, scale=SCALE, split_fp32=split),
+                    SCALE * (g.to(F64).t() @ x.to(F64)))]
+    for op, out, ref in checks:
         err = rel_l2(out, ref)
         good = err < 1e-4  # fp32 accumulation of exact bf16*fp32 products
         ok &= good

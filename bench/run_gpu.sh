@@ -14,6 +14,7 @@
 # FRESH=1   one process per (variant, seq) instead of one per variant
 # DYNAMIC   auto | static | dynamic (bench_lora.py --dynamic)  (default: auto)
 # FXFUSE_LORA_GEMM=auto|triton|cublas   passed through to fxfuse's op
+# FXFUSE_LORA_FP32_DOT=bf16x3|tf32x3     passed through (dot of bf16 activations with fp32 adapters)
 # TESTS     pytest paths for 'tests'                           (default: tests/gpu tests/kernels)
 #           (run with FXFUSE_AUTOTUNE=0: one config per kernel, so the fuzz shapes do not each autotune)
 # BENCH_ARGS  extra bench_lora.py arguments;  VT  timeout per benchmark process (s, default 420)
@@ -44,6 +45,7 @@ if [ "${DRYRUN:-0}" = 1 ]; then
   SIZE=tiny SEQS=${DRY_SEQS:-32,48} BENCH_ARGS="$BENCH_ARGS --device cpu" GEMM_ARGS="$GEMM_ARGS --tiny --device cpu"
 fi
 [ -n "${FXFUSE_LORA_GEMM:-}" ] && export FXFUSE_LORA_GEMM
+[ -n "${FXFUSE_LORA_FP32_DOT:-}" ] && export FXFUSE_LORA_FP32_DOT
 
 log() { echo "[run_gpu $(date +%H:%M:%S) t=${SECONDS}s] $*" | tee -a "$LOG"; }
 # Seconds a step may still take: its own cap, bounded by what is left of BUDGET.

@@ -393,6 +393,44 @@ def test_lowrank_tf32_flag_runs():
     assert ((f64(out) - ref).norm() / ref.norm()).item() < 1e-2
 
 
+def test_fp32_dot_modes(monkeypatch):
+    """bf16 against fp32 splits the fp32 operand (bf16x3), on either side; other pairs do not."""
+    monkeypatch.delenv("FXFUSE_LORA_FP32_DOT", raising=False)
+    assert L._dot_mode(BF16, F32, False)[2] == 2 and L._dot_mode(F32, BF16, False)[2] == 1
+    for a, b in ((F16, F32), (F32, F32), (BF16, BF16), (F16, F16)):
+        assert L._dot_mode(a, b, False)[2] == 0, (a, b)
+    assert L._dot_mode(BF16, F32, True)[2] == 0  # tf32 allowed: one tf32 dot
+    assert L._dot_mode(BF16, F32, False, split=False)[2] == 0
+    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "tf32x3")
+    assert L._dot_mode(BF16, F32, False)[2] == 0
+    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "fp64")
+    with pytest.raises(ValueError, match="FXFUSE_LORA_FP32_DOT"):
+        L._dot_mode(BF16, F32, False)
+
+
+@pytest.mark.parametrize("split_fp32", [None, False])
+def test_bf16x3_keeps_fp32_low_bits(split_fp32):
+    """fp32 operands with bits in all three bf16 pieces (1 + u·2^-10 + v·2^-19 + w·2^-23): both fp32
+    dot modes keep them (dropping the lowest piece is off by up to ~1e-5 relative), for the skinny
+    and the weight-grad kernels, with the fp32 operand on either side."""
+    m, k, r = 40, 70, 5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-3, 4, (m, k), generator=gen).to(BF16).to(DEVICE)  # exact small integers
+
+    def three_pieces(*shape):
+        u, v, w = (torch.randint(0, hi, shape, generator=gen).double() for hi in (8, 8, 2))
+        return (1 + u * 2.0**-10 + v * 2.0**-19 + w * 2.0**-23).float().to(DEVICE)
+
+    a = three_pieces(r, k)
+    got = L.skinny_matmul(x, a, split_fp32=split_fp32)
+    want = f64(x) @ f64(a).t()
+    assert (f64(got) - want).abs().max().item() <= 1e-6 * (f64(x).abs() @ f64(a).abs().t()).max().item()
+    g = three_pieces(m, r)
+    got = L.lowrank_weight_grad(g, x, split_fp32=split_fp32)
+    want = f64(g).t() @ f64(x)
+    assert (f64(got) - want).abs().max().item() <= 1e-6 * (f64(g).abs().t() @ f64(x).abs()).max().item()
+
+
 # --------------------------------------------------------------------------
 # checkers
 # --------------------------------------------------------------------------

@@ -14,12 +14,16 @@ LoRA forward / backward in terms of these launchers (``s`` = scaling,
 Conventions shared by every kernel here:
 
 * Operands may have arbitrary strides (transposed views are read in place).
-* Everything accumulates in fp32.  bf16 operands are upcast to fp32 right
-  after ``tl.load`` whenever the two dot operands differ in dtype, and always
-  under the Triton interpreter (whose bf16 arithmetic is broken).  When both
-  dot operands share a 16-bit dtype on a GPU the dot runs natively on tensor
-  cores with an fp32 accumulator, which is numerically the same thing: the
-  product of two 16-bit floats is exact in fp32.
+* Everything accumulates in fp32.  When both dot operands share a 16-bit
+  dtype on a GPU the dot runs natively on tensor cores with an fp32
+  accumulator: the product of two 16-bit floats is exact in fp32.  A bf16
+  operand against an fp32 one (bf16 activations, fp32 adapters: every skinny
+  LoRA dot) splits the fp32 operand into three bf16 pieces whose sum is it to
+  ~2^-24 relative ("bf16x3") and runs three native bf16 dots: fp32 accuracy
+  at bf16 tensor-core speed, with no conversion of the big bf16 tile.  Other
+  mixed pairs (fp16 with fp32: fp16 pieces would underflow) upcast both to
+  fp32 and run tf32x3.  The interpreter (whose bf16 arithmetic is broken)
+  splits the same way but upcasts the pieces and runs exact fp32 dots.
 * Dropout contract (all kernels and :func:`dropout_mask` agree bit-exactly):
   element ``(m, k)`` of a logical ``[M, K]`` matrix is kept iff
   ``tl.rand(seed, m * K + k) >= p`` with the index computed in int64.  The
@@ -150,19 +154,35 @@ def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _dot_mode(a: torch.dtype, b: torch.dtype, allow_tf32: bool):
-    """(UPCAST, input_precision) for a dot of operands of dtypes ``a``/``b``.
+def _fp32_dot_env() -> str:
+    """FXFUSE_LORA_FP32_DOT=bf16x3 (default) | tf32x3: how a bf16/fp32 dot keeps fp32 accuracy (A/B
+    runs and numerics triage; read per launch so one process can compare both)."""
+    mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "bf16x3")
+    if mode not in ("bf16x3", "tf32x3"):
+        raise ValueError(f"FXFUSE_LORA_FP32_DOT must be bf16x3 or tf32x3, not {mode!r}")
+    return mode
 
-    Native 16-bit dots only when both operands share the dtype (and, for bf16,
-    only when compiled: the interpreter's bf16 is broken).  Otherwise both
-    operands go to fp32 and ``input_precision`` decides ieee vs tf32.
+
+def _dot_mode(a: torch.dtype, b: torch.dtype, allow_tf32: bool, split: Optional[bool] = None):
+    """(UPCAST, input_precision, SPLIT) for a dot of operands of dtypes ``a``/``b``.
+
+    Native 16-bit dots when both operands share the dtype (and, for bf16, only when compiled: the
+    interpreter's bf16 is broken). bf16 against fp32 (unless tf32 is allowed or ``split`` is False)
+    splits the fp32 operand into three bf16 pieces: SPLIT = 1 (first operand) or 2 (second), see
+    ``_split_dot``. Otherwise both operands go to fp32 and ``input_precision`` decides ieee vs tf32.
     """
     native = a == b and a in (torch.float16, torch.bfloat16)
     if native and a == torch.bfloat16 and _INTERPRET:
         native = False
     if native:
-        return False, "tf32"  # Triton's default; precision only affects fp32 operands
-    return True, ("tf32" if allow_tf32 else _FP32_DOT_PRECISION)
+        return False, "tf32", 0  # Triton's default; precision only affects fp32 operands
+    precision = "tf32" if allow_tf32 else _FP32_DOT_PRECISION
+    if split is None:
+        split = _fp32_dot_env() == "bf16x3"
+    if split and not allow_tf32 and {a, b} == {torch.bfloat16, torch.float32}:
+        # the interpreter upcasts the pieces (exact fp32 dots); a GPU dots them natively
+        return _INTERPRET, "ieee", (1 if a == torch.float32 else 2)
+    return True, precision, 0
 
 
 def _num_sms(device: torch.device) -> int:
@@ -267,6 +287,50 @@ if triton is not None:
         return tl.rand(seed, idx) >= p
 
     @triton.jit
+    def _bf16_pieces(t):
+        """fp32 ``t`` as three bf16 pieces, t ~= hi + mid + lo to ~2^-24 relative: each remainder is
+        exact in fp32, and each piece keeps the next 8 significant bits."""
+        hi = t.to(tl.bfloat16)
+        rem = t - hi.to(tl.float32)
+        mid = rem.to(tl.bfloat16)
+        lo = (rem - mid.to(tl.float32)).to(tl.bfloat16)
+        return hi, mid, lo
+
+    @triton.jit
+    def _split_dot(a, b, acc, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """acc + a @ b in fp32. SPLIT 0: one dot (operands upcast to fp32 when UPCAST). SPLIT 1 / 2:
+        the first / second operand is fp32 and the other bf16: three dots against its bf16 pieces,
+        smallest first (products of bf16 are exact in fp32, so only the accumulation rounds)."""
+        if SPLIT == 0:
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        elif SPLIT == 1:
+            hi, mid, lo = _bf16_pieces(a)
+            if UPCAST:
+                b = b.to(tl.float32)
+                acc = tl.dot(lo.to(tl.float32), b, acc, input_precision=PRECISION)
+                acc = tl.dot(mid.to(tl.float32), b, acc, input_precision=PRECISION)
+                acc = tl.dot(hi.to(tl.float32), b, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(lo, b, acc)
+                acc = tl.dot(mid, b, acc)
+                acc = tl.dot(hi, b, acc)
+        else:
+            hi, mid, lo = _bf16_pieces(b)
+            if UPCAST:
+                a = a.to(tl.float32)
+                acc = tl.dot(a, lo.to(tl.float32), acc, input_precision=PRECISION)
+                acc = tl.dot(a, mid.to(tl.float32), acc, input_precision=PRECISION)
+                acc = tl.dot(a, hi.to(tl.float32), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a, lo, acc)
+                acc = tl.dot(a, mid, acc)
+                acc = tl.dot(a, hi, acc)
+        return acc
+
+    @triton.jit
     def _dropout_mask_kernel(out_ptr, numel, p, seed, BLOCK: tl.constexpr):
         # Flat index == m * K + k for a contiguous [M, K] output.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -356,7 +420,7 @@ if triton is not None:
         scale, p, seed,
         M_BUCKET, K_BUCKET,
         BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+        PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[M, R] (+)= scale * drop(x)[M, K] @ a[R, K]^T.
@@ -384,12 +448,10 @@ if triton is not None:
             k_mask = offs_k < k_end
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                at = at.to(tl.float32)
             if HAS_DROPOUT:
-                xt = tl.where(_keep(seed, p, offs_m[:, None], offs_k[None, :], K), xt, 0.0)
-            acc = tl.dot(xt, at, acc, input_precision=PRECISION)
+                keep = _keep(seed, p, offs_m[:, None], offs_k[None, :], K)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            acc = _split_dot(xt, at, acc, SPLIT, UPCAST, PRECISION)
             offs_k += BLOCK_K
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
@@ -510,7 +572,7 @@ if triton is not None:
         scale, p, seed,
         M_BUCKET,
         BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+        PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[R, K] (+)= scale * g[M, R]^T @ drop(x)[M, K].
@@ -538,12 +600,10 @@ if triton is not None:
             m_mask = offs_m < m_end
             gt = tl.load(g_ptrs, mask=r_mask[:, None] & m_mask[None, :], other=0.0)
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if UPCAST:
-                gt = gt.to(tl.float32)
-                xt = xt.to(tl.float32)
             if HAS_DROPOUT:
-                xt = tl.where(_keep(seed, p, offs_m[:, None], offs_k[None, :], K), xt, 0.0)
-            acc = tl.dot(gt, xt, acc, input_precision=PRECISION)
+                keep = _keep(seed, p, offs_m[:, None], offs_k[None, :], K)
+                xt = tl.where(keep, xt, tl.zeros_like(xt))
+            acc = _split_dot(gt, xt, acc, SPLIT, UPCAST, PRECISION)
             offs_m += BLOCK_M
             g_ptrs += BLOCK_M * stride_gm
             x_ptrs += BLOCK_M * stride_xm
@@ -587,14 +647,17 @@ def _skinny_split(m: int, k: int, device: torch.device) -> int:
 
 def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
                   seed: int = 0, allow_tf32: bool = False,
-                  split_k: Optional[int] = None) -> torch.Tensor:
+                  split_k: Optional[int] = None, split_fp32: Optional[bool] = None) -> torch.Tensor:
     """``out[M, R] = scale * drop(x)[M, K] @ a[R, K]^T`` in float32.
 
     ``R`` (the LoRA rank) is 1..128.  Dropout (``p > 0``) is applied to ``x``
     with the module's dropout contract over ``x``'s logical ``[M, K]`` shape.
-    fp32 (or mixed-dtype) dots are ieee fp32 unless ``allow_tf32``.
+    fp32 (or mixed-dtype) dots keep ~fp32 accuracy unless ``allow_tf32``
+    (module docstring: bf16x3, tf32x3, or exact under the interpreter).
     ``split_k`` overrides the split-K heuristic (``>1`` adds partial sums
-    atomically, so results are then not bitwise deterministic)."""
+    atomically, so results are then not bitwise deterministic).
+    ``split_fp32=False`` turns off the bf16x3 dot of a bf16/fp32 pair (then
+    tf32x3), for benchmarks; the default uses it wherever it applies."""
     reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
         raise ValueError(reason)
@@ -606,7 +669,7 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     out = (torch.zeros if atomic or k == 0 else torch.empty)((m, r), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out
-    upcast, precision = _dot_mode(x.dtype, a.dtype, allow_tf32)
+    upcast, precision, split = _dot_mode(x.dtype, a.dtype, allow_tf32, split_fp32)
     kernel = _skinny_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
     with _on_device(x.device):
@@ -616,7 +679,7 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
             float(scale) / (1.0 - float(p)), float(p), int(seed),
             _bucket(m), _bucket(k),
             BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
-            PRECISION=precision, ATOMIC=atomic,
+            PRECISION=precision, SPLIT=split, ATOMIC=atomic,
         )
     return out
 
@@ -674,7 +737,8 @@ def fused_lora_matmul(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: tor
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    upcast, base_precision = _dot_mode(x.dtype, w.dtype, torch.backends.cuda.matmul.allow_tf32)
+    upcast, base_precision, _ = _dot_mode(x.dtype, w.dtype, torch.backends.cuda.matmul.allow_tf32,
+                                          split=False)
     kernel = _fused_lora_kernel
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with _on_device(x.device):
@@ -721,13 +785,14 @@ def _wgrad_split(m: int, k: int, device: torch.device) -> int:
 
 def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
                         seed: int = 0, allow_tf32: bool = False,
-                        split_m: Optional[int] = None) -> torch.Tensor:
+                        split_m: Optional[int] = None, split_fp32: Optional[bool] = None) -> torch.Tensor:
     """``out[R, K] = scale * g[M, R]^T @ drop(x)[M, K]`` in float32 (dA of LoRA).
 
     M (tokens) is split across programs whose partial sums are atomically
     added into a zeroed output (not bitwise deterministic when split);
-    ``split_m`` overrides the heuristic.  Dots are ieee fp32 unless both
-    operands share a 16-bit dtype, or ``allow_tf32``."""
+    ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
+    operands share a 16-bit dtype, or ``allow_tf32``; bf16 against fp32 runs
+    as bf16x3 unless ``split_fp32=False`` (then tf32x3)."""
     reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
     if reason:
         raise ValueError(reason)
@@ -739,7 +804,7 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     out = (torch.zeros if atomic or m == 0 else torch.empty)((r, k), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out
-    upcast, precision = _dot_mode(g.dtype, x.dtype, allow_tf32)
+    upcast, precision, split = _dot_mode(g.dtype, x.dtype, allow_tf32, split_fp32)
     kernel = _lowrank_wgrad_kernel
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), split_m)
     with _on_device(x.device):
@@ -749,6 +814,6 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
             float(scale) / (1.0 - float(p)), float(p), int(seed),
             _bucket(m),
             BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
-            PRECISION=precision, ATOMIC=atomic,
+            PRECISION=precision, SPLIT=split, ATOMIC=atomic,
         )
     return out
