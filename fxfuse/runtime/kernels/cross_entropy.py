@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .host_math import next_power_of_2
 from .lora import triton_available
 
 try:
@@ -131,7 +132,7 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, losses: torch
     rows, v = logits.shape
     if rows == 0:
         return
-    block = min(_BLOCK_V_MAX, max(16, triton.next_power_of_2(v)))
+    block = min(_BLOCK_V_MAX, max(16, next_power_of_2(v)))
     meta = {} if _INTERPRET else {"num_warps": 8 if block >= 2048 else 4}
     with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
         _ce_rows_kernel[(rows,)](logits, logits.stride(0), target, losses, scale, v, int(ignore_index),

@@ -54,6 +54,8 @@ except Exception as exc:  # pragma: no cover - triton is a hard dependency
     tl = None
     _TRITON_IMPORT_ERROR = f"triton is not importable ({exc})"
 
+from .host_math import cdiv, next_power_of_2
+
 __all__ = [
     "triton_available",
     "dropout_mask",
@@ -145,13 +147,13 @@ def _check_rank(r: int) -> Optional[str]:
 # --------------------------------------------------------------------------
 
 def _pow2_at_least(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, next_power_of_2(max(int(n), 1)))
 
 
 def _bucket(n: int) -> int:
     """Autotune key for a size that changes call to call (token counts):
     retune per power-of-two bucket instead of per exact value."""
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def _fp32_dot_env() -> str:
@@ -377,7 +379,7 @@ def dropout_mask(shape_m: int, shape_k: int, p: float, seed: int,
         out = torch.empty((m, k), dtype=torch.uint8, device=device)
         block = 1024
         with _on_device(device):
-            _dropout_mask_kernel[(triton.cdiv(m * k, block),)](out, m * k, float(p), int(seed),
+            _dropout_mask_kernel[(cdiv(m * k, block),)](out, m * k, float(p), int(seed),
                                                                 BLOCK=block)
         return out.view(torch.bool)
     rand = _tl_rand_numpy(int(seed), np.arange(m * k, dtype=np.int64))
@@ -638,11 +640,11 @@ def check_skinny_matmul(x, a, *, scale=1.0, p=0.0, seed=0, split_k=None, **_) ->
 def _skinny_split(m: int, k: int, device: torch.device) -> int:
     """Split K when there are too few M blocks to fill the GPU (dB = dY^T XA:
     M is out_features, K is the token count)."""
-    m_blocks = triton.cdiv(m, 128)
+    m_blocks = cdiv(m, 128)
     target = 2 * _num_sms(device)
     if m_blocks >= target or k < 4096:
         return 1
-    return max(1, min(triton.cdiv(target, m_blocks), k // 2048))
+    return max(1, min(cdiv(target, m_blocks), k // 2048))
 
 
 def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
@@ -664,14 +666,14 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     (m, k), r = x.shape, a.shape[0]
     if split_k is None:
         split_k = _skinny_split(m, k, x.device)
-    split_k = max(1, min(split_k, triton.cdiv(k, 16)))
+    split_k = max(1, min(split_k, cdiv(k, 16)))
     atomic = split_k > 1
     out = (torch.zeros if atomic or k == 0 else torch.empty)((m, r), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out
     upcast, precision, split = _dot_mode(x.dtype, a.dtype, allow_tf32, split_fp32)
     kernel = _skinny_kernel
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), split_k)
     with _on_device(x.device):
         _launch(kernel, grid,
             x, a, out, m, k, r,
@@ -740,7 +742,7 @@ def fused_lora_matmul(x: torch.Tensor, w: torch.Tensor, xa: torch.Tensor, b: tor
     upcast, base_precision, _ = _dot_mode(x.dtype, w.dtype, torch.backends.cuda.matmul.allow_tf32,
                                           split=False)
     kernel = _fused_lora_kernel
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
     with _on_device(x.device):
         _launch(kernel, grid,
             x, w, xa, b, bias if bias is not None else x, out,
@@ -779,8 +781,8 @@ def check_lowrank_weight_grad(g, x, *, scale=1.0, p=0.0, seed=0, split_m=None, *
 def _wgrad_split(m: int, k: int, device: torch.device) -> int:
     """Enough M splits for ~2 waves of programs, but each split keeps at
     least ~1024 rows so atomics stay a small fraction of the traffic."""
-    k_blocks = triton.cdiv(k, 128)
-    return max(1, min(triton.cdiv(2 * _num_sms(device), k_blocks), m // 1024))
+    k_blocks = cdiv(k, 128)
+    return max(1, min(cdiv(2 * _num_sms(device), k_blocks), m // 1024))
 
 
 def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
@@ -799,14 +801,14 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     (m, r), k = g.shape, x.shape[1]
     if split_m is None:
         split_m = _wgrad_split(m, k, x.device)
-    split_m = max(1, min(split_m, triton.cdiv(m, 16)))
+    split_m = max(1, min(split_m, cdiv(m, 16)))
     atomic = split_m > 1
     out = (torch.zeros if atomic or m == 0 else torch.empty)((r, k), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out
     upcast, precision, split = _dot_mode(g.dtype, x.dtype, allow_tf32, split_fp32)
     kernel = _lowrank_wgrad_kernel
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), split_m)
+    grid = lambda meta: (cdiv(k, meta["BLOCK_K"]), split_m)
     with _on_device(x.device):
         _launch(kernel, grid,
             g, x, out, m, k, r,

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
 from .lora import triton_available
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -137,7 +138,7 @@ def _bwd_dx(DY, DH, H, W, RSTD, C, DX, DWP, stride_dy, stride_dh, stride_h, stri
 
 
 def _block(n: int, block: Optional[int]) -> int:
-    return block if block is not None else min(triton.next_power_of_2(n), _MAX_BLOCK)
+    return block if block is not None else min(next_power_of_2(n), _MAX_BLOCK)
 
 
 def _warps(block: int) -> int:
@@ -196,7 +197,7 @@ def _row_chunk(m: int, col_blocks: int, device: torch.device) -> int:
     """Rows per backward program: about four programs per SM over the whole grid."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
     programs_m = max(1, 4 * sms // col_blocks)
-    return max(1, triton.cdiv(m, programs_m))
+    return max(1, cdiv(m, programs_m))
 
 
 def rms_norm_backward(dy, dh, h, weight, rstd, offset: float, round_dtype, need_dw: bool, block=None):
@@ -218,9 +219,9 @@ def rms_norm_backward(dy, dh, h, weight, rstd, offset: float, round_dtype, need_
     c = torch.empty((m,), device=h.device, dtype=torch.float32)
     _bwd_dot[(m,)](dy, h, weight, rstd, c, dy.stride(0), h.stride(0), n, float(offset), BLOCK=bl,
                    num_warps=_warps(bl))
-    col_blocks = triton.cdiv(n, bl)
+    col_blocks = cdiv(n, bl)
     rows = _row_chunk(m, col_blocks, h.device)
-    programs_m = triton.cdiv(m, rows)
+    programs_m = cdiv(m, rows)
     dwp = torch.empty((programs_m, n), device=h.device, dtype=torch.float32) if need_dw else c
     _bwd_dx[(programs_m, col_blocks)](
         dy, dh if dh is not None else dy, h, weight, rstd, c, dx, dwp, dy.stride(0),

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv
 from .lora import triton_available
 from .rms_norm import round_to, rounding_kind
 
@@ -89,7 +90,7 @@ def swiglu_forward(gate, up, activation: str = "silu"):
     out = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     n = gate.numel()
     if n:
-        _fwd[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, ACT=ACTIVATIONS[activation],
+        _fwd[(cdiv(n, _BLOCK),)](gate, up, out, n, ACT=ACTIVATIONS[activation],
                                         KIND=rounding_kind(gate.dtype), BLOCK=_BLOCK, num_warps=4)
     return out
 
@@ -103,6 +104,6 @@ def swiglu_backward(dy, gate, up, activation: str = "silu"):
     du = torch.empty(gate.shape, device=gate.device, dtype=gate.dtype)
     n = gate.numel()
     if n:
-        _bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, ACT=ACTIVATIONS[activation],
+        _bwd[(cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, ACT=ACTIVATIONS[activation],
                                         KIND=rounding_kind(gate.dtype), BLOCK=_BLOCK, num_warps=4)
     return dg, du

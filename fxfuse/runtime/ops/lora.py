@@ -8,6 +8,9 @@ fp32 products drop_i(x)·A_iᵀ side by side ([M, Σr]); backward reuses them (t
 Backward is its own custom op (`fxfuse::lora_linear_backward`) so AOTAutograd keeps it opaque:
   g_i = dy_i·B_i,  dB_i = s_i·dy_iᵀ·(drop_i(x)·A_iᵀ),  dA_i = s_i·g_iᵀ·drop_i(x),
   dx = Σ_i dy_i·W_i + M_i ⊙ (s_i·g_i·A_i) / (1 − p_i).
+It returns the members' dA stacked as one fp32 [Σr, K] tensor: without dropout one pass over x
+computes them all ([g_1 … g_n]ᵀ·x), and a custom op's outputs may not alias, so the autograd
+formula splits it (and casts to the adapters' dtype) outside the op.
 The frozen base weight and bias get no gradient (the pass declines sites where they train).
 
 Precision (docs/numerics.md): every product accumulates in fp32 and fp32 dots run as tf32x3 on
@@ -105,13 +108,13 @@ def lora_linear_backward_reference(dys, x, weights, lora_as, lora_bs, xa, scalin
             xd = x2d * keep / (1 - p)
         g = dy @ b.float()
         d_bs.append((s * dy.t() @ xa_i).to(b.dtype))
-        d_as.append((s * g.t() @ xd).to(a.dtype))
+        d_as.append(s * g.t() @ xd)
         if need_dx:
             low = s * (g @ a.float())
             if keep is not None:
                 low = low * keep / (1 - p)
             dx += dy @ w.float() + low
-    out = d_as + d_bs
+    out = [torch.cat(d_as, dim=0)] + d_bs
     if need_dx:
         out.append(dx.to(x.dtype).reshape(x.shape))
     return out
@@ -163,18 +166,23 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
     seed_i = _seed(seed)
     seeds = [member_seed(seed_i, i) for i in range(len(weights))]
     dy2d = [_flat(d).to(x.dtype) for d in dys]  # outputs may be in another dtype than x
-    d_as, d_bs, gs, off = [], [], [], 0
-    for i, (a, b, s, p) in enumerate(zip(lora_as, lora_bs, scalings, dropout_ps)):
-        r = a.shape[0]
-        g = K.skinny_matmul(dy2d[i], b.t(), scale=s)  # s·dy·B
+    many = len(weights) > 1
+    no_dropout = all(p == 0 for p in dropout_ps)
+    d_bs, gs, off = [], [], 0
+    for i, (b, s) in enumerate(zip(lora_bs, scalings)):
+        r = b.shape[1]
+        gs.append(K.skinny_matmul(dy2d[i], b.t(), scale=s))  # s·dy·B
         d_bs.append(K.skinny_matmul(dy2d[i].t(), xa[:, off:off + r].t(), scale=s).to(b.dtype))
-        d_as.append(K.lowrank_weight_grad(g, x2d, p=p, seed=seeds[i]).to(a.dtype))
-        gs.append(g)
         off += r
-    out = d_as + d_bs
+    g_all = torch.cat(gs, dim=1) if many else gs[0]
+    if no_dropout:
+        d_a = K.lowrank_weight_grad(g_all, x2d)  # every member's dA in one pass over x
+    else:
+        d_a = [K.lowrank_weight_grad(g, x2d, p=p, seed=si) for g, p, si in zip(gs, dropout_ps, seeds)]
+        d_a = torch.cat(d_a, dim=0) if many else d_a[0]
+    out = [d_a] + d_bs
     if not need_dx:
         return out
-    many = len(weights) > 1
     if gemm_strategy(x.device) == "triton":
         dx = None
         for dy, w, a, g, p, si in zip(dy2d, weights, lora_as, gs, dropout_ps, seeds):
@@ -182,9 +190,8 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
                                        out_dtype=torch.float32 if many else x.dtype)
             dx = part if dx is None else dx.add_(part)
     else:
-        if all(p == 0 for p in dropout_ps):
+        if no_dropout:
             # every member's low-rank dx term in one GEMM over the concatenated ranks
-            g_all = torch.cat(gs, dim=1) if many else gs[0]
             a_all = torch.cat(lora_as, dim=0) if many else lora_as[0]
             low = torch.mm(g_all.to(x.dtype), a_all.to(x.dtype))
         else:
@@ -255,9 +262,19 @@ def lora_linear_backward(dys: List[Tensor], x: Tensor, weights: List[Tensor], lo
 
 @lora_linear_backward.register_fake
 def _(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
-    out = [a.new_empty(a.shape) for a in lora_as] + [b.new_empty(b.shape) for b in lora_bs]
+    d_a = lora_as[0].new_empty((sum(a.shape[0] for a in lora_as), lora_as[0].shape[1]), dtype=torch.float32)
+    out = [d_a] + [b.new_empty(b.shape) for b in lora_bs]
     if need_dx:
         out.append(x.new_empty(x.shape))
+    return out
+
+
+def split_lora_a_grads(d_a: Tensor, lora_as) -> List[Tensor]:
+    """The backward op's stacked fp32 dA [Σr, K] as one gradient per member, in its adapter's dtype."""
+    out, off = [], 0
+    for a in lora_as:
+        out.append(d_a[off:off + a.shape[0]].to(a.dtype))
+        off += a.shape[0]
     return out
 
 
@@ -283,8 +300,9 @@ def _backward(ctx, grads):
     need_dx = bool(ctx.needs_input_grad[0])
     out = torch.ops.fxfuse.lora_linear_backward(dys, x, list(weights), list(lora_as), list(lora_bs), xa,
                                                 ctx.scalings, ctx.dropout_ps, seed, need_dx)
-    d_as, d_bs = out[:n], out[n:2 * n]
-    dx = out[2 * n] if need_dx else None
+    d_as = split_lora_a_grads(out[0], lora_as)
+    d_bs = out[1:n + 1]
+    dx = out[n + 1] if need_dx else None
     none = [None] * n
     return dx, none, ctx.bias_grads, list(d_as), list(d_bs), None, None, None, None
 

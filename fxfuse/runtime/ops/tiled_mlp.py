@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import lora as K
-from . import lora as lora_ops  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
+from .lora import split_lora_a_grads  # importing ops.lora registers torch.ops.fxfuse.lora_linear
 
 OP = "fxfuse::tiled_mlp"
 BWD = "fxfuse::tiled_mlp_backward"
@@ -113,7 +113,7 @@ def tiled_mlp_backward(dy: Tensor, x: Tensor, weights: List[Tensor], lora_as: Li
         g, u, xa_gu = _gate_up(xc, weights, lora_as, lora_bs, scalings, mid_dtype)
         a = _act(g, activation)
         h = a * u
-        (da_d, db_d, dh) = torch.ops.fxfuse.lora_linear_backward(
+        (da_d, db_d, dh) = torch.ops.fxfuse.lora_linear_backward(  # da_d: [r, K] fp32, one member
             [dy2d[s:e]], h, [weights[2]], [as32[2]], [bs32[2]], _xa(h, lora_as[2]), [scalings[2]], [0.0],
             None, True)
         del h
@@ -123,12 +123,12 @@ def tiled_mlp_backward(dy: Tensor, x: Tensor, weights: List[Tensor], lora_as: Li
         del a, g, u, dh
         grads = torch.ops.fxfuse.lora_linear_backward([dg, du], xc, list(weights[:2]), as32[:2], bs32[:2], xa_gu,
                                                       list(scalings[:2]), [0.0, 0.0], None, need_dx)
-        for i, d in enumerate((grads[0], grads[1], da_d)):
+        for i, d in enumerate((*split_lora_a_grads(grads[0], as32[:2]), da_d)):
             d_as[i] += d
-        for i, d in enumerate((grads[2], grads[3], db_d)):
+        for i, d in enumerate((grads[1], grads[2], db_d)):
             d_bs[i] += d
         if need_dx:
-            dx[s:e] = grads[4]
+            dx[s:e] = grads[3]
     out = [d.to(a.dtype) for d, a in zip(d_as, lora_as)] + [d.to(b.dtype) for d, b in zip(d_bs, lora_bs)]
     if need_dx:
         out.append(dx.reshape(x.shape))
