@@ -15,8 +15,8 @@ TFLOP/s count 2*M*N*K (the base product) for all three, so they compare directly
 The memory-bound launchers are timed against their torch equivalents, in GB/s of compulsory traffic:
   skinny_matmul(x, A)         XA = X A^T (fwd), G = dY B (bwd), dB = dY^T XA (bwd, split-K)
   lowrank_weight_grad(g, x)   dA = G^T X
-each with the default dot of a bf16/fp32 pair (bf16x3), the previous one (tf32x3), every split count,
-and PEFT's own math (cast the bf16 operand to fp32, then mm).
+each with both dots of a bf16/fp32 pair (bf16x3, and tf32x3: the default), every split count, and
+PEFT's own math (cast the bf16 operand to fp32, then mm).
 
 Numerics: fused_lora_matmul and the cuBLAS path against float64 on one shape per direction (relative
 L2 error, must stay below 1e-2), and the skinny / weight-gradient kernels likewise.
@@ -157,13 +157,14 @@ SPLITS = (1, 2, 4, 8, 16)
 
 def bench_memory_bound(ms, projs, timer, dev, gen) -> None:
     """Each skinny / weight-gradient launch as the LoRA op issues it (grouped ranks included: q/k/v
-    share one XA of rank 3r, gate/up one of 2r), timed with the default dot (bf16x3), the previous
-    one (tf32x3, ``split_fp32=False``), every split count, and torch (PEFT's cast-then-mm)."""
+    share one XA of rank 3r, gate/up one of 2r), timed with both fp32 dots (bf16x3 and the default
+    tf32x3) at the heuristic split, bf16x3 at every split count, and torch (PEFT's cast-then-mm)."""
     hidden, inter = projs["q/o"][1], projs["down"][1]
     print(f"\n== memory-bound launchers: ms (GB/s of compulsory traffic); split = K splits (skinny) or "
           f"M splits (dA) ==", flush=True)
     head = " ".join(f"{'split=' + str(s):>13}" for s in SPLITS)
-    print(f"{'what':<30} {'M':>6} | {'auto bf16x3':>13} {'auto tf32x3':>13} {head} {'torch (peft)':>13}",
+    print(f"{'what':<30} {'M':>6} | {'auto bf16x3':>13} {'auto tf32x3':>13} {head} {'torch (peft)':>13}"
+          f"   (split=N: bf16x3)",
           flush=True)
     outs = sorted({n for n, _ in projs.values()})
     for m in ms:
@@ -190,8 +191,8 @@ def bench_memory_bound(ms, projs, timer, dev, gen) -> None:
                           lambda g=g, x=x, **kw: K.lowrank_weight_grad(g, x, scale=SCALE, **kw),
                           lambda g=g, x=x: SCALE * (g.t() @ x.float())))
         for what, nbytes, split_arg, ours, torch_fn in cases:
-            variants = [("auto", dict()), ("tf32x3", dict(split_fp32=False))]
-            variants += [(f"split={s}", {split_arg: s}) for s in SPLITS]
+            variants = [("bf16x3", dict(split_fp32=True)), ("tf32x3", dict(split_fp32=False))]
+            variants += [(f"split={s}", {split_arg: s, "split_fp32": True}) for s in SPLITS]
             variants += [("torch_peft", None)]
             res = {}
             for impl, kw in variants:
@@ -232,7 +233,7 @@ def numerics(projs, m, dev, gen) -> bool:
     a = torch.randn(RANK, k, generator=gen, device=dev)
     g = torch.randn(m, RANK, generator=gen, device=dev)
     checks = []
-    for mode, split in (("bf16x3", None), ("tf32x3", False)):
+    for mode, split in (("bf16x3", True), ("tf32x3", False)):
         checks += [(f"skinny_matmul {mode}", K.skinny_matmul(x, a, split_fp32=split), x.to(F64) @ a.to(F64).t()),
                    (f"lowrank_weight_grad {mode}", K.lowrank_weight_grad(g, x, scale=SCALE, split_fp32=split),
                     SCALE * (g.to(F64).t() @ x.to(F64)))]

@@ -14,7 +14,7 @@
 # FRESH=1   one process per (variant, seq) instead of one per variant
 # DYNAMIC   auto | static | dynamic (bench_lora.py --dynamic)  (default: auto)
 # FXFUSE_LORA_GEMM=auto|triton|cublas   passed through to fxfuse's op
-# FXFUSE_LORA_FP32_DOT=bf16x3|tf32x3     passed through (dot of bf16 activations with fp32 adapters)
+# FXFUSE_LORA_FP32_DOT=tf32x3|bf16x3     passed through (dot of bf16 activations with fp32 adapters)
 # TESTS     pytest paths for 'tests'                           (default: tests/gpu tests/kernels)
 #           (run with FXFUSE_AUTOTUNE=0: one config per kernel, so the fuzz shapes do not each autotune)
 # BENCH_ARGS  extra bench_lora.py arguments;  VT  timeout per benchmark process (s, default 420)

@@ -170,16 +170,16 @@ def ref_fused(x, w, xa, b, scale, bias, p, seed):
 @given(m=dims, k=dims, r=ranks, dtype=st.sampled_from([F32, F16, BF16]),
        adapter_f32=st.booleans(), p=dropout_ps, seed=seeds, scale=scales(),
        lx=layouts, la=layouts, split_k=st.sampled_from([None, 1, 2, 3]),
-       big=st.booleans(), data_seed=st.integers(0, 2**16))
+       big=st.booleans(), data_seed=st.integers(0, 2**16), split_fp32=st.sampled_from([None, True]))
 def test_skinny_matmul_fuzz(m, k, r, dtype, adapter_f32, p, seed, scale, lx, la, split_k,
-                            big, data_seed):
+                            big, data_seed, split_fp32):
     gen = torch.Generator().manual_seed(data_seed)
     # fp16 near its max: products and sums overflow fp16 but not fp32.
     mag = 3e4 if (big and dtype == F16) else 1.0
     x = make((m, k), dtype, lx, gen, mag)
     a = make((r, k), F32 if adapter_f32 else dtype, la, gen)
     with poisoned_outputs():
-        out = L.skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
+        out = L.skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k, split_fp32=split_fp32)
     ref, ref_abs = ref_skinny(x, a, scale, p, seed)
     assert_matches(out, ref, ref_abs, F32)
 
@@ -212,19 +212,19 @@ def test_fused_lora_matmul_fuzz(m, n, k, r, dtype, adapter_f32, out_f32, has_bia
 @given(m=dims, k=dims, r=ranks, dtype=st.sampled_from([F32, F16, BF16]),
        g_f32=st.booleans(), p=dropout_ps, seed=seeds, scale=scales(), lg=layouts,
        lx=layouts, split_m=st.sampled_from([None, 1, 2, 3]), big=st.booleans(),
-       data_seed=st.integers(0, 2**16))
+       data_seed=st.integers(0, 2**16), split_fp32=st.sampled_from([None, True]))
 # A one-element output whose 94 terms cancel to 3e-4 of their magnitude (a CI draw): the kernel's
 # fp32 sum is as close as a sequential fp32 sum, so the L2 check allows accumulation slack.
 @example(m=94, k=1, r=1, dtype=F16, g_f32=False, p=0.5, seed=1, scale=0.5, lg="sliced",
-         lx="sliced", split_m=None, big=False, data_seed=1)
+         lx="sliced", split_m=None, big=False, data_seed=1, split_fp32=None)
 def test_lowrank_weight_grad_fuzz(m, k, r, dtype, g_f32, p, seed, scale, lg, lx, split_m, big,
-                                  data_seed):
+                                  data_seed, split_fp32):
     gen = torch.Generator().manual_seed(data_seed)
     mag = 3e4 if (big and dtype == F16) else 1.0
     g = make((m, r), F32 if g_f32 else dtype, lg, gen)
     x = make((m, k), dtype, lx, gen, mag)
     with poisoned_outputs():
-        out = L.lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
+        out = L.lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m, split_fp32=split_fp32)
     ref, ref_abs = ref_wgrad(g, x, scale, p, seed)
     assert_matches(out, ref, ref_abs, F32)
 
@@ -396,19 +396,21 @@ def test_lowrank_tf32_flag_runs():
 def test_fp32_dot_modes(monkeypatch):
     """bf16 against fp32 splits the fp32 operand (bf16x3), on either side; other pairs do not."""
     monkeypatch.delenv("FXFUSE_LORA_FP32_DOT", raising=False)
-    assert L._dot_mode(BF16, F32, False)[2] == 2 and L._dot_mode(F32, BF16, False)[2] == 1
+    assert L._dot_mode(BF16, F32, False)[2] == 0  # default: tf32x3
+    assert L._dot_mode(BF16, F32, False, split=True)[2] == 2
+    assert L._dot_mode(F32, BF16, False, split=True)[2] == 1
     for a, b in ((F16, F32), (F32, F32), (BF16, BF16), (F16, F16)):
-        assert L._dot_mode(a, b, False)[2] == 0, (a, b)
-    assert L._dot_mode(BF16, F32, True)[2] == 0  # tf32 allowed: one tf32 dot
+        assert L._dot_mode(a, b, False, split=True)[2] == 0, (a, b)
+    assert L._dot_mode(BF16, F32, True, split=True)[2] == 0  # tf32 allowed: one tf32 dot
+    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "bf16x3")
+    assert L._dot_mode(BF16, F32, False)[2] == 2
     assert L._dot_mode(BF16, F32, False, split=False)[2] == 0
-    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "tf32x3")
-    assert L._dot_mode(BF16, F32, False)[2] == 0
     monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "fp64")
     with pytest.raises(ValueError, match="FXFUSE_LORA_FP32_DOT"):
         L._dot_mode(BF16, F32, False)
 
 
-@pytest.mark.parametrize("split_fp32", [None, False])
+@pytest.mark.parametrize("split_fp32", [True, False])
 def test_bf16x3_keeps_fp32_low_bits(split_fp32):
     """fp32 operands with bits in all three bf16 pieces (1 + u·2^-10 + v·2^-19 + w·2^-23): both fp32
     dot modes keep them (dropping the lowest piece is off by up to ~1e-5 relative), for the skinny

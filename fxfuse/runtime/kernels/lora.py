@@ -16,14 +16,16 @@ Conventions shared by every kernel here:
 * Operands may have arbitrary strides (transposed views are read in place).
 * Everything accumulates in fp32.  When both dot operands share a 16-bit
   dtype on a GPU the dot runs natively on tensor cores with an fp32
-  accumulator: the product of two 16-bit floats is exact in fp32.  A bf16
-  operand against an fp32 one (bf16 activations, fp32 adapters: every skinny
-  LoRA dot) splits the fp32 operand into three bf16 pieces whose sum is it to
-  ~2^-24 relative ("bf16x3") and runs three native bf16 dots: fp32 accuracy
-  at bf16 tensor-core speed, with no conversion of the big bf16 tile.  Other
-  mixed pairs (fp16 with fp32: fp16 pieces would underflow) upcast both to
-  fp32 and run tf32x3.  The interpreter (whose bf16 arithmetic is broken)
-  splits the same way but upcasts the pieces and runs exact fp32 dots.
+  accumulator: the product of two 16-bit floats is exact in fp32.  Mixed
+  pairs (bf16 activations against fp32 adapters: every skinny LoRA dot) upcast
+  both tiles to fp32 and run tf32x3 by default.  With
+  ``FXFUSE_LORA_FP32_DOT=bf16x3`` (or ``split_fp32=True``) a bf16/fp32 pair
+  instead splits the fp32 operand into three bf16 pieces whose sum is it to
+  ~2^-24 relative and runs three native bf16 dots: fp32-level accuracy at
+  bf16 tensor-core speed, with no conversion of the big bf16 tile (fp16 is
+  never split: fp16 pieces would underflow).  The interpreter (whose bf16
+  arithmetic is broken) splits the same way but upcasts the pieces and runs
+  exact fp32 dots.
 * Dropout contract (all kernels and :func:`dropout_mask` agree bit-exactly):
   element ``(m, k)`` of a logical ``[M, K]`` matrix is kept iff
   ``tl.rand(seed, m * K + k) >= p`` with the index computed in int64.  The
@@ -157,9 +159,11 @@ def _bucket(n: int) -> int:
 
 
 def _fp32_dot_env() -> str:
-    """FXFUSE_LORA_FP32_DOT=bf16x3 (default) | tf32x3: how a bf16/fp32 dot keeps fp32 accuracy (A/B
-    runs and numerics triage; read per launch so one process can compare both)."""
-    mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "bf16x3")
+    """FXFUSE_LORA_FP32_DOT=tf32x3 (default) | bf16x3: how a bf16/fp32 dot keeps fp32 accuracy. Read
+    per launch, so one process can compare both. bf16x3 measured faster than tf32x3 on 9 of 12
+    GPU-bound launch shapes (1.06-3.6x) and 5-12% slower on 2 (H200, bench/RESULTS.md); it stays
+    opt-in until a whole training step is measured with it against tf32x3 in one device call."""
+    mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "tf32x3")
     if mode not in ("bf16x3", "tf32x3"):
         raise ValueError(f"FXFUSE_LORA_FP32_DOT must be bf16x3 or tf32x3, not {mode!r}")
     return mode
@@ -169,9 +173,10 @@ def _dot_mode(a: torch.dtype, b: torch.dtype, allow_tf32: bool, split: Optional[
     """(UPCAST, input_precision, SPLIT) for a dot of operands of dtypes ``a``/``b``.
 
     Native 16-bit dots when both operands share the dtype (and, for bf16, only when compiled: the
-    interpreter's bf16 is broken). bf16 against fp32 (unless tf32 is allowed or ``split`` is False)
-    splits the fp32 operand into three bf16 pieces: SPLIT = 1 (first operand) or 2 (second), see
-    ``_split_dot``. Otherwise both operands go to fp32 and ``input_precision`` decides ieee vs tf32.
+    interpreter's bf16 is broken). bf16 against fp32 with ``split`` True (None: FXFUSE_LORA_FP32_DOT)
+    and tf32 not allowed splits the fp32 operand into three bf16 pieces: SPLIT = 1 (first operand)
+    or 2 (second), see ``_split_dot``. Otherwise both operands go to fp32 and ``input_precision``
+    decides ieee vs tf32 (tf32x3 on a GPU).
     """
     native = a == b and a in (torch.float16, torch.bfloat16)
     if native and a == torch.bfloat16 and _INTERPRET:
@@ -658,8 +663,8 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     (module docstring: bf16x3, tf32x3, or exact under the interpreter).
     ``split_k`` overrides the split-K heuristic (``>1`` adds partial sums
     atomically, so results are then not bitwise deterministic).
-    ``split_fp32=False`` turns off the bf16x3 dot of a bf16/fp32 pair (then
-    tf32x3), for benchmarks; the default uses it wherever it applies."""
+    ``split_fp32`` picks the dot of a bf16/fp32 pair: True bf16x3, False
+    tf32x3, None the FXFUSE_LORA_FP32_DOT default (tf32x3)."""
     reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
         raise ValueError(reason)
@@ -793,8 +798,8 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     M (tokens) is split across programs whose partial sums are atomically
     added into a zeroed output (not bitwise deterministic when split);
     ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
-    operands share a 16-bit dtype, or ``allow_tf32``; bf16 against fp32 runs
-    as bf16x3 unless ``split_fp32=False`` (then tf32x3)."""
+    operands share a 16-bit dtype, or ``allow_tf32``; ``split_fp32`` as in
+    :func:`skinny_matmul`."""
     reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
     if reason:
         raise ValueError(reason)
