@@ -9,6 +9,7 @@ import torch
 
 from ..passes.activation_offload import ActivationOffload
 from ..passes.causal_mask import CausalMaskPass
+from ..passes.eager_attention import EagerAttentionPass
 from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
@@ -26,6 +27,7 @@ from .report import Report
 PASSES = {
     "lora": LoraPass,
     "mlp_tiling": MlpTilingPass,
+    "eager_attention": EagerAttentionPass,
     "causal_mask": CausalMaskPass,
     "sdpa_gqa": SdpaGqaPass,
     "rms_norm": RmsNormPass,
@@ -38,7 +40,9 @@ PASSES = {
 # mlp_tiling only rewrites from a 4 GiB [tokens, intermediate] tensor up (~146k tokens on 8B).
 # sdpa_gqa: GPU tests passed on an H200 (tests/gpu/test_sdpa_gqa_gpu.py); it cuts the layer's kernel
 # time at 4k (2-layer profile 35.3 -> 34.0 ms) and the k/v copies at long context.
-DEFAULT_PASSES = ("lora", "mlp_tiling", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
+# eager_attention: models in eager attention get SDPA (O(T) memory instead of [B, H, T, T] scores);
+# on SDPA models it finds no candidate.
+DEFAULT_PASSES = ("lora", "mlp_tiling", "eager_attention", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"
 

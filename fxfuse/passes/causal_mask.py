@@ -14,8 +14,11 @@ the top-level graph:
   * `&` of such terms is a conjunction; device moves and expands keep the value.
 With symbolic sizes (dynamic shapes) nothing can be evaluated; the producers are then interpreted
 in an affine algebra (see `affine_op`). Anything else (a graph input such as a padding
-`attention_mask` or packed `position_ids`, sliding windows, float masks) is declined with the reason
-and the mask is left in place.
+`attention_mask` or packed `position_ids`, sliding windows, other float masks) is declined with the
+reason and the mask is left in place. HF's additive eager mask, `where(mask, 0, finfo.min)` (what
+the eager_attention pass hands SDPA), is analysed through its boolean `mask`: where that is causal
+or all-true every row keeps a key, and adding -3.4e38 then equals excluding (see
+`additive_mask_source`).
 The mask then has no users: its subgraph input and its producers are removed.
 """
 from __future__ import annotations
@@ -468,22 +471,58 @@ class CausalMaskPass(GraphPass):
     def _verdict(self, gm, sub, node, verdicts, cones) -> str:
         mask = canon(node).operands[3]
         ev = example_value(mask)
-        if not isinstance(ev, torch.Tensor) or ev.dtype != torch.bool or ev.dim() != 4:
-            raise Decline("mask is not a 4-D boolean tensor (additive float masks are not analysed)")
+        if not isinstance(ev, torch.Tensor) or ev.dim() != 4:
+            raise Decline("mask is not a 4-D tensor")
+        if ev.dtype != torch.bool and not ev.is_floating_point():
+            raise Decline(f"mask dtype {ev.dtype} is neither boolean nor additive float")
         top = _top_level(gm, sub, mask)
         if top not in verdicts:
-            ev_top = example_value(top)
             evaluator = MaskEval(self.eval_limit)
+            extra: set = set()
             try:
-                verdicts[top] = classify(evaluator.value(top), tuple(ev_top.shape))
+                source = top
+                if ev.dtype != torch.bool:
+                    source, extra = additive_mask_source(top)
+                verdicts[top] = classify(evaluator.value(source), tuple(example_value(source).shape))
             except Decline as e:
                 verdicts[top] = e
             except Exception as e:  # an op we could not evaluate: decline, never guess
                 verdicts[top] = Decline(f"mask evaluation failed: {type(e).__name__}: {e}")
-            cones[top] = evaluator.cone
+            cones[top] = evaluator.cone | extra
         if isinstance(verdicts[top], Decline):
             raise verdicts[top]
         return verdicts[top]
+
+
+# An additive mask adds at most this to a masked score. HF's eager masks add finfo(dtype).min
+# (-3.4e38 in fp32 and bf16): exp(score + that - rowmax) is exactly 0 in fp32 for any finite score,
+# so where every row keeps a key (causal, all-true) the additive mask equals the boolean one.
+# fp16's min (-65504) is not far enough below fp16 scores for that to hold: declined.
+_ADDITIVE_MASKED_MAX = -1e30
+
+
+def additive_mask_source(node: fx.Node) -> tuple[fx.Node, set]:
+    """(boolean mask, nodes to drop with it) for HF's additive mask `where(mask, 0, very negative)`;
+    Decline for any other float mask."""
+    if not (node.op == "call_function" and node.target is torch.where and len(node.args) == 3 and not node.kwargs):
+        raise Decline("additive float mask not of the form where(mask, 0, finfo.min): not analysed")
+    cond, keep, masked = node.args
+    extra = {node}
+    if isinstance(keep, fx.Node):
+        # HF passes the zero as torch.tensor(0.0, device=..., dtype=...)
+        if not (keep.op == "call_function" and keep.target is torch.tensor and keep.args[:1] == (0.0,)
+                and len(keep.args) == 1):
+            raise Decline("additive mask keeps a value that is not 0")
+        extra.add(keep)
+    elif keep != 0:
+        raise Decline(f"additive mask keeps {keep!r}, not 0")
+    if isinstance(masked, bool) or not isinstance(masked, (int, float)) or masked > _ADDITIVE_MASKED_MAX:
+        raise Decline(f"additive mask adds {masked!r} where masked: not far enough below the scores to equal "
+                      f"a boolean mask (needs <= {_ADDITIVE_MASKED_MAX:g}, e.g. fp32/bf16 finfo.min)")
+    cv = example_value(cond)
+    if not isinstance(cv, torch.Tensor) or cv.dtype != torch.bool or cv.dim() != 4:
+        raise Decline("additive mask's condition is not a 4-D boolean tensor")
+    return cond, extra
 
 
 def _hop_calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:

@@ -35,6 +35,9 @@ _RSQRT = {torch.rsqrt}
 _MEAN = {torch.mean}
 _SILU = {torch.nn.functional.silu}
 _GELU = {torch.nn.functional.gelu}
+_MATMUL = {torch.matmul, operator.matmul}
+_SOFTMAX = {torch.nn.functional.softmax, torch.softmax}
+_TRANSPOSE = {torch.transpose}
 
 
 @dataclass
@@ -90,7 +93,19 @@ def canon(node: Any) -> Optional[Canon]:
             return Canon("silu", (_arg(node, 0, "input"),), {"inplace": _arg(node, 1, "inplace", False)})
         if t in _GELU:
             return Canon("gelu", (_arg(node, 0, "input"),), {"approximate": _arg(node, 1, "approximate", "none")})
+        if t in _MATMUL and len(node.args) == 2 and not node.kwargs:
+            return Canon("matmul", tuple(node.args))
+        if t in _SOFTMAX:
+            return _softmax(node)
+        if t in _TRANSPOSE and len(node.args) == 3 and not node.kwargs:
+            return Canon("transpose", (node.args[0],), {"dims": tuple(node.args[1:])})
     if node.op == "call_method":
+        if t == "matmul" and len(node.args) == 2 and not node.kwargs:
+            return Canon("matmul", tuple(node.args))
+        if t == "softmax":
+            return _softmax(node)
+        if t == "transpose" and len(node.args) == 3 and not node.kwargs:
+            return Canon("transpose", (node.args[0],), {"dims": tuple(node.args[1:])})
         if t == "pow" and len(node.args) == 2 and not node.kwargs:
             return Canon("pow", tuple(node.args))
         if t == "rsqrt" and len(node.args) == 1 and not node.kwargs:
@@ -128,6 +143,14 @@ def canon(node: Any) -> Optional[Canon]:
             if isinstance(dtype, torch.dtype):
                 return Canon("to", (node.args[0],), {"dtype": dtype})
     return None
+
+
+def _softmax(node: fx.Node) -> Optional[Canon]:
+    """F.softmax(input, dim, _stacklevel, dtype); torch.softmax(input, dim, *, dtype); x.softmax(dim, dtype)."""
+    if len(node.args) > 4 or set(node.kwargs) - {"dim", "dtype", "_stacklevel"}:
+        return None
+    dtype_pos = 3 if node.target is torch.nn.functional.softmax else 2
+    return Canon("softmax", (node.args[0],), {"dim": _arg(node, 1, "dim"), "dtype": _arg(node, dtype_pos, "dtype")})
 
 
 def _mean(node: fx.Node) -> Optional[Canon]:

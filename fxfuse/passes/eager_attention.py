@@ -1,0 +1,196 @@
+"""Eager-attention pass: HF's eager attention (matmul -> scale -> mask -> softmax -> dropout ->
+matmul) -> one `scaled_dot_product_attention` call.
+
+Models loaded with `attn_implementation="eager"` (and architectures whose default is eager)
+materialise the [B, H, Tq, Tkv] scores, their softmax in fp32 and its bf16 copy, and save them for
+the backward: at 16k tokens on an 8B shape that is ~16 GiB per layer. SDPA computes the same
+function in O(T) memory, and the later passes can then prove the mask causal (`causal_mask`,
+which reads HF's additive `where(mask, 0, finfo.min)` too) and drop repeat_kv (`sdpa_gqa`).
+
+The pattern, as data (RULES): `matmul(q, k.transpose(-2, -1))`, then an optional `* scale` or
+`/ scale` (a number), an optional `+ mask`, `softmax(dim=-1)` (the anchor: every softmax fed by a
+matmul is a candidate), an optional cast back, an optional dropout, `matmul(·, v)`. SDPA gets the
+same mask (additive, same semantics) and the same scale. Its fp32 scores are more accurate than
+eager's bf16 ones: equal in fp32, close in bf16 (tested).
+
+Declined with the reason: softcapping (tanh) or sinks (an extra softmax column) between the scores
+and the softmax, attention dropout in training (SDPA would draw another mask than eager), a softmax
+over another dim, weights read elsewhere (`output_attentions=True`), shapes that broadcast, a mask
+in another dtype than q (SDPA requires the same), non-4-D operands.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .manager import GraphPass, PassStats, Site
+from .pattern import (Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, match_at, module_path)
+
+_SOFTMAX = Op("softmax", (Var("scores"),), name="softmax")  # the anchor
+
+
+def _rule(scale_kind, masked: bool) -> tuple:
+    scores = Op("matmul", (Var("q"), Op("transpose", (Var("k"),), name="kt")), name="qk")
+    if scale_kind is not None:
+        scores = Op(scale_kind, (scores, Lit("scale")), name="scaled", commutative=scale_kind == "mul")
+    if masked:
+        scores = Op("add", (scores, Var("mask")), name="masked", commutative=True)
+    anchor = Op("softmax", (scores,), name="softmax")
+    root = Op("matmul", (Opt("dropout", Opt("to", anchor, name="cast"), name="drop"), Var("v")), name="out",
+              label="matmul(weights, v)")
+    return anchor, root
+
+
+# (scale kind, masked) -> (anchor, pattern): scaled by a multiply, a divide, or not at all; with or
+# without an additive mask
+RULES = {(kind, masked): _rule(kind, masked) for masked in (True, False) for kind in ("mul", "div", None)}
+
+
+def _pick_rule(softmax: fx.Node) -> tuple:
+    """The rule whose shape the softmax's input has, so a decline names the real mismatch."""
+    x, masked = softmax.args[0], False
+    c = canon(x)
+    if c is not None and c.kind == "add":
+        masked = True
+        kinds = [canon(a).kind if canon(a) is not None else None for a in c.operands]
+        x = next((a for a, k in zip(c.operands, kinds) if k in ("mul", "div", "matmul")), c.operands[0])
+        c = canon(x)
+    kind = c.kind if c is not None and c.kind in ("mul", "div") else None
+    return RULES[(kind, masked)]
+
+
+def _feeds_from_matmul(node: fx.Node, depth: int = 6) -> bool:
+    """A softmax is a candidate when its input comes from a matmul a few elementwise steps up."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for a in n.all_input_nodes:
+                c = canon(a)
+                if c is not None and c.kind == "matmul":
+                    return True
+                nxt.append(a)
+        frontier = nxt
+    return False
+
+
+def _scores_chain_reason(softmax: fx.Node) -> str:
+    """Why a candidate softmax does not read plain (scaled, masked) scores, in words."""
+    seen, todo = set(), [softmax.args[0]]
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen or len(seen) > 12:
+            continue
+        seen.add(n)
+        c = canon(n)
+        if c is not None and c.kind == "tanh":
+            return "logit softcapping (tanh) before the softmax: SDPA has no softcap"
+        if n.op == "call_function" and n.target in (torch.cat, torch.concat):
+            return "the softmax runs over extra columns (attention sinks?): SDPA cannot add them"
+        if c is not None and c.kind == "matmul":
+            continue
+        todo.extend(n.all_input_nodes)
+    return ""
+
+
+def _last_two(dims, ndim: int) -> bool:
+    return len(dims) == 2 and {d % ndim for d in dims if isinstance(d, int)} == {ndim - 2, ndim - 1}
+
+
+def check(m) -> dict:
+    """SDPA keyword arguments for a match; declines what SDPA would compute differently."""
+    q, k, v = (example_value(m[n]) for n in ("q", "k", "v"))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise Decline("q, k or v has no recorded tensor value")
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise Decline(f"q/k/v are {q.dim()}/{k.dim()}/{v.dim()}-D (SDPA here takes [batch, heads, tokens, dim])")
+    if not _last_two(canon(m["kt"]).attrs["dims"], k.dim()):
+        raise Decline(f"k is transposed over dims {canon(m['kt']).attrs['dims']}, not the last two")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise Decline(f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype} differ or are not floating")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise Decline(f"batch/head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                      "(broadcasting matmul)")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise Decline(f"shapes do not chain: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    attrs = canon(m["softmax"]).attrs
+    if not isinstance(attrs["dim"], int) or attrs["dim"] % 4 != 3:
+        raise Decline(f"softmax over dim {attrs['dim']}, not the key dim")
+    if attrs["dtype"] not in (None, torch.float32):
+        raise Decline(f"softmax in {attrs['dtype']}")
+    weights = example_value(m.get("cast") or m["softmax"])
+    if weights.dtype != q.dtype:
+        raise Decline(f"attention weights in {weights.dtype} meet v in {v.dtype}")
+    if "drop" in m:
+        d = canon(m["drop"]).attrs
+        if d["inplace"] or (d["p"] != 0 and d["training"] is not False):
+            raise Decline(f"attention dropout p={d['p']} in training: SDPA would draw another mask than eager")
+    kwargs = {"dropout_p": 0.0, "is_causal": False}
+    if "scaled" in m:
+        s = float(m["scale"])
+        if canon(m["scaled"]).kind == "div":
+            if s == 0:
+                raise Decline("scores divided by 0")
+            s = 1.0 / s
+        kwargs["scale"] = s
+    else:
+        kwargs["scale"] = 1.0  # SDPA's default would be 1/sqrt(d)
+    mask = m.get("mask")
+    if mask is not None:
+        mv = example_value(mask)
+        if not isinstance(mv, torch.Tensor):
+            raise Decline("the mask is not a tensor")
+        if mv.dtype != q.dtype:
+            raise Decline(f"mask dtype {mv.dtype} is not q's {q.dtype} (eager promotes the scores; SDPA "
+                          "requires the same dtype)")
+        scores = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        try:
+            if tuple(torch.broadcast_shapes(tuple(mv.shape), scores)) != scores:
+                raise Decline(f"mask {tuple(mv.shape)} would broadcast the scores {scores}")
+        except RuntimeError:
+            raise Decline(f"mask {tuple(mv.shape)} does not broadcast to the scores {scores}") from None
+        kwargs["attn_mask"] = mask
+    return kwargs
+
+
+class EagerAttentionPass(GraphPass):
+    name = "eager_attention"
+    depends_on = ("fxfuse.passes.pattern",)
+
+    def __init__(self):
+        self.config = {}
+
+    def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
+        for gname, sub in graphs_of(gm):
+            for node in list(sub.graph.nodes):
+                c = canon(node)
+                if c is None or c.kind != "softmax" or not _feeds_from_matmul(node):
+                    continue
+                stats.sites.append(self._site(gname, sub, node))
+
+    def _site(self, gname, gm, node) -> Site:
+        site = Site(self.name, module_path(node), node.name, gname, False)
+        reason = _scores_chain_reason(node)
+        if reason:
+            site.reason = reason
+            return site
+        anchor, pattern = _pick_rule(node)
+        try:
+            m = match_at(pattern, anchor, node)
+            kwargs = check(m)
+        except Decline as e:
+            site.reason = str(e)
+            return site
+        g = gm.graph
+        with g.inserting_before(m.root):
+            sdpa = g.call_function(torch._C._nn.scaled_dot_product_attention, (m["q"], m["k"], m["v"]), kwargs)
+        sdpa.meta.update({k: v for k, v in m.root.meta.items() if k in ("nn_module_stack", "example_value", "val",
+                                                                        "stack_trace")})
+        m.root.replace_all_uses_with(sdpa)
+        order = {n: i for i, n in enumerate(g.nodes)}
+        for n in sorted(set(m.nodes), key=order.__getitem__, reverse=True):
+            if not n.users:
+                g.erase_node(n)
+        site.rewritten, site.group = True, sdpa.name
+        return site
+
