@@ -24,7 +24,8 @@ one block with their strides), tensors that are also model outputs, tensors belo
 host tensors, graphs without checkpointed regions (there every op's intermediate is saved, and
 moving all of them over PCIe would cost more than the compute it hides behind), and what would not
 fit in `host_fraction` (default half) of the host's available memory (checked at compile time, for
-the traced size). Graph
+the traced size; at run time the pinned-memory pool refuses, with an error, a block that would leave
+the host under 2 GiB). Graph
 inputs (parameters, model inputs) are counted in the `inputs saved` column, not as candidates.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from ..runtime import host_memory
 from ..runtime.ops import offload as offload_ops
 from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
@@ -57,14 +59,7 @@ def _nbytes(val: torch.Tensor) -> Optional[int]:
 
 def _host_bytes_available() -> Optional[int]:
     """The host's available memory (Linux /proc/meminfo); None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return host_memory.available_bytes()
 
 
 def _fake_like(val: torch.Tensor, device) -> torch.Tensor:

@@ -288,6 +288,24 @@ def test_host_pool_pins_asked_sizes_and_reuses_only_unused_blocks():
     assert pool.pinned_bytes == 60  # h2's block is still in use
 
 
+def test_host_pool_refuses_to_pin_the_host_out():
+    """A new block must leave `reserve` of the host's available memory: a plan sized on a bigger
+    host (or cached) gets a clear error instead of the process being killed. Reused blocks need no
+    new memory and are not checked."""
+    from fxfuse.runtime.ops.offload import HostPool
+    left = [10 << 20]
+    pool = HostPool(register=lambda b: None, unregister=lambda b: None, page=1,
+                    available=lambda: left[0], reserve=4 << 20)
+    h = pool.take(torch.empty(5 << 18))  # 5 MiB: leaves 5 MiB >= the 4 MiB reserve
+    left[0] -= 5 << 20
+    with pytest.raises(RuntimeError, match=r"pinning another 2 MiB would leave 3 MiB.*host_fraction"):
+        pool.take(torch.empty(2 << 18))
+    del h
+    assert pool.take(torch.empty(5 << 18)).numel() == 5 << 18  # the free block again: no new memory
+    unknown = HostPool(register=lambda b: None, unregister=lambda b: None, available=lambda: None)
+    assert unknown.take(torch.empty(4)).numel() == 4  # where meminfo cannot be read: no check
+
+
 def test_host_pool_blocks_are_page_aligned_whole_pages():
     from fxfuse.runtime.ops.offload import HostPool
     pool = HostPool(register=lambda b: None, unregister=lambda b: None, page=64)

@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import host_memory
+
 OFFLOAD = "fxfuse::offload"
 RELOAD = "fxfuse::reload"
 
@@ -75,8 +77,12 @@ class HostPool:
     storage without a tensor (`t.untyped_storage()`) is not seen, so the pool must stay private."""
 
     def __init__(self, register=_cuda_register, unregister=_cuda_unregister, page: int = 4096,
-                 max_slack: float = 1.25):
+                 max_slack: float = 1.25, available=host_memory.available_bytes, reserve: int = 2 << 30):
+        """available() -> the host's available bytes (None: unknown); a new block must leave `reserve`
+        of it, or `take` raises instead of pinning (pinned pages cannot be swapped: running the host
+        out kills the process, and a plan made on a larger host, or cached, can ask for too much)."""
         self.register, self.unregister, self.page, self.max_slack = register, unregister, page, max_slack
+        self.available, self.reserve = available, reserve
         self.blocks: list[tuple[Tensor, int]] = []  # (page-aligned uint8 block, its use count when unused)
         self._lock = threading.Lock()
 
@@ -93,6 +99,7 @@ class HostPool:
             if fits:
                 block = min(fits, key=Tensor.numel)
             else:
+                self._check_host(size)
                 raw = torch.empty(size + self.page, dtype=torch.uint8)
                 start = -raw.data_ptr() % self.page
                 block = raw[start:start + size]
@@ -100,6 +107,17 @@ class HostPool:
                 self.register(block)
                 self.blocks.append((block, _use_count(block)))
             return block[:nbytes].view(x.dtype).as_strided(x.size(), x.stride())
+
+    def _check_host(self, size: int) -> None:
+        left = self.available()
+        if left is not None and size > left - self.reserve:
+            raise RuntimeError(
+                f"activation offload: pinning another {size / 2**20:.0f} MiB would leave "
+                f"{(left - size) / 2**20:.0f} MiB of host memory (available {left / 2**20:.0f} MiB, "
+                f"{self.pinned_bytes / 2**20:.0f} MiB pinned already, reserve {self.reserve / 2**20:.0f} MiB). "
+                "The offload plan was sized at compile time for a host with more free memory (or came from "
+                "the cache): free host memory, or optimize with a lower ActivationOffload(host_fraction=...) "
+                "in a fresh cache directory (FXFUSE_CACHE_DIR)")
 
     def release(self) -> int:
         """Unpins and drops the free blocks; returns the bytes released. The caller makes sure no
