@@ -74,22 +74,25 @@ def _feeds_from_matmul(node: fx.Node, depth: int = 6) -> bool:
     return False
 
 
-def _scores_chain_reason(softmax: fx.Node) -> str:
-    """Why a candidate softmax does not read plain (scaled, masked) scores, in words."""
-    seen, todo = set(), [softmax.args[0]]
-    while todo:
-        n = todo.pop()
-        if not isinstance(n, fx.Node) or n in seen or len(seen) > 12:
-            continue
-        seen.add(n)
-        c = canon(n)
-        if c is not None and c.kind == "tanh":
-            return "logit softcapping (tanh) before the softmax: SDPA has no softcap"
-        if n.op == "call_function" and n.target in (torch.cat, torch.concat):
-            return "the softmax runs over extra columns (attention sinks?): SDPA cannot add them"
-        if c is not None and c.kind == "matmul":
-            continue
-        todo.extend(n.all_input_nodes)
+def _scores_chain_reason(softmax: fx.Node, depth: int = 6) -> str:
+    """Why a candidate softmax does not read plain (scaled, masked) scores, in words: breadth-first
+    up to `depth` steps from the softmax (a mask's own producers are many, so depth, not a count,
+    bounds the walk), stopping at the q·kᵀ matmul."""
+    seen, level = set(), [softmax.args[0]]
+    for _ in range(depth):
+        nxt = []
+        for n in level:
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            c = canon(n)
+            if c is not None and c.kind == "tanh":
+                return "logit softcapping (tanh) before the softmax: SDPA has no softcap"
+            if n.op == "call_function" and n.target in (torch.cat, torch.concat):
+                return "the softmax runs over extra columns (attention sinks?): SDPA cannot add them"
+            if c is None or c.kind != "matmul":
+                nxt.extend(n.all_input_nodes)
+        level = nxt
     return ""
 
 

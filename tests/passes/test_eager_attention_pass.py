@@ -88,10 +88,13 @@ def qkv(b=1, h=2, t=5, d=8, dtype=torch.float32, seed=0):
 
 
 def test_softcapping_is_declined_with_the_reason():
-    def f(q, k, v):
+    def f(q, k, v):  # as gemma2: softcap, then HF's additive mask (whose producers the walk must skip)
         s = torch.matmul(q, k.transpose(2, 3)) * 0.3
         s = torch.tanh(s / 50.0) * 50.0
-        return torch.matmul(torch.softmax(s, dim=-1), v)
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, None, None, :] <= i[None, None, :, None]) & (i[None, None, None, :] >= 0)
+        mask = torch.where(keep.expand(1, 1, -1, -1), torch.tensor(0.0), torch.finfo(q.dtype).min)
+        return torch.matmul(torch.softmax(s + mask, dim=-1), v)
     out, s = run_passes(f, *qkv())
     assert s["eager_attention"]["rewritten"] == 0
     assert any("softcapping" in r for r in s["eager_attention"]["declined"]), s
