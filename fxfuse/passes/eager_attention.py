@@ -187,6 +187,9 @@ class EagerAttentionPass(GraphPass):
         g = gm.graph
         with g.inserting_before(m.root):
             sdpa = g.call_function(torch._C._nn.scaled_dot_product_attention, (m["q"], m["k"], m["v"]), kwargs)
+        # the matmul's recorded value stands for SDPA's: same shape and dtype (the strides of a
+        # backend's output may differ; the passes after this one read shapes and dtypes only, and
+        # AOTAutograd traces fresh values)
         sdpa.meta.update({k: v for k, v in m.root.meta.items() if k in ("nn_module_stack", "example_value", "val",
                                                                         "stack_trace")})
         m.root.replace_all_uses_with(sdpa)

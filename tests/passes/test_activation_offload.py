@@ -262,7 +262,7 @@ def test_host_pool_pins_asked_sizes_and_reuses_only_unused_blocks():
     from fxfuse.runtime.ops.offload import HostPool
     registered, unregistered = [], []
     pool = HostPool(register=lambda b: registered.append(b.numel()), unregister=lambda b: unregistered.append(b.numel()),
-                    page=1, max_slack=2.0)
+                    page=1, max_slack=2.0, available=lambda: None)
     a = torch.randn(5, 3)  # 60 bytes: a power-of-two allocator would take 64
     h1 = pool.take(a)
     h1.copy_(a)
@@ -308,7 +308,7 @@ def test_host_pool_refuses_to_pin_the_host_out():
 
 def test_host_pool_blocks_are_page_aligned_whole_pages():
     from fxfuse.runtime.ops.offload import HostPool
-    pool = HostPool(register=lambda b: None, unregister=lambda b: None, page=64)
+    pool = HostPool(register=lambda b: None, unregister=lambda b: None, page=64, available=lambda: None)
     for n in (1, 15, 16, 17, 100):
         h = pool.take(torch.empty(n))
         assert h.data_ptr() % 64 == 0 and h.numel() == n

@@ -415,7 +415,9 @@ if triton is not None:
             _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
             _cfg(8, 3, BLOCK_M=256, BLOCK_K=64),
         ],
-        key=["M_BUCKET", "K_BUCKET", "BLOCK_R"],
+        # every variant that changes the work per tile is its own key: a config tuned for one dot
+        # mode (bf16x3, tf32x3) is not reused for the other
+        key=["M_BUCKET", "K_BUCKET", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
         interp_meta=_INTERP_SKINNY,
         reset_to_zero=["out_ptr"],  # split-K accumulates atomically
     )
@@ -567,7 +569,7 @@ if triton is not None:
             _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
             _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
         ],
-        key=["M_BUCKET", "K", "BLOCK_R"],
+        key=["M_BUCKET", "K", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
         interp_meta=_INTERP_WGRAD,
         reset_to_zero=["out_ptr"],  # split-M accumulates atomically
     )

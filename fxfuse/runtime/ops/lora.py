@@ -9,8 +9,9 @@ Backward is its own custom op (`fxfuse::lora_linear_backward`) so AOTAutograd ke
   g_i = dy_i·B_i,  dB_i = s_i·dy_iᵀ·(drop_i(x)·A_iᵀ),  dA_i = s_i·g_iᵀ·drop_i(x),
   dx = Σ_i dy_i·W_i + M_i ⊙ (s_i·g_i·A_i) / (1 − p_i).
 It returns the members' dA stacked as one fp32 [Σr, K] tensor: without dropout one pass over x
-computes them all ([g_1 … g_n]ᵀ·x), and a custom op's outputs may not alias, so the autograd
-formula splits it (and casts to the adapters' dtype) outside the op.
+computes them all ([g_1 … g_n]ᵀ·x, in chunks of members up to the kernels' rank limit), and a
+custom op's outputs may not alias, so the autograd formula splits it (and casts to the adapters'
+dtype) outside the op; fp32 adapters' gradients are then disjoint row slices of that one tensor.
 The frozen base weight and bias get no gradient (the pass declines sites where they train).
 
 Precision (docs/numerics.md): every product accumulates in fp32 and fp32 dots run as tf32x3 on
@@ -123,11 +124,27 @@ def lora_linear_backward_reference(dys, x, weights, lora_as, lora_bs, xa, scalin
 # ---------------------------------------------------------------- kernel implementation
 
 
+def rank_chunks(ranks: List[int]) -> List[tuple]:
+    """Consecutive member ranges [i, j) whose ranks sum to at most the kernels' MAX_RANK (each member
+    is at most MAX_RANK: the LoRA pass declines larger ones), so a group's members share launches
+    without one launch exceeding the kernels' rank limit."""
+    chunks, start, total = [], 0, 0
+    for i, r in enumerate(ranks):
+        if total + r > K.MAX_RANK and i > start:
+            chunks.append((start, i))
+            start, total = i, 0
+        total += r
+    chunks.append((start, len(ranks)))
+    return chunks
+
+
 def _xa_kernels(x, lora_as, dropout_ps, seed):
     x2d = _flat(x)
     if all(p == 0 for p in dropout_ps):
-        # one pass over x for every member's down-projection
-        return K.skinny_matmul(x2d, torch.cat(lora_as, dim=0) if len(lora_as) > 1 else lora_as[0])
+        # one pass over x per chunk of members (all of them up to MAX_RANK in all)
+        parts = [K.skinny_matmul(x2d, torch.cat(lora_as[i:j], dim=0) if j - i > 1 else lora_as[i])
+                 for i, j in rank_chunks([a.shape[0] for a in lora_as])]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     xa = torch.empty(x2d.shape[0], sum(a.shape[0] for a in lora_as), device=x.device, dtype=torch.float32)
     off, seed_i = 0, _seed(seed)
     for i, (a, p) in enumerate(zip(lora_as, dropout_ps)):
@@ -176,7 +193,13 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
         off += r
     g_all = torch.cat(gs, dim=1) if many else gs[0]
     if no_dropout:
-        d_a = K.lowrank_weight_grad(g_all, x2d)  # every member's dA in one pass over x
+        # every member's dA in one pass over x per chunk of members up to MAX_RANK
+        ranks, col, parts = [b.shape[1] for b in lora_bs], 0, []
+        for i, j in rank_chunks(ranks):
+            width = sum(ranks[i:j])
+            parts.append(K.lowrank_weight_grad(g_all[:, col:col + width], x2d))
+            col += width
+        d_a = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
     else:
         d_a = [K.lowrank_weight_grad(g, x2d, p=p, seed=si) for g, p, si in zip(gs, dropout_ps, seeds)]
         d_a = torch.cat(d_a, dim=0) if many else d_a[0]
