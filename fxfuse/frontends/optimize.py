@@ -137,8 +137,28 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     if not keep_logits:
         model.register_forward_hook(_drop_logits, with_kwargs=True)
     model.compile(backend=backend, dynamic=dynamic)
+    _wrap_compiled_call(model, report)
     object.__setattr__(model, _REPORT_ATTR, report)
     return model
+
+
+def _wrap_compiled_call(model: torch.nn.Module, report: Report) -> None:
+    """The compiled forward, with two additions:
+    - Python floats trace as constants. Dynamo does not specialize floats (`specialize_float=False`):
+      once the same code recompiles with another value (a second model with another LoRA alpha,
+      another adapter, an earlier `optimize` in the process), it makes the float a graph input, and
+      a LoRA scaling that is not a number cannot be fused (every site was declined). Scoped to this
+      model's calls, so other compiled code keeps dynamo's default.
+    - forward calls are counted, so the report can say when calls ran and nothing compiled (dynamo
+      ran the frames eagerly: its recompile limit, reached by earlier models in the process)."""
+    compiled = model._compiled_call_impl
+
+    def call(*args, **kwargs):
+        report.forward_calls += 1
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    model._compiled_call_impl = call
 
 
 def _offload_for(choice, compiler: str, cudagraphs: bool, on_cuda: bool) -> Optional[ActivationOffload]:

@@ -30,6 +30,7 @@ class Report:
     graph_breaks: Counter = field(default_factory=Counter)
     cache_dir: str = ""
     errors: list[str] = field(default_factory=list)  # passes that failed; their graph ran unchanged
+    forward_calls: int = 0  # calls of the optimized model's forward (optimize() counts them)
     _breaks_at_start: Counter = field(default_factory=Counter)
 
     def start(self) -> None:
@@ -70,6 +71,11 @@ class Report:
         return sum(1 for g in self.graphs if g.compile_id and not g.compile_id.endswith("/0"))
 
     @property
+    def nothing_compiled(self) -> bool:
+        """The forward ran and no graph reached fxfuse: dynamo ran it eagerly, nothing was rewritten."""
+        return self.forward_calls > 0 and not self.graphs
+
+    @property
     def runtime_fallbacks(self) -> int:
         return sum(runtime_stats.fallbacks.values())
 
@@ -77,6 +83,8 @@ class Report:
         return {
             "manager_uuid": self.manager_uuid,
             "graphs_compiled": len(self.graphs),
+            "forward_calls": self.forward_calls,
+            "nothing_compiled": self.nothing_compiled,
             "graph_breaks": sum(self.graph_breaks.values()),
             "graph_break_reasons": dict(self.graph_breaks),
             "recompiles": self.recompiles,
@@ -98,6 +106,11 @@ class Report:
             lines.append(f"  graph break x{n}: {reason}")
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
+        if self.nothing_compiled:
+            lines.append(f"  WARNING: {self.forward_calls} forward call(s) and no graph compiled: dynamo ran the "
+                         "model eagerly, nothing was rewritten (its recompile limit, "
+                         "torch._dynamo.config.recompile_limit, reached by models compiled earlier in this "
+                         "process? TORCH_LOGS=recompiles shows why)")
         columns = self.columns()
         extra = list(dict.fromkeys(c for cols in columns.values() for c in cols))
         pw = max([len(n) for n in self.pass_names] + [8])  # pass-name column
