@@ -24,15 +24,32 @@ import torch
 import torch.fx as fx
 
 from .manager import GraphPass, PassStats, Site
-from .pattern import (Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, match_at, module_path)
+from .pattern import Decline, Op, Opt, Var, canon, example_value, graphs_of, match_at, module_path
 
 _SOFTMAX = Op("softmax", (Var("scores"),), name="softmax")  # the anchor
+
+
+def _number(v) -> bool:
+    """A scale: a Python number, or a 0-d `torch.full([], number)` (GPT-2 divides by one)."""
+    return _scale_value(v) is not None
+
+
+def _scale_value(v):
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if (isinstance(v, fx.Node) and v.op == "call_function" and v.target is torch.full and len(v.args) == 2
+            and tuple(v.args[0]) == () and isinstance(v.args[1], (int, float)) and not isinstance(v.args[1], bool)):
+        return float(v.args[1])
+    return None
 
 
 def _rule(scale_kind, masked: bool) -> tuple:
     scores = Op("matmul", (Var("q"), Op("transpose", (Var("k"),), name="kt")), name="qk")
     if scale_kind is not None:
-        scores = Op(scale_kind, (scores, Lit("scale")), name="scaled", commutative=scale_kind == "mul")
+        scale = Var("scale", where=_number, label="scale (a number)")
+        scores = Op(scale_kind, (scores, scale), name="scaled", commutative=scale_kind == "mul")
     if masked:
         scores = Op("add", (scores, Var("mask")), name="masked", commutative=True)
     anchor = Op("softmax", (scores,), name="softmax")
@@ -74,6 +91,14 @@ def _feeds_from_matmul(node: fx.Node, depth: int = 6) -> bool:
     return False
 
 
+def _cats_scores(cat: fx.Node) -> bool:
+    """A cat one of whose pieces is (fed by) a matmul: columns joined to the scores, not a mask's
+    producers."""
+    pieces = cat.args[0] if cat.args and isinstance(cat.args[0], (list, tuple)) else []
+    return any(isinstance(p, fx.Node) and ((canon(p) is not None and canon(p).kind == "matmul")
+                                           or _feeds_from_matmul(p)) for p in pieces)
+
+
 def _scores_chain_reason(softmax: fx.Node, depth: int = 6) -> str:
     """Why a candidate softmax does not read plain (scaled, masked) scores, in words: breadth-first
     up to `depth` steps from the softmax (a mask's own producers are many, so depth, not a count,
@@ -88,7 +113,7 @@ def _scores_chain_reason(softmax: fx.Node, depth: int = 6) -> str:
             c = canon(n)
             if c is not None and c.kind == "tanh":
                 return "logit softcapping (tanh) before the softmax: SDPA has no softcap"
-            if n.op == "call_function" and n.target in (torch.cat, torch.concat):
+            if n.op == "call_function" and n.target in (torch.cat, torch.concat) and _cats_scores(n):
                 return "the softmax runs over extra columns (attention sinks?): SDPA cannot add them"
             if c is None or c.kind != "matmul":
                 nxt.extend(n.all_input_nodes)
@@ -130,7 +155,7 @@ def check(m) -> dict:
             raise Decline(f"attention dropout p={d['p']} in training: SDPA would draw another mask than eager")
     kwargs = {"dropout_p": 0.0, "is_causal": False}
     if "scaled" in m:
-        s = float(m["scale"])
+        s = _scale_value(m["scale"])
         if canon(m["scaled"]).kind == "div":
             if s == 0:
                 raise Decline("scores divided by 0")
@@ -194,7 +219,9 @@ class EagerAttentionPass(GraphPass):
                                                                         "stack_trace")})
         m.root.replace_all_uses_with(sdpa)
         order = {n: i for i, n in enumerate(g.nodes)}
-        for n in sorted(set(m.nodes), key=order.__getitem__, reverse=True):
+        scale = m.get("scale")
+        dead = set(m.nodes) | ({scale} if isinstance(scale, fx.Node) else set())  # GPT-2's torch.full
+        for n in sorted(dead, key=order.__getitem__, reverse=True):
             if not n.users:
                 g.erase_node(n)
         site.rewritten, site.group = True, sdpa.name

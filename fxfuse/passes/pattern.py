@@ -131,6 +131,8 @@ def canon(node: Any) -> Optional[Canon]:
             return Canon("view", (node.args[0],), {"shape": tuple(shape)})
         if t in _CAST_METHODS and len(node.args) == 1:
             return Canon("to", (node.args[0],), {"dtype": _CAST_METHODS[t]})
+        if t == "type" and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.dtype):
+            return Canon("to", (node.args[0],), {"dtype": node.args[1]})  # x.type(dtype) (GPT-2)
         if t == "to":
             if set(node.kwargs) - {"dtype", "non_blocking", "copy"}:
                 return None  # a device move (or memory format change), not a pure cast

@@ -111,6 +111,23 @@ def test_sinks_are_declined_with_the_reason():
     assert any("sinks" in r for r in s["eager_attention"]["declined"]), s
 
 
+def test_gpt2_form_is_rewritten():
+    """GPT-2's eager attention divides by a 0-d `torch.full` and casts with `.type(dtype)`; a `cat` in
+    the mask's producers is not an extra softmax column."""
+    def f(q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2))
+        s = s / torch.full([], v.size(-1) ** 0.5, dtype=s.dtype)
+        t = q.shape[-2]
+        keep = torch.cat([torch.ones(t, 1, dtype=torch.bool), torch.ones(t, t - 1, dtype=torch.bool).tril(-1)], dim=1)
+        s = s + torch.where(keep, 0.0, torch.finfo(q.dtype).min)
+        w = torch.nn.functional.softmax(s, dim=-1).type(v.dtype)
+        return torch.matmul(w, v)
+    args = qkv(t=6)
+    out, s = run_passes(f, *args)
+    assert s["eager_attention"]["rewritten"] == 1, s
+    torch.testing.assert_close(out, f(*args), rtol=1e-5, atol=1e-6)
+
+
 def test_dropout_in_training_is_declined():
     def f(q, k, v):
         w = torch.nn.functional.softmax(torch.matmul(q, k.transpose(-1, -2)) * 0.5, dim=-1, dtype=torch.float32)
