@@ -76,15 +76,25 @@ def _pick_rule(softmax: fx.Node) -> tuple:
     return RULES[(kind, masked)]
 
 
+# Products that make attention scores in other spellings: candidates too, so that a softmax over
+# them is reported (declined with what was found) rather than passed over in silence.
+_OTHER_PRODUCTS = {torch.bmm, torch.einsum}
+
+
+def _is_product(n: fx.Node) -> bool:
+    c = canon(n)
+    return (c is not None and c.kind == "matmul") or (n.op == "call_function" and n.target in _OTHER_PRODUCTS)
+
+
 def _feeds_from_matmul(node: fx.Node, depth: int = 6) -> bool:
-    """A softmax is a candidate when its input comes from a matmul a few elementwise steps up."""
+    """A softmax is a candidate when its input comes from a matmul (or bmm, einsum) a few elementwise
+    steps up."""
     frontier = [node]
     for _ in range(depth):
         nxt = []
         for n in frontier:
             for a in n.all_input_nodes:
-                c = canon(a)
-                if c is not None and c.kind == "matmul":
+                if _is_product(a):
                     return True
                 nxt.append(a)
         frontier = nxt

@@ -157,6 +157,15 @@ def test_mask_in_another_dtype_is_declined():
     assert any("mask dtype" in r for r in s["eager_attention"]["declined"]), s
 
 
+def test_einsum_attention_is_reported_not_passed_over():
+    def f(q, k, v):
+        w = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.5, dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", w, v)
+    _, s = run_passes(f, *qkv())
+    assert s["eager_attention"]["candidates"] == 1 and s["eager_attention"]["rewritten"] == 0, s
+    assert any("einsum" in r for r in s["eager_attention"]["declined"]), s
+
+
 def test_a_softmax_not_fed_by_a_matmul_is_not_a_candidate():
     def f(x, w):
         return torch.softmax(torch.nn.functional.linear(x, w), dim=-1)  # a router
