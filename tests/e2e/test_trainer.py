@@ -44,7 +44,9 @@ def train(model, tmp_path, bf16):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-@pytest.mark.parametrize("bf16", [False, True])
+# bf16 autocast through the Trainer ran here too (tolerance 2e-2); dropped for CI time: bf16 models
+# are compared with eager in tests/e2e and on the GPU (tests/gpu/test_gpu_training.py)
+@pytest.mark.parametrize("bf16", [False])
 def test_trainer_losses_match(tmp_path, bf16):
     ref = tiny_model()
     opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)

@@ -10,7 +10,7 @@ def test_second_model_with_another_lora_alpha_is_still_fused():
     """Dynamo makes a float that changed between compiles of the same code a graph input; the
     LoRA scaling must stay a constant, or every site of the second model is declined."""
     ids = tokens(2, 12)
-    for alpha in (16, 8, 4):  # no dynamo reset between models, as in one training process
+    for alpha in (16, 8):  # no dynamo reset between models, as in one training process
         ref = tiny_model(lora_alpha=alpha)
         opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)
         l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
