@@ -31,6 +31,7 @@ finished.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from typing import Optional
 
@@ -83,11 +84,36 @@ class HostPool:
         out kills the process, and a plan made on a larger host, or cached, can ask for too much)."""
         self.register, self.unregister, self.page, self.max_slack = register, unregister, page, max_slack
         self.available, self.reserve = available, reserve
-        self.blocks: list[tuple[Tensor, int]] = []  # (page-aligned uint8 block, its use count when unused)
+        # blocks by size: (page-aligned uint8 block, its use count when unused), sizes kept sorted
+        self._buckets: dict[int, list[tuple[Tensor, int]]] = {}
+        self._sizes: list[int] = []
+        # per size, where the next search starts: a training step takes its blocks in the same order
+        # each step, so the block after the last one taken is the free one (a whole scan per take
+        # was quadratic: ~12 ms a step on the host at 160 offloads, on the forward's critical path)
+        self._cursor: dict[int, int] = {}
         self._lock = threading.Lock()
+
+    @property
+    def blocks(self) -> list[tuple[Tensor, int]]:
+        return [entry for size in self._sizes for entry in self._buckets[size]]
 
     def _free(self) -> list[Tensor]:
         return [b for b, idle in self.blocks if _use_count(b) <= idle]
+
+    def _reuse(self, size: int) -> Optional[Tensor]:
+        """The smallest free block of `size` up to `size * max_slack` bytes, or None."""
+        i = bisect.bisect_left(self._sizes, size)
+        while i < len(self._sizes) and self._sizes[i] <= size * self.max_slack:
+            bucket_size = self._sizes[i]
+            bucket, start = self._buckets[bucket_size], self._cursor.get(bucket_size, 0)
+            for j in range(len(bucket)):
+                k = (start + j) % len(bucket)
+                block, idle = bucket[k]
+                if _use_count(block) <= idle:
+                    self._cursor[bucket_size] = k + 1
+                    return block
+            i += 1
+        return None
 
     def take(self, x: Tensor) -> Tensor:
         """A host tensor with x's shape, strides and dtype in a free block (x is dense: contiguous,
@@ -95,17 +121,18 @@ class HostPool:
         nbytes = x.numel() * x.element_size()
         size = max(-(-nbytes // self.page) * self.page, self.page)
         with self._lock:
-            fits = [b for b in self._free() if size <= b.numel() <= size * self.max_slack]
-            if fits:
-                block = min(fits, key=Tensor.numel)
-            else:
+            block = self._reuse(size)
+            if block is None:
                 self._check_host(size)
                 raw = torch.empty(size + self.page, dtype=torch.uint8)
                 start = -raw.data_ptr() % self.page
                 block = raw[start:start + size]
                 del raw
                 self.register(block)
-                self.blocks.append((block, _use_count(block)))
+                if size not in self._buckets:
+                    bisect.insort(self._sizes, size)
+                    self._buckets[size] = []
+                self._buckets[size].append((block, _use_count(block)))
             return block[:nbytes].view(x.dtype).as_strided(x.size(), x.stride())
 
     def _check_host(self, size: int) -> None:
@@ -125,7 +152,14 @@ class HostPool:
         with self._lock:
             free = {b.data_ptr() for b in self._free()}
             gone = [b for b, _ in self.blocks if b.data_ptr() in free]
-            self.blocks = [(b, idle) for b, idle in self.blocks if b.data_ptr() not in free]
+            for size in list(self._sizes):
+                kept = [(b, idle) for b, idle in self._buckets[size] if b.data_ptr() not in free]
+                if kept:
+                    self._buckets[size] = kept
+                else:
+                    del self._buckets[size]
+                    self._sizes.remove(size)
+                self._cursor.pop(size, None)
         for b in gone:
             self.unregister(b)
         return sum(b.numel() for b in gone)
