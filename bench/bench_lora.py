@@ -171,6 +171,12 @@ def _offload(variant: str, args):
     return ActivationOffload(**opts)
 
 
+def _pinned_blocks():
+    """Blocks in the activation offload's pinned-memory pools (None when fxfuse's offload is not loaded)."""
+    mod = sys.modules.get("fxfuse.runtime.ops.offload")
+    return None if mod is None else sum(len(p.blocks) for p in mod.host_pools.values())
+
+
 def _progress(args, seq, phase, t0, dev):
     """With --progress: when each phase of a step ends (a long-context step runs minutes)."""
     if args.progress:
@@ -234,7 +240,7 @@ def main(argv=None) -> int:
         before = dynamo_counters()
         graphs_before = len(rep.graphs) if rep is not None else 0
         sites_before = len(rep.sites("lora")) if rep is not None else 0
-        times, losses, out, phase = [], [], None, "setup"
+        times, losses, out, phase, host = [], [], None, "setup", []
         row = dict(base, seq=seq, seq_index=index)
         try:
             for _ in range(args.steps):
@@ -242,15 +248,18 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 phase = "forward"  # named in an OOM row
                 out = fwd(input_ids=x, labels=x)
+                host.append([time.perf_counter() - t])
                 _progress(args, seq, phase, t, dev)
                 phase = "backward"
                 out.loss.backward()
+                host[-1].append(time.perf_counter() - t)
                 _progress(args, seq, phase, t, dev)
                 phase = "optimizer"
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 dev.sync()
                 times.append(time.perf_counter() - t)
+                host[-1].append(_pinned_blocks())
                 losses.append(out.loss.item())
             tail = sorted(times[2:]) if len(times) > 2 else sorted(times)
             med = tail[len(tail) // 2]
@@ -259,7 +268,12 @@ def main(argv=None) -> int:
                        tflops_4NT=round(4 * n_params * seq / med / 1e12, 1), tflops=round(flops / med / 1e12, 1),
                        flops_step=flops, first_step_s=round(times[0], 2),
                        compile_s=round(max(times[0] - med, 0.0), 2), second_step_s=round(times[1], 3)
-                       if len(times) > 1 else None, loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4))
+                       if len(times) > 1 else None, loss_first=round(losses[0], 4), loss_last=round(losses[-1], 4),
+                       step_times=[round(t, 4) for t in times[1:]],
+                       # when forward() / backward() returned on the host, from the step's start: near the
+                       # step time, the host is the bottleneck; pinned blocks should stop growing once warm
+                       fwd_host_s=[round(h[0], 4) for h in host[1:]], bwd_host_s=[round(h[1], 4) for h in host[1:]],
+                       pinned_blocks=[h[2] for h in host])
         except torch.OutOfMemoryError as exc:
             # the first line names the allocation that failed ("Tried to allocate ..."): where to cut next
             row.update(oom=True, peak_gb=dev.peak_gib(), steps_done=len(times), oom_phase=phase,
