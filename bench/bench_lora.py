@@ -174,7 +174,7 @@ def _offload(variant: str, args):
 def _pinned_blocks():
     """Blocks in the activation offload's pinned-memory pools (None when fxfuse's offload is not loaded)."""
     mod = sys.modules.get("fxfuse.runtime.ops.offload")
-    return None if mod is None else sum(len(p.blocks) for p in mod.host_pools.values())
+    return None if mod is None else sum(len(p.blocks) for p in getattr(mod, "host_pools", {}).values())
 
 
 def _progress(args, seq, phase, t0, dev):
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                        # when forward() / backward() returned on the host, from the step's start: near the
                        # step time, the host is the bottleneck; pinned blocks should stop growing once warm
                        fwd_host_s=[round(h[0], 4) for h in host[1:]], bwd_host_s=[round(h[1], 4) for h in host[1:]],
-                       pinned_blocks=[h[2] for h in host])
+                       pinned_blocks=[h[2] for h in host[1:]])
         except torch.OutOfMemoryError as exc:
             # the first line names the allocation that failed ("Tried to allocate ..."): where to cut next
             row.update(oom=True, peak_gb=dev.peak_gib(), steps_done=len(times), oom_phase=phase,

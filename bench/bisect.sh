@@ -30,6 +30,7 @@ run)
   [ -f bisect/ORDER ] || { echo "no bisect/ORDER: run '$0 prepare COMMIT...' first" >&2; exit 2; }
   order=$(cut -d' ' -f1 bisect/ORDER); [ "${ORDER:-}" = reverse ] && order=$(echo "$order" | tac)
   unset TRITON_INTERPRET; export PYTHONUNBUFFERED=1
+  : > "$OUT/bisect.jsonl"
   for sha in $order; do
     left=$(( ${BUDGET:-570} - SECONDS )); t=$(( left < ${VT:-150} ? left : ${VT:-150} ))
     [ "$t" -lt 30 ] && { echo "{\"commit\": \"$sha\", \"skipped\": \"budget\"}" >> "$OUT/bisect.jsonl"; continue; }
@@ -42,7 +43,10 @@ run)
   python3 - "$OUT/bisect.jsonl" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
-    r = json.loads(line)
+    try:
+        r = json.loads(line)
+    except ValueError:  # a line that only starts like JSON (stderr interleaved)
+        continue
     keys = ("tok_s", "step_s", "peak_gb", "step_times", "fwd_host_s", "bwd_host_s", "pinned_blocks", "skipped", "rc", "error", "oom")
     print(r["commit"], {k: r[k] for k in keys if k in r})
 PY

@@ -326,6 +326,19 @@ def test_host_pool_steady_state_checks_few_blocks_per_take(monkeypatch):
         del held
     assert len(pool.blocks) == len(shapes)
     assert calls[0] <= 3 * len(shapes) * 2, calls[0]
+    # blocks still in use (a tensor kept from the previous step) are skipped, never handed out again
+    kept = [pool.take(torch.empty(s)) for s in shapes[:7]]
+    held = [pool.take(torch.empty(s)) for s in shapes[7:]]
+    for k in kept:
+        k.fill_(7)
+    fresh = pool.take(torch.empty(64))  # every 256-byte block is taken: a new one
+    assert len(pool.blocks) == len(shapes) + 1
+    ptrs = {h.data_ptr() for h in kept + held + [fresh]}
+    assert len(ptrs) == len(shapes) + 1
+    del held, fresh
+    again = [pool.take(torch.empty(s)) for s in shapes[7:]]
+    assert not {h.data_ptr() for h in again} & {k.data_ptr() for k in kept}
+    assert all(bool((k == 7).all()) for k in kept)
 
 
 def test_host_pool_blocks_are_page_aligned_whole_pages():

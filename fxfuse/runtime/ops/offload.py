@@ -95,7 +95,7 @@ class HostPool:
 
     @property
     def blocks(self) -> list[tuple[Tensor, int]]:
-        return [entry for size in self._sizes for entry in self._buckets[size]]
+        return [entry for size in list(self._sizes) for entry in self._buckets.get(size, ())]
 
     def _free(self) -> list[Tensor]:
         return [b for b, idle in self.blocks if _use_count(b) <= idle]
@@ -129,9 +129,9 @@ class HostPool:
                 block = raw[start:start + size]
                 del raw
                 self.register(block)
-                if size not in self._buckets:
-                    bisect.insort(self._sizes, size)
+                if size not in self._buckets:  # the bucket first: `blocks` reads without the lock
                     self._buckets[size] = []
+                    bisect.insort(self._sizes, size)
                 self._buckets[size].append((block, _use_count(block)))
             return block[:nbytes].view(x.dtype).as_strided(x.size(), x.stride())
 
@@ -157,8 +157,8 @@ class HostPool:
                 if kept:
                     self._buckets[size] = kept
                 else:
-                    del self._buckets[size]
                     self._sizes.remove(size)
+                    del self._buckets[size]
                 self._cursor.pop(size, None)
         for b in gone:
             self.unregister(b)
