@@ -7,6 +7,9 @@
 #   here:    bash bench/bisect.sh clean                                  # before committing anything else
 #
 # run's env: SEQ (4096), VARIANT (fxfuse-offload), VT (150 s per process), BUDGET (570 s for all),
+# BENCH_ARGS (extra bench_lora.py arguments; each tree compiles cold in its own Inductor cache by
+# default: with --warm-cache two trees whose graphs and pass sources match could share compiled
+# graphs, and a tree would then not be timed with its own compile),
 # ORDER=reverse to run the trees last-first (a second call in the other order separates a code
 # effect from a process-order one). Output: $OUT/bisect.jsonl (bench rows tagged with the commit),
 # $OUT/bisect_log.txt, and a table at the end.
@@ -36,7 +39,7 @@ run)
     [ "$t" -lt 30 ] && { echo "{\"commit\": \"$sha\", \"skipped\": \"budget\"}" >> "$OUT/bisect.jsonl"; continue; }
     echo "[bisect t=${SECONDS}s] $sha (timeout ${t}s)" | tee -a "$OUT/bisect_log.txt"
     (cd "bisect/$sha" && PYTHONPATH=$PWD timeout -k 10 "$t" python3 bench/bench_lora.py "${VARIANT:-fxfuse-offload}" \
-      "${SEQ:-4096}" --size 8b) 2>&1 | tee -a "$OUT/bisect_log.txt" | grep '^{' | sed -u "s/^{/{\"commit\": \"$sha\", /" >> "$OUT/bisect.jsonl"
+      "${SEQ:-4096}" --size 8b ${BENCH_ARGS:-}) 2>&1 | tee -a "$OUT/bisect_log.txt" | grep '^{' | sed -u "s/^{/{\"commit\": \"$sha\", /" >> "$OUT/bisect.jsonl"
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && echo "{\"commit\": \"$sha\", \"rc\": $rc}" >> "$OUT/bisect.jsonl"
   done
