@@ -17,10 +17,10 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_lora import build_model  # noqa: E402
+from bench_lora import _pinned_blocks as blocks, build_model  # noqa: E402
 
 import fxfuse  # noqa: E402
-from fxfuse.runtime.ops import offload as offload_ops  # noqa: E402
+import fxfuse.runtime.ops.offload  # noqa: E402,F401  (blocks() counts its pools)
 
 seq = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 6
@@ -28,10 +28,6 @@ model, cfg = build_model("8b", "cuda", 16, True)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 fxfuse.optimize(model, offload_activations=True, verbose=False)
 x = torch.randint(0, cfg.vocab_size, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(seq))
-
-
-def blocks():
-    return sum(len(p.blocks) for p in offload_ops.host_pools.values())
 
 
 def run(tag, n):

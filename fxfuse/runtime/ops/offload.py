@@ -97,9 +97,6 @@ class HostPool:
     def blocks(self) -> list[tuple[Tensor, int]]:
         return [entry for size in list(self._sizes) for entry in self._buckets.get(size, ())]
 
-    def _free(self) -> list[Tensor]:
-        return [b for b, idle in self.blocks if _use_count(b) <= idle]
-
     def _reuse(self, size: int) -> Optional[Tensor]:
         """The smallest free block of `size` up to `size * max_slack` bytes, or None."""
         i = bisect.bisect_left(self._sizes, size)
@@ -149,11 +146,15 @@ class HostPool:
     def release(self) -> int:
         """Unpins and drops the free blocks; returns the bytes released. The caller makes sure no
         copy still reads them (torch.cuda.synchronize())."""
+        gone = []
         with self._lock:
-            free = {b.data_ptr() for b in self._free()}
-            gone = [b for b, _ in self.blocks if b.data_ptr() in free]
             for size in list(self._sizes):
-                kept = [(b, idle) for b, idle in self._buckets[size] if b.data_ptr() not in free]
+                kept = []
+                for b, idle in self._buckets[size]:
+                    if _use_count(b) <= idle:
+                        gone.append(b)
+                    else:
+                        kept.append((b, idle))
                 if kept:
                     self._buckets[size] = kept
                 else:
