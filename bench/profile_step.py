@@ -9,6 +9,7 @@ compiles in seconds. --passes / --offload on|off pick fxfuse's passes and activa
 """
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -17,6 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxfuse
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+
 ap = argparse.ArgumentParser()
 ap.add_argument("variant")
 ap.add_argument("seq", type=int)
@@ -24,6 +27,7 @@ ap.add_argument("--layers", type=int, default=2)
 ap.add_argument("--rows", type=int, default=22)
 ap.add_argument("--passes", default=None, help="fxfuse variant: comma-separated passes (default: the variant's)")
 ap.add_argument("--offload", choices=["on", "off"], default="on", help="fxfuse variant: activation offload")
+ap.add_argument("--gaps", action="store_true", help="idle gaps of the compute stream: where it waits, and on what")
 a = ap.parse_args()
 
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers, num_attention_heads=32,
@@ -106,5 +110,12 @@ for e in kernels:
     tot[e.name] = tot.get(e.name, 0.0) + e.device_time
 for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:20]:
     print(f"KERNEL {us / 2e3:8.3f} ms/step  {name[:160]}")
+if a.gaps:  # CUDA activity only: recording host ops would add host time and inflate the gaps
+    import gap_report
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as gprof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    gap_report.report(gprof, steps=2)
 if a.variant.startswith("fxfuse"):
     print(fxfuse.report(model).table())

@@ -56,12 +56,45 @@ run("warmup (compile)", 2)
 print(f"compiled in {time.perf_counter() - t:.0f}s", flush=True)
 wrapped = model._compiled_call_impl
 unwrapped = inspect.getclosurevars(wrapped).nonlocals["compiled"]
+
+
+def counted_only(*args, **kwargs):  # the wrap's Python call without its config patch
+    return unwrapped(*args, **kwargs)
+
+
 run("default", steps)
 model._compiled_call_impl = unwrapped
 run("no specialize_float wrap", steps)
+model._compiled_call_impl = counted_only
+run("plain Python wrap, no config patch", steps)
+model._compiled_call_impl = unwrapped
+torch._dynamo.config.specialize_float = True
+run("no wrap, specialize_float=True set globally", steps)
+torch._dynamo.config.specialize_float = False
 model._compiled_call_impl = wrapped
 gc.collect()
 gc.disable()
 run("gc disabled", steps)
 gc.enable()
 run("default again", steps)
+
+# Where the host's time goes in one step, with and without the wrap (top functions by own time).
+import cProfile  # noqa: E402
+import io  # noqa: E402
+import pstats  # noqa: E402
+
+for tag, impl in (("wrapped", wrapped), ("unwrapped", unwrapped)):
+    model._compiled_call_impl = impl
+    run(f"{tag} (before profile)", 1)
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    prof.disable()
+    opt.zero_grad(set_to_none=True)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    print(f"==== cProfile, {tag}, one step ====\n{buf.getvalue()}", flush=True)
+model._compiled_call_impl = wrapped

@@ -1,0 +1,71 @@
+"""Idle gaps of the compute stream in a profiled step (device-side; a timing is never a test).
+
+The compute stream is the one with the most kernel time. A gap is time between two of its kernels;
+each gap is labelled by what ended just before the next kernel started:
+- `copy`: a host<->device copy on another stream ended within 20 us before it (the stream waited
+  for an offload / reload copy);
+- `host`: nothing did (the host had not issued the next kernel yet: launch / Python overhead, or a
+  host-side wait).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+
+
+def _events(prof):
+    path = os.path.join(tempfile.mkdtemp(prefix="fxfuse_trace_"), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        trace = json.load(f)
+    kernels, copies = [], []
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") != "X":
+            continue
+        cat = e.get("cat", "")
+        args = e.get("args", {})
+        row = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), args.get("stream"), e.get("name", ""))
+        if cat == "kernel" or cat == "gpu_memset":
+            kernels.append(row)
+        elif cat == "gpu_memcpy":
+            copies.append(row)
+    return kernels, copies
+
+
+def report(prof, steps: int = 1, top: int = 12) -> None:
+    kernels, copies = _events(prof)
+    if not kernels:
+        print("GAPS no kernels in the trace")
+        return
+    by_stream = defaultdict(float)
+    for s, e, stream, _ in kernels:
+        by_stream[stream] += e - s
+    main = max(by_stream, key=by_stream.get)
+    ks = sorted(k for k in kernels if k[2] == main)
+    copy_ends = sorted(c[1] for c in copies)
+    copy_us = sum(c[1] - c[0] for c in copies)
+    busy = sum(e - s for s, e, _, _ in ks)
+    span = ks[-1][1] - ks[0][0]
+    kinds, gaps = Counter(), []
+    for prev, nxt in zip(ks, ks[1:]):
+        gap = nxt[0] - prev[1]
+        if gap <= 2:
+            continue
+        i = bisect.bisect_right(copy_ends, nxt[0]) - 1
+        kind = "copy" if i >= 0 and copy_ends[i] >= nxt[0] - 20 and copy_ends[i] > prev[1] else "host"
+        kinds[kind] += gap
+        gaps.append((gap, kind, prev[3], nxt[3]))
+    print(f"GAPS compute stream {main}: per step busy {busy / steps / 1e3:.2f} ms, first-to-last {span / steps / 1e3:.2f} ms, "
+          f"idle {(span - busy) / steps / 1e3:.2f} ms ({sum(1 for g in gaps) // steps} gaps > 2 us); "
+          f"copies on other streams {copy_us / steps / 1e3:.2f} ms ({len(copies) // steps})")
+    for kind, us in kinds.most_common():
+        print(f"GAPS   idle waiting on {kind:<5} {us / steps / 1e3:8.2f} ms per step")
+    for gap, kind, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"GAP {gap:9.1f} us  {kind:<4}  after {before[:70]}  before {after[:70]}")
+    hist = Counter()
+    for gap, kind, _, _ in gaps:
+        hist["<10us" if gap < 10 else "10-50us" if gap < 50 else "50-200us" if gap < 200 else ">=200us"] += gap
+    print("GAPS by size (ms per step): " + ", ".join(f"{k} {v / steps / 1e3:.2f}" for k, v in sorted(hist.items())))
