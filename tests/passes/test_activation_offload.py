@@ -94,25 +94,46 @@ def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers
         assert all(n.args[2] is p for p, n in zip(offs, offs[1:]))
 
 
-@pytest.mark.parametrize("lead", [1, 2])
-def test_reload_runs_lead_layers_ahead_of_its_first_use(lead):
+def _reload_reach(lead, n_layers=6, **kw):
+    """(reloads, their first uses, graph order) of a checkpointed stack, reloads in the order read."""
     torch.manual_seed(0)
     x = torch.randn(8, 16, requires_grad=True)
-    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(6)]
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(n_layers)]
     graphs, stats = {}, []
-    offload = ActivationOffload(min_bytes=0, devices=("cpu",), lead=lead)
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",), lead=lead, **kw)
     compiled(lambda x, *ws: stack(x, ws), offload, graphs, stats)(x, *ws).backward()
     order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
     reloads = sorted((n for n in graphs["bw"].graph.nodes if n.target is BACK),
                      key=lambda r: min(order[u] for u in r.users))
-    first_use = [min(order[u] for u in r.users) for r in reloads]
-    assert len(reloads) == 4
-    # reload i is issued before the first use of the activation `lead` reads earlier
-    for i in range(lead, len(reloads)):
-        assert order[reloads[i]] < first_use[i - lead]
-    # and not earlier than needed: after the first use of the one `lead + 1` reads earlier
-    for i in range(lead + 1, len(reloads)):
-        assert order[reloads[i]] > first_use[i - lead - 1]
+    return reloads, [min(order[u] for u in r.users) for r in reloads], order
+
+
+def _assert_reach(reloads, first_use, order, reach):
+    # the backward's first reads: reloaded before its first read (no later than the first reload's use)
+    for i in range(min(reach, len(reloads))):
+        assert order[reloads[i]] < first_use[0]
+    # reload i is issued before the first use of the activation `reach` reads earlier
+    for i in range(reach, len(reloads)):
+        assert order[reloads[i]] < first_use[i - reach]
+    # and not earlier than needed: after the first use of the one `reach + 1` reads earlier
+    for i in range(reach + 1, len(reloads)):
+        assert order[reloads[i]] > first_use[i - reach - 1]
+
+
+@pytest.mark.parametrize("lead", [1, 2, 4])
+def test_reload_runs_lead_layers_ahead_of_its_first_use(lead):
+    reloads, first_use, order = _reload_reach(lead, n_layers=9)
+    assert len(reloads) == 7
+    _assert_reach(reloads, first_use, order, lead)
+
+
+# each activation of the stack is one read of 8 x 16 fp32 = 512 bytes
+@pytest.mark.parametrize("lead_bytes, reach", [(4 * 512, 4), (4 * 512 - 1, 3), (3 * 512 - 1, 2), (0, 2)])
+def test_reload_reach_shrinks_while_what_it_holds_exceeds_lead_bytes(lead_bytes, reach):
+    """lead 4, but a reload issued early holds its device copy longer: fewer reads ahead while the
+    activations reloaded in between exceed lead_bytes, never fewer than MIN_LEAD (2)."""
+    reloads, first_use, order = _reload_reach(4, n_layers=9, lead_bytes=lead_bytes)
+    _assert_reach(reloads, first_use, order, reach)
 
 
 def test_declines_without_checkpointing_and_what_is_small_or_on_the_wrong_device():
