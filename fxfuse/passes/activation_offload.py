@@ -215,12 +215,13 @@ class ActivationOffload:
         lead = {}
         for _, ph in chosen:
             r = read_index[first_use[ph]]
-            # the backward's first reads: their reloads go before its first read, as early as it gets
-            i = max(r - self.config["lead"], 0)
+            i = r - self.config["lead"]
             # nearer while what is reloaded for the reads in between (this one's included) is too big
-            while i < r - MIN_LEAD and sum(read_bytes[i + 1:r + 1]) > self.config["lead_bytes"]:
+            while i < r - MIN_LEAD and sum(read_bytes[max(i + 1, 0):r + 1]) > self.config["lead_bytes"]:
                 i += 1
-            lead[ph] = nodes_by_order[reads[i]]
+            # the backward's first `lead` reads are reloaded at their use (as measured; reloading
+            # them all at the backward's start would raise the memory there)
+            lead[ph] = nodes_by_order[reads[i if i >= 0 else r]]
         for node, _ in chosen[: self.config["keep_first"]]:
             stats.sites.append(self._site(node, False, "read first by the backward: it would be reloaded at once"))
         chosen = chosen[self.config["keep_first"]:]

@@ -109,9 +109,12 @@ def _reload_reach(lead, n_layers=6, **kw):
 
 
 def _assert_reach(reloads, first_use, order, reach):
-    # the backward's first reads: reloaded before its first read (no later than the first reload's use)
+    # reload i serves read i + 1 (read 0 is the activation kept on the device); the backward's first
+    # reads, with fewer than `reach` reads before them, are reloaded at their use
     for i in range(min(reach, len(reloads))):
-        assert order[reloads[i]] < first_use[0]
+        assert order[reloads[i]] < first_use[i]
+        if 0 < i < reach - 1:
+            assert order[reloads[i]] > first_use[i - 1]
     # reload i is issued before the first use of the activation `reach` reads earlier
     for i in range(reach, len(reloads)):
         assert order[reloads[i]] < first_use[i - reach]
