@@ -136,7 +136,8 @@ class ActivationOffload:
         `MIN_LEAD`, while the activations reloaded in between exceed `lead_bytes` (each reload
         issued early holds its device copy that much longer). At 4k tokens on the 8B shape lead 4
         ran 11441-11783 tok/s against 9936 for lead 2 in the same call (H200, reload waits in the
-        backward); at 16k and up the byte cap keeps the reach measured there (lead 2)."""
+        backward); from 32k up the byte cap gives the reach measured there (2), at 16k 2 for most reads
+        (3 where the reads in between hold under lead_bytes; the 16k numbers were measured with 2)."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
         if lag < 1 or lead < 1:
