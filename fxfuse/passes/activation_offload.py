@@ -135,8 +135,8 @@ class ActivationOffload:
         earlier (activations first read by the same op count as one read); fewer, down to
         `MIN_LEAD`, while the activations reloaded in between exceed `lead_bytes` (each reload
         issued early holds its device copy that much longer). At 4k tokens on the 8B shape lead 4
-        ran 11441-11783 tok/s against 9936 for lead 2 in the same call (H200, reload waits in the
-        backward); from 32k up the byte cap gives the reach measured there (2), at 16k 2 for most reads
+        ran 11783 tok/s against 9936 for lead 2 in the same call, 11440 in another (H200: the
+        backward waited for its reloads); from 32k up the byte cap gives the reach measured there (2), at 16k 2 for most reads
         (3 where the reads in between hold under lead_bytes; the 16k numbers were measured with 2)."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
