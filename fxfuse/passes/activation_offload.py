@@ -136,8 +136,10 @@ class ActivationOffload:
         `MIN_LEAD`, while the activations reloaded in between exceed `lead_bytes` (each reload
         issued early holds its device copy that much longer). At 4k tokens on the 8B shape lead 4
         ran 11783 tok/s against 9936 for lead 2 in the same call, 11440 in another (H200: the
-        backward waited for its reloads); from 32k up the byte cap gives the reach measured there (2), at 16k 2 for most reads
-        (3 where the reads in between hold under lead_bytes; the 16k numbers were measured with 2)."""
+        backward waited for its reloads); from 32k up the byte cap gives the reach measured there
+        (2), at 16k 2 for most reads (3 where the reads in between hold under lead_bytes; the 16k
+        numbers were measured with 2). The backward's first reads, with fewer than `lead` reads
+        before them, go `MIN_LEAD` ahead where there is room (where lead 2 put them), else at their use."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
         if lag < 1 or lead < 1:
@@ -220,9 +222,10 @@ class ActivationOffload:
             # nearer while what is reloaded for the reads in between (this one's included) is too big
             while i < r - MIN_LEAD and sum(read_bytes[max(i + 1, 0):r + 1]) > self.config["lead_bytes"]:
                 i += 1
-            # the backward's first `lead` reads are reloaded at their use (as measured; reloading
-            # them all at the backward's start would raise the memory there)
-            lead[ph] = nodes_by_order[reads[i if i >= 0 else r]]
+            if i < 0:  # the backward's first reads: `MIN_LEAD` ahead where there is room, else at their use
+                near = min(MIN_LEAD, self.config["lead"])
+                i = r - near if r >= near else r
+            lead[ph] = nodes_by_order[reads[i]]
         for node, _ in chosen[: self.config["keep_first"]]:
             stats.sites.append(self._site(node, False, "read first by the backward: it would be reloaded at once"))
         chosen = chosen[self.config["keep_first"]:]
@@ -261,7 +264,7 @@ class ActivationOffload:
             prev_host = host
         fw_out.args = (tuple(host_of.get(n, n) if isinstance(n, fx.Node) else n for n in outputs),)
 
-        # backward: host placeholders, each reload one activation ahead of its first use
+        # backward: host placeholders, each reload where `lead` placed it
         for node, ph in chosen:
             val = ph.meta["val"]
             with bw.graph.inserting_after(ph):

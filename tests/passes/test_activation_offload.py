@@ -94,49 +94,51 @@ def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers
         assert all(n.args[2] is p for p, n in zip(offs, offs[1:]))
 
 
-def _reload_reach(lead, n_layers=6, **kw):
-    """(reloads, their first uses, graph order) of a checkpointed stack, reloads in the order read."""
+def _reload_reach(lead, n_layers=9, **kw):
+    """(reloads, reads, graph order) of a checkpointed stack: each reload with the read it serves
+    (its index among `reads`, the backward positions where the saved activations are first read,
+    the one kept on the device included)."""
     torch.manual_seed(0)
     x = torch.randn(8, 16, requires_grad=True)
     ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(n_layers)]
     graphs, stats = {}, []
     offload = ActivationOffload(min_bytes=0, devices=("cpu",), lead=lead, **kw)
     compiled(lambda x, *ws: stack(x, ws), offload, graphs, stats)(x, *ws).backward()
-    order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
-    reloads = sorted((n for n in graphs["bw"].graph.nodes if n.target is BACK),
-                     key=lambda r: min(order[u] for u in r.users))
-    return reloads, [min(order[u] for u in r.users) for r in reloads], order
+    bw = graphs["bw"].graph
+    order = {n: i for i, n in enumerate(bw.nodes)}
+    kept = {s.node for s in stats[-1].sites if "read first by the backward" in s.reason}
+    assert len(kept) == 1
+    kept_ph = next(n for n in bw.find_nodes(op="placeholder") if n.name in kept)
+    reloads = [n for n in bw.nodes if n.target is BACK]
+    reads = sorted({min(order[u] for u in n.users) for n in reloads + [kept_ph]})
+    assert len(reads) == len(reloads) + 1  # one activation per read in this stack
+    return [(n, reads.index(min(order[u] for u in n.users))) for n in reloads], reads, order
 
 
-def _assert_reach(reloads, first_use, order, reach):
-    # reload i serves read i + 1 (read 0 is the activation kept on the device); the backward's first
-    # reads, with fewer than `reach` reads before them, are reloaded at their use
-    for i in range(min(reach, len(reloads))):
-        assert order[reloads[i]] < first_use[i]
-        if 0 < i < reach - 1:
-            assert order[reloads[i]] > first_use[i - 1]
-    # reload i is issued before the first use of the activation `reach` reads earlier
-    for i in range(reach, len(reloads)):
-        assert order[reloads[i]] < first_use[i - reach]
-    # and not earlier than needed: after the first use of the one `reach + 1` reads earlier
-    for i in range(reach + 1, len(reloads)):
-        assert order[reloads[i]] > first_use[i - reach - 1]
+def _assert_reach(reloads, reads, order, reach):
+    """A reload serving read r sits right before read t: t = r - reach, and for the backward's first
+    reads (fewer than `reach` before them) r - 2 where r >= 2 (the reach lead 2 gave them), else r."""
+    near = min(2, reach)
+    for node, r in reloads:
+        t = r - reach if r >= reach else r - near if r >= near else r
+        assert order[node] < reads[t], (node, r, t)
+        assert t == 0 or order[node] > reads[t - 1], (node, r, t)
 
 
 @pytest.mark.parametrize("lead", [1, 2, 4])
 def test_reload_runs_lead_layers_ahead_of_its_first_use(lead):
-    reloads, first_use, order = _reload_reach(lead, n_layers=9)
+    reloads, reads, order = _reload_reach(lead)
     assert len(reloads) == 7
-    _assert_reach(reloads, first_use, order, lead)
+    _assert_reach(reloads, reads, order, lead)
 
 
 # each activation of the stack is one read of 8 x 16 fp32 = 512 bytes
-@pytest.mark.parametrize("lead_bytes, reach", [(4 * 512, 4), (4 * 512 - 1, 3), (3 * 512 - 1, 2), (0, 2)])
+@pytest.mark.parametrize("lead_bytes, reach", [(4 * 512, 4), (4 * 512 - 1, 3), (3 * 512, 3), (3 * 512 - 1, 2), (0, 2)])
 def test_reload_reach_shrinks_while_what_it_holds_exceeds_lead_bytes(lead_bytes, reach):
     """lead 4, but a reload issued early holds its device copy longer: fewer reads ahead while the
     activations reloaded in between exceed lead_bytes, never fewer than MIN_LEAD (2)."""
-    reloads, first_use, order = _reload_reach(4, n_layers=9, lead_bytes=lead_bytes)
-    _assert_reach(reloads, first_use, order, reach)
+    reloads, reads, order = _reload_reach(4, lead_bytes=lead_bytes)
+    _assert_reach(reloads, reads, order, reach)
 
 
 def test_declines_without_checkpointing_and_what_is_small_or_on_the_wrong_device():
