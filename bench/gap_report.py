@@ -17,10 +17,11 @@ from collections import Counter, defaultdict
 
 
 def _events(prof):
-    path = os.path.join(tempfile.mkdtemp(prefix="fxfuse_trace_"), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        trace = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="fxfuse_trace_") as tmp:  # traces run to 100s of MB
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
     kernels, copies = [], []
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X":
@@ -44,7 +45,9 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
     for s, e, stream, _ in kernels:
         by_stream[stream] += e - s
     main = max(by_stream, key=by_stream.get)
-    ks = sorted(k for k in kernels if k[2] == main)
+    # a copy on the compute stream itself is its work (busy), not something it waits for
+    ks = sorted(k for k in kernels + copies if k[2] == main)
+    copies = [c for c in copies if c[2] != main]
     copy_ends = sorted(c[1] for c in copies)
     copy_us = sum(c[1] - c[0] for c in copies)
     busy = sum(e - s for s, e, _, _ in ks)
@@ -59,13 +62,15 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
         kinds[kind] += gap
         gaps.append((gap, kind, prev[3], nxt[3]))
     print(f"GAPS compute stream {main}: per step busy {busy / steps / 1e3:.2f} ms, first-to-last {span / steps / 1e3:.2f} ms, "
-          f"idle {(span - busy) / steps / 1e3:.2f} ms ({sum(1 for g in gaps) // steps} gaps > 2 us); "
+          f"idle {(span - busy) / steps / 1e3:.2f} ms ({len(gaps) / steps:.0f} gaps > 2 us; the span holds "
+          f"{steps - 1} of the {steps} step boundaries); "
           f"copies on other streams {copy_us / steps / 1e3:.2f} ms ({len(copies) // steps})")
     for kind, us in kinds.most_common():
         print(f"GAPS   idle waiting on {kind:<5} {us / steps / 1e3:8.2f} ms per step")
     for gap, kind, before, after in sorted(gaps, reverse=True)[:top]:
         print(f"GAP {gap:9.1f} us  {kind:<4}  after {before[:70]}  before {after[:70]}")
+    sizes = ("<10us", "10-50us", "50-200us", ">=200us")
     hist = Counter()
     for gap, kind, _, _ in gaps:
-        hist["<10us" if gap < 10 else "10-50us" if gap < 50 else "50-200us" if gap < 200 else ">=200us"] += gap
-    print("GAPS by size (ms per step): " + ", ".join(f"{k} {v / steps / 1e3:.2f}" for k, v in sorted(hist.items())))
+        hist[sizes[0] if gap < 10 else sizes[1] if gap < 50 else sizes[2] if gap < 200 else sizes[3]] += gap
+    print("GAPS by size (ms per step): " + ", ".join(f"{k} {hist[k] / steps / 1e3:.2f}" for k in sizes))

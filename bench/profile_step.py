@@ -8,6 +8,7 @@ busy time, idle time (host gaps) and launches. Same workload as bench_lora.py, f
 compiles in seconds. --passes / --offload on|off pick fxfuse's passes and activation offload.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -18,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxfuse
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gap_report
 
 ap = argparse.ArgumentParser()
 ap.add_argument("variant")

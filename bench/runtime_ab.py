@@ -10,13 +10,14 @@ should reuse its blocks once warm).
 import gc
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lora import _pinned_blocks as blocks, build_model  # noqa: E402
 
 import fxfuse  # noqa: E402
@@ -58,19 +59,20 @@ wrapped = model._compiled_call_impl
 unwrapped = inspect.getclosurevars(wrapped).nonlocals["compiled"]
 
 
-def counted_only(*args, **kwargs):  # the wrap's Python call without its config patch
+def plain_wrap(*args, **kwargs):  # the wrap's Python call without its config patch
     return unwrapped(*args, **kwargs)
 
 
 run("default", steps)
 model._compiled_call_impl = unwrapped
 run("no specialize_float wrap", steps)
-model._compiled_call_impl = counted_only
+model._compiled_call_impl = plain_wrap
 run("plain Python wrap, no config patch", steps)
 model._compiled_call_impl = unwrapped
+before = torch._dynamo.config.specialize_float
 torch._dynamo.config.specialize_float = True
 run("no wrap, specialize_float=True set globally", steps)
-torch._dynamo.config.specialize_float = False
+torch._dynamo.config.specialize_float = before
 model._compiled_call_impl = wrapped
 gc.collect()
 gc.disable()
@@ -91,6 +93,7 @@ for tag, impl in (("wrapped", wrapped), ("unwrapped", unwrapped)):
     prof.enable()
     out = model(input_ids=x, labels=x)
     out.loss.backward()
+    opt.step()
     torch.cuda.synchronize()
     prof.disable()
     opt.zero_grad(set_to_none=True)
