@@ -7,10 +7,13 @@ Per toggle: the step time and how long forward() and backward() take to return o
 host is the bottleneck they approach the step time), and new pinned blocks per step (the offload pool
 should reuse its blocks once warm).
 """
+import cProfile
 import gc
 import inspect
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -81,10 +84,6 @@ gc.enable()
 run("default again", steps)
 
 # Where the host's time goes in one step, with and without the wrap (top functions by own time).
-import cProfile  # noqa: E402
-import io  # noqa: E402
-import pstats  # noqa: E402
-
 for tag, impl in (("wrapped", wrapped), ("unwrapped", unwrapped)):
     model._compiled_call_impl = impl
     run(f"{tag} (before profile)", 1)

@@ -31,6 +31,7 @@ inputs (parameters, model inputs) are counted in the `inputs saved` column, not 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from typing import Any, Optional
 
@@ -134,12 +135,10 @@ class ActivationOffload:
         lead: a reload is issued before the first use of the activations `lead` backward reads
         earlier (activations first read by the same op count as one read); fewer, down to
         `MIN_LEAD`, while the activations reloaded in between exceed `lead_bytes` (each reload
-        issued early holds its device copy that much longer). At 4k tokens on the 8B shape lead 4
-        ran 11783 tok/s against 9936 for lead 2 in the same call, 11440 in another (H200: the
-        backward waited for its reloads); from 32k up the byte cap gives the reach measured there
-        (2), at 16k 2 for most reads (3 where the reads in between hold under lead_bytes; the 16k
-        numbers were measured with 2). The backward's first reads, with fewer than `lead` reads
-        before them, go `MIN_LEAD` ahead where there is room (where lead 2 put them), else at their use."""
+        issued early holds its device copy that much longer). On the 8B shape that is 4 at 4k tokens
+        (lead 2 left the backward waiting for its reloads: bench/RESULTS.md) and 2 from 32k up.
+        The backward's first reads, with fewer than `lead` reads before them, go `MIN_LEAD` ahead
+        where there is room, else at their use."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
         if lag < 1 or lead < 1:
@@ -214,13 +213,14 @@ class ActivationOffload:
         read_bytes = [0] * len(reads)
         for node, ph in chosen:
             read_bytes[read_index[first_use[ph]]] += _nbytes(node.meta["val"]) or 0
+        upto = list(itertools.accumulate(read_bytes, initial=0))  # upto[k]: bytes of reads before k
         nodes_by_order = {i: n for n, i in bw_order.items()}
         lead = {}
         for _, ph in chosen:
             r = read_index[first_use[ph]]
             i = r - self.config["lead"]
             # nearer while what is reloaded for the reads in between (this one's included) is too big
-            while i < r - MIN_LEAD and sum(read_bytes[max(i + 1, 0):r + 1]) > self.config["lead_bytes"]:
+            while i < r - MIN_LEAD and upto[r + 1] - upto[max(i + 1, 0)] > self.config["lead_bytes"]:
                 i += 1
             if i < 0:  # the backward's first reads: `MIN_LEAD` ahead where there is room, else at their use
                 near = min(MIN_LEAD, self.config["lead"])
