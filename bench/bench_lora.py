@@ -135,6 +135,7 @@ class Device:
     def __init__(self, name: str):
         self.dev = torch.device(name)
         self.cuda = self.dev.type == "cuda"
+        self.run_peak = 0
 
     def sync(self):
         if self.cuda:
@@ -145,9 +146,21 @@ class Device:
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.dev)
+        self.run_peak = 0
 
     def peak_gib(self):
-        return round(torch.cuda.max_memory_allocated(self.dev) / 2**30, 2) if self.cuda else None
+        if not self.cuda:
+            return None
+        return round(max(self.run_peak, torch.cuda.max_memory_allocated(self.dev)) / 2**30, 2)
+
+    def phase_peak_gib(self):
+        """The peak since the last call (the allocator's peak is reset; the run's peak is kept)."""
+        if not self.cuda:
+            return None
+        peak = torch.cuda.max_memory_allocated(self.dev)
+        self.run_peak = max(self.run_peak, peak)
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        return round(peak / 2**30, 2)
 
 
 def lora_check(summary: dict, expected: int) -> tuple[bool, str]:
@@ -240,7 +253,7 @@ def main(argv=None) -> int:
         before = dynamo_counters()
         graphs_before = len(rep.graphs) if rep is not None else 0
         sites_before = len(rep.sites("lora")) if rep is not None else 0
-        times, losses, out, phase, host = [], [], None, "setup", []
+        times, losses, out, phase, host, phase_peaks = [], [], None, "setup", [], []
         row = dict(base, seq=seq, seq_index=index)
         try:
             for _ in range(args.steps):
@@ -249,14 +262,18 @@ def main(argv=None) -> int:
                 phase = "forward"  # named in an OOM row
                 out = fwd(input_ids=x, labels=x)
                 host.append([time.perf_counter() - t])
+                peaks = [dev.phase_peak_gib()]  # the allocator's stats are the host's: no sync needed
                 _progress(args, seq, phase, t, dev)
                 phase = "backward"
                 out.loss.backward()
                 host[-1].append(time.perf_counter() - t)
+                peaks.append(dev.phase_peak_gib())
                 _progress(args, seq, phase, t, dev)
                 phase = "optimizer"
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                peaks.append(dev.phase_peak_gib())
+                phase_peaks.append(peaks)
                 dev.sync()
                 times.append(time.perf_counter() - t)
                 host[-1].append(_pinned_blocks())
@@ -265,6 +282,8 @@ def main(argv=None) -> int:
             med = tail[len(tail) // 2]
             flops = step_flops(model, cfg, seq, use_gc)
             row.update(step_s=round(med, 4), tok_s=round(seq / med, 1), peak_gb=dev.peak_gib(),
+                       # per step: the peak within forward, backward, optimizer step (GiB): which phase sets it
+                       phase_peaks_gib=phase_peaks[1:],
                        tflops_4NT=round(4 * n_params * seq / med / 1e12, 1), tflops=round(flops / med / 1e12, 1),
                        flops_step=flops, first_step_s=round(times[0], 2),
                        compile_s=round(max(times[0] - med, 0.0), 2), second_step_s=round(times[1], 3)

@@ -6,6 +6,9 @@ each gap is labelled by what ended just before the next kernel started:
   for an offload / reload copy);
 - `host`: nothing did (the host had not issued the next kernel yet: launch / Python overhead, or a
   host-side wait).
+With `torch.profiler.record_function("phase:<name>")` around a step's parts (profile_step.py wraps
+forward, backward and the optimizer step), busy and idle time are also split by phase, from the
+GPU-side spans of those ranges; a gap outside every span is counted as `between`.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ def _events(prof):
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
-    kernels, copies = [], []
+    kernels, copies, phases = [], [], []
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X":
             continue
@@ -33,11 +36,25 @@ def _events(prof):
             kernels.append(row)
         elif cat == "gpu_memcpy":
             copies.append(row)
-    return kernels, copies
+        elif cat == "gpu_user_annotation" and row[3].startswith("phase:"):
+            phases.append(row)
+    return kernels, copies, phases
+
+
+def _phase_finder(phases):
+    """t -> the name of the phase span (GPU side) that holds t, or "between"."""
+    spans = sorted((s, e, name[len("phase:"):]) for s, e, _, name in phases)
+    starts = [s for s, _, _ in spans]
+
+    def find(t):
+        i = bisect.bisect_right(starts, t) - 1
+        return spans[i][2] if i >= 0 and t <= spans[i][1] else "between"
+    return find
 
 
 def report(prof, steps: int = 1, top: int = 12) -> None:
-    kernels, copies = _events(prof)
+    kernels, copies, phases = _events(prof)
+    phase_of = _phase_finder(phases)
     if not kernels:
         print("GAPS no kernels in the trace")
         return
@@ -52,7 +69,9 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
     copy_us = sum(c[1] - c[0] for c in copies)
     busy = sum(e - s for s, e, _, _ in ks)
     span = ks[-1][1] - ks[0][0]
-    kinds, gaps = Counter(), []
+    kinds, gaps, per_phase = Counter(), [], defaultdict(Counter)
+    for k in ks:
+        per_phase[phase_of(k[0])]["busy"] += k[1] - k[0]
     for prev, nxt in zip(ks, ks[1:]):
         gap = nxt[0] - prev[1]
         if gap <= 2:
@@ -60,6 +79,7 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
         i = bisect.bisect_right(copy_ends, nxt[0]) - 1
         kind = "copy" if i >= 0 and copy_ends[i] >= nxt[0] - 20 and copy_ends[i] > prev[1] else "host"
         kinds[kind] += gap
+        per_phase[phase_of(prev[1] + gap / 2)][kind] += gap
         gaps.append((gap, kind, prev[3], nxt[3]))
     print(f"GAPS compute stream {main}: per step busy {busy / steps / 1e3:.2f} ms, first-to-last {span / steps / 1e3:.2f} ms, "
           f"idle {(span - busy) / steps / 1e3:.2f} ms ({len(gaps) / steps:.0f} gaps > 2 us; the span holds "
@@ -67,6 +87,10 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
           f"copies on other streams {copy_us / steps / 1e3:.2f} ms ({len(copies) // steps})")
     for kind, us in kinds.most_common():
         print(f"GAPS   idle waiting on {kind:<5} {us / steps / 1e3:8.2f} ms per step")
+    if phases:
+        for name, c in sorted(per_phase.items(), key=lambda kv: -sum(kv[1].values())):
+            print(f"PHASE {name:<10} busy {c['busy'] / steps / 1e3:8.2f} ms, waiting on host {c['host'] / steps / 1e3:7.2f} ms, "
+                  f"on copies {c['copy'] / steps / 1e3:7.2f} ms per step")
     for gap, kind, before, after in sorted(gaps, reverse=True)[:top]:
         print(f"GAP {gap:9.1f} us  {kind:<4}  after {before[:70]}  before {after[:70]}")
     sizes = ("<10us", "10-50us", "50-200us", ">=200us")

@@ -56,10 +56,14 @@ x = torch.randint(0, cfg.vocab_size, (1, a.seq), device="cuda")
 
 
 def step():
-    out = fwd(input_ids=x, labels=x)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    # named ranges: gap_report splits the compute stream's busy and idle time by phase
+    with torch.profiler.record_function("phase:forward"):
+        out = fwd(input_ids=x, labels=x)
+    with torch.profiler.record_function("phase:backward"):
+        out.loss.backward()
+    with torch.profiler.record_function("phase:optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 t0 = time.perf_counter()

@@ -14,9 +14,10 @@ partition function of `aot_eager`), on the forward and backward graphs min-cut p
 - forward: `off = fxfuse::offload(x, done, prev_host, sync)` right after x is computed; `off` (a
   host tensor) replaces x among the saved outputs. The copies form a chain; each waits for the copy
   `lag` offloads back (see runtime/ops/offload.py why).
-- backward: x's placeholder becomes the host tensor; `fxfuse::reload(off, device)` is placed
+- backward: x's placeholder becomes the host tensor; `fxfuse::reload(off, device, False)` is placed
   before the first use of the activations the backward reads `lead` reads earlier (with the layer
-  inputs alone, `lead` decoder layers ahead), and replaces x in every use.
+  inputs alone, `lead` decoder layers ahead), and replaces x in every use; `fxfuse::reload_wait`
+  right before x's first use makes the compute stream wait for the copy there, not at the issue.
 
 Declined with a reason: views and items of ops that return views (they share storage, nothing
 would be freed), tensors with gaps or overlaps (contiguous and permuted-dense ones are copied as
@@ -118,7 +119,7 @@ class ActivationOffload:
 
     def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",),
                  host_fraction: float = 0.5, save_attention: bool = True, lag: int = 3, lead: int = 4,
-                 lag_bytes: int = 256 << 20, lead_bytes: int = 256 << 20):
+                 lag_bytes: int = 256 << 20, lead_bytes: int = 256 << 20, wait_at_use: bool = True):
         """min_bytes: smaller saved tensors stay on the device (a transfer's fixed cost would dominate).
         keep_first: how many of the activations the backward uses first stay on the device.
         devices: device types whose activations are offloaded; tests add "cpu" to exercise the
@@ -138,7 +139,10 @@ class ActivationOffload:
         issued early holds its device copy that much longer). On the 8B shape that is 4 at 4k tokens
         (lead 2 left the backward waiting for its reloads: bench/RESULTS.md) and 2 from 32k up.
         The backward's first reads, with fewer than `lead` reads before them, go `MIN_LEAD` ahead
-        where there is room, else at their use."""
+        where there is room, else at their use.
+        wait_at_use: the compute stream waits for a reload's copy right before the reloaded tensor's
+        first use (`fxfuse::reload_wait`); False waits where the reload is issued, `lead` reads
+        earlier, which stalls the compute stream there when the host is not far enough ahead."""
         if min_bytes < 0 or keep_first < 0:
             raise ValueError("min_bytes and keep_first must be >= 0")
         if lag < 1 or lead < 1:
@@ -149,7 +153,8 @@ class ActivationOffload:
             raise ValueError("host_fraction must be in (0, 0.9]: pinned memory cannot be paged out")
         self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices),
                        "host_fraction": host_fraction, "save_attention": bool(save_attention), "lag": lag,
-                       "lead": lead, "lag_bytes": lag_bytes, "lead_bytes": lead_bytes}
+                       "lead": lead, "lag_bytes": lag_bytes, "lead_bytes": lead_bytes,
+                       "wait_at_use": bool(wait_at_use)}
 
     def uuid(self) -> str:
         return source_uuid((type(self).__module__, offload_ops.__name__), self.config)
@@ -264,17 +269,22 @@ class ActivationOffload:
             prev_host = host
         fw_out.args = (tuple(host_of.get(n, n) if isinstance(n, fx.Node) else n for n in outputs),)
 
-        # backward: host placeholders, each reload where `lead` placed it
+        # backward: host placeholders, each reload where `lead` placed it, its wait before its first use
+        wait_at_use = self.config["wait_at_use"]
         for node, ph in chosen:
             val = ph.meta["val"]
+            first = nodes_by_order[first_use[ph]]
             with bw.graph.inserting_after(ph):
                 host_ph = bw.graph.placeholder(ph.name + "_host")
             host_ph.meta["val"] = host_of[node].meta["val"]
             with bw.graph.inserting_before(lead[ph]):
-                back = bw.graph.call_function(torch.ops.fxfuse.reload.default, (host_ph, val.device))
+                back = bw.graph.call_function(torch.ops.fxfuse.reload.default, (host_ph, val.device, not wait_at_use))
             back.meta["val"] = val
             ph.replace_all_uses_with(back)
             bw.graph.erase_node(ph)
+            if wait_at_use:
+                with bw.graph.inserting_before(first):
+                    bw.graph.call_function(torch.ops.fxfuse.reload_wait.default, (back,)).meta["val"] = None
             stats.sites.append(self._site(node, True, group=back.name))
             stats.add("MiB offloaded", _nbytes(val) / 2**20)
 

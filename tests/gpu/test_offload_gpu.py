@@ -83,5 +83,26 @@ def test_round_trip_while_the_compute_stream_is_busy(lag):
     assert all(any(lo <= h.data_ptr() < hi for lo, hi in blocks) for h, _ in hosts), "not in the pinned pool"
     for host, want in hosts:
         assert host.device.type == "cpu" and host.stride() == want.stride()
-        back = ops.reload(host, x.device)
+        back = ops.reload(host, x.device, True)
         assert torch.equal(back, want) and back.stride() == want.stride()
+
+
+def test_reload_without_a_wait_then_reload_wait_round_trips_under_load():
+    """reload(..., wait=False) issues the copy only; reload_wait makes the compute stream wait for
+    that copy's event, so a kernel queued after it reads the whole tensor, though the compute stream
+    was busy and the copies were issued back to back."""
+    xs = [torch.randn(2048, 2048, device="cuda") * (i + 1) for i in range(4)]
+    hosts = [ops.offload(x, [], None, True) for x in xs]
+    torch.cuda.synchronize()
+    busy = torch.randn(8192, 8192, device="cuda")
+    busy = busy @ busy  # the compute stream is busy while the copies are issued
+    backs = [ops.reload(h, xs[0].device, False) for h in hosts]
+    assert len(ops._pending_reloads[torch.cuda.current_device()]) >= 4
+    sums = []
+    for b in backs:
+        ops.reload_wait(b)
+        sums.append((b * 1).sum())  # queued after the wait on the compute stream
+    assert not any(b.data_ptr() in ops._pending_reloads[torch.cuda.current_device()] for b in backs)
+    for s, x in zip(sums, xs):
+        torch.testing.assert_close(s, x.sum(), rtol=1e-5, atol=1e-2)
+    del busy

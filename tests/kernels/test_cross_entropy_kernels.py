@@ -184,8 +184,16 @@ def test_launcher_declines_what_it_cannot_do():
         K.cross_entropy_rows(x, ok["target"][:3], ok["losses"], ok["scale"])
 
 
-def test_chunk_rows_respects_the_budget():
-    assert ops.chunk_rows(16384, 128256, BF16) == 4096  # 1 GiB of bf16 chunk logits
-    assert ops.chunk_rows(16384, 128256, F32) == 2048
+def test_chunk_rows_respects_the_budget(monkeypatch):
+    assert ops.chunk_rows(16384, 128256, BF16) == 1024  # 256 MiB of bf16 chunk logits
+    assert ops.chunk_rows(16384, 128256, F32) == 512
+    assert ops.chunk_rows(16384, 128256, BF16, budget=1 << 30) == 4096
+    monkeypatch.setenv("FXFUSE_CE_CHUNK_MIB", "1024")
+    assert ops.chunk_rows(16384, 128256, BF16) == 4096
+    for bad in ("0", "-5", "1.5", "lots"):
+        monkeypatch.setenv("FXFUSE_CE_CHUNK_MIB", bad)
+        with pytest.raises(ValueError, match="FXFUSE_CE_CHUNK_MIB"):
+            ops.chunk_rows(16384, 128256, BF16)
+    monkeypatch.delenv("FXFUSE_CE_CHUNK_MIB")
     assert ops.chunk_rows(100, 128256, BF16) == 100
     assert ops.chunk_rows(10, 1 << 40, F32) == 1

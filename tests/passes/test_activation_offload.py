@@ -15,6 +15,7 @@ from fxfuse.passes.manager import PassStats
 from tiny import clone, loss_and_grads, rel, tiny_model, tokens
 
 OFF, BACK = torch.ops.fxfuse.offload.default, torch.ops.fxfuse.reload.default
+WAIT = torch.ops.fxfuse.reload_wait.default
 
 
 def count(gm, target):
@@ -110,9 +111,13 @@ def _reload_reach(lead, n_layers=9, **kw):
     assert len(kept) == 1
     kept_ph = next(n for n in bw.find_nodes(op="placeholder") if n.name in kept)
     reloads = [n for n in bw.nodes if n.target is BACK]
-    reads = sorted({min(order[u] for u in n.users) for n in reloads + [kept_ph]})
+
+    def read(n):  # a reload's first reader, its wait aside
+        return min(order[u] for u in n.users if u.target is not WAIT)
+
+    reads = sorted({read(n) for n in reloads + [kept_ph]})
     assert len(reads) == len(reloads) + 1  # one activation per read in this stack
-    return [(n, reads.index(min(order[u] for u in n.users))) for n in reloads], reads, order
+    return [(n, reads.index(read(n))) for n in reloads], reads, order
 
 
 def _assert_reach(reloads, reads, order, reach):
@@ -130,6 +135,65 @@ def test_reload_runs_lead_layers_ahead_of_its_first_use(lead):
     reloads, reads, order = _reload_reach(lead)
     assert len(reloads) == 7
     _assert_reach(reloads, reads, order, lead)
+
+
+@pytest.mark.parametrize("wait_at_use", [True, False])
+def test_reload_waits_right_before_the_first_read_not_at_the_issue(wait_at_use):
+    """wait_at_use: each reload is issued without a wait (third argument False) and one
+    `reload_wait` of it sits right before its first reader, nothing else reading it earlier; off:
+    the reload waits itself (True) and there is no reload_wait."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(6)]
+    graphs, stats = {}, []
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",), wait_at_use=wait_at_use)
+    compiled(lambda x, *ws: stack(x, ws), offload, graphs, stats)(x, *ws).backward()
+    bw = graphs["bw"].graph
+    nodes = list(bw.nodes)
+    reloads = [n for n in nodes if n.target is BACK]
+    assert len(reloads) == 4
+    assert [n.args[2] for n in reloads] == [not wait_at_use] * 4
+    waits = [n for n in nodes if n.target is WAIT]
+    if not wait_at_use:
+        assert not waits
+        return
+    assert len(waits) == 4 and {w.args[0] for w in waits} == set(reloads)
+    for w in waits:
+        readers = [u for u in w.args[0].users if u is not w]
+        first = min(readers, key=nodes.index)
+        assert nodes.index(w) < nodes.index(first)
+        # nothing but other reloads and waits between the wait and the first reader
+        between = nodes[nodes.index(w) + 1:nodes.index(first)]
+        assert all(n.target in (BACK, WAIT) for n in between), between
+
+
+
+def test_inductor_compiles_the_reload_wait_and_gradients_match_eager():
+    """Inductor lowers the mutating `reload_wait` (a fallback kernel with a mutation output) and the
+    step's gradients equal eager's. Inductor's peak-memory reordering may move a wait up to its
+    reload (the wait holds no memory): then it waits at the issue, as wait_at_use=False does."""
+    from torch._inductor.utils import run_and_get_code
+    from fxfuse.frontends.backend import make_backend
+    from fxfuse.frontends.report import Report
+    from fxfuse.passes.manager import PassManager
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, requires_grad=True)
+    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(6)]
+    offload = ActivationOffload(min_bytes=0, devices=("cpu",))
+    manager = PassManager([])
+    torch._dynamo.reset()
+    report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in PartitionPolicies(offload=offload).policies])
+    fn = torch.compile(lambda x, *ws: stack(x, ws), fullgraph=True,
+                       backend=make_backend(manager, report, "inductor", offload=offload))
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, code = run_and_get_code(lambda: fn(x, *ws).backward())
+    got = [t.grad.clone() for t in (x, *ws)]
+    for t in (x, *ws):
+        t.grad = None
+    stack(x, ws).backward()
+    assert all(torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6) for g, t in zip(got, (x, *ws)))
+    assert sum(c.count("torch.ops.fxfuse.reload_wait.default(") for c in code) == 4
 
 
 # each activation of the stack is one read of 8 x 16 fp32 = 512 bytes

@@ -1,7 +1,7 @@
 """`fxfuse::linear_cross_entropy`: a causal-LM head and its loss, `F.cross_entropy(
 (hidden · Wᵀ).float(), target)`, without materialising the [T, V] logits.
 
-Tokens are processed in chunks of rows (`chunk_rows`: at most ~1 GiB of chunk logits on a GPU).
+Tokens are processed in chunks of rows (`chunk_rows`: at most `CHUNK_BYTES` of chunk logits).
 Per chunk the lm_head GEMM runs in the model dtype (cuBLAS, as HF's `lm_head`), then a Triton
 kernel computes the rows' losses in fp32 and, when the op is asked for the gradient, overwrites
 the chunk with d loss / d logits (rounded to the model dtype, as autograd rounds it through
@@ -19,7 +19,9 @@ upcast (HF rounds the three softcap ops in the model dtype; see docs/numerics.md
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
+
+import os
 
 import torch
 from torch import Tensor
@@ -29,15 +31,26 @@ from ..kernels import cross_entropy as K
 
 OP = "fxfuse::linear_cross_entropy"
 REDUCTIONS = ("mean", "sum")
-# Chunk logits (model dtype) kept alive at once. 1 GiB = 4096 rows of a 128k bf16 vocab.
-CHUNK_BYTES = 1 << 30
+# Chunk logits (model dtype) kept alive at once: 256 MiB = 1024 rows of a 128k bf16 vocab. At 4k
+# tokens on the 8B shape a 1 GiB chunk (all 4096 rows) was the step's memory peak; GEMMs of 1024 rows
+# still run near cuBLAS's ceiling. FXFUSE_CE_CHUNK_MIB overrides it at run time (benchmarks' A/B).
+CHUNK_BYTES = 256 << 20
 
 
-def chunk_rows(tokens: int, vocab: int, dtype: torch.dtype, budget: int = CHUNK_BYTES) -> int:
+def chunk_bytes() -> int:
+    mib = os.environ.get("FXFUSE_CE_CHUNK_MIB")
+    if mib is None:
+        return CHUNK_BYTES
+    if not mib.isdigit() or int(mib) < 1:
+        raise ValueError(f"FXFUSE_CE_CHUNK_MIB must be a positive whole number of MiB, not {mib!r}")
+    return int(mib) << 20
+
+
+def chunk_rows(tokens: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
     """Rows per chunk: as many as fit `budget` bytes of logits, a multiple of 256 when more than
     256 fit (whole GEMM tiles), never more than the tokens."""
     per_row = vocab * torch.empty((), dtype=dtype).element_size()
-    rows = max(1, budget // per_row)
+    rows = max(1, (chunk_bytes() if budget is None else budget) // per_row)
     if rows > 256:
         rows -= rows % 256
     return max(1, min(rows, tokens))

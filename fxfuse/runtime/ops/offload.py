@@ -14,10 +14,13 @@ Both copies run on one side stream per device, so they overlap with the compute 
   forward goes on. `prev_host` (the previous offload's output) is an input only to order the chain:
   without it a scheduler may run the offloads in another order. `sync` waits for every copy issued,
   this one too (the last offload of a graph: nothing later would keep the sources alive).
-- reload(x, device): allocated on the side stream (so the copy need not wait for compute work that
-  still uses the memory), copied, then the compute stream waits for it. The partitioner issues a
-  reload one decoder layer before its first use; since the host runs ahead of the GPU, the copy has
-  usually finished when the compute stream reaches the wait.
+- reload(x, device, wait): allocated on the side stream (so the copy need not wait for compute work
+  that still uses the memory) and copied there. With `wait` the compute stream waits for the copy at
+  once; without it `reload_wait(out)` does, placed before out's first use: the partitioner issues a
+  reload a few backward reads ahead of that use, and a wait at the issue would stall the compute
+  stream there whenever the host was not far enough ahead for the copy to have finished (63 ms a
+  step at 4k, bench/RESULTS.md). `reload_wait` declares `out` mutated, so every reader of `out` is
+  ordered after it.
 
 On the CPU (tests) both are plain copies: the graph plumbing is the same, there are no streams.
 
@@ -32,6 +35,7 @@ finished.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from typing import Optional
 
@@ -42,6 +46,7 @@ from .. import host_memory
 
 OFFLOAD = "fxfuse::offload"
 RELOAD = "fxfuse::reload"
+RELOAD_WAIT = "fxfuse::reload_wait"
 
 _side_streams: dict = {}
 
@@ -236,8 +241,17 @@ def _(x, done, prev_host, sync):
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
 
 
+# Set (to anything): every reload waits at its issue, as wait=True does, whatever the graph asks;
+# for an A/B of the two placements in one compiled process (bench/runtime_ab.py).
+_WAIT_AT_ISSUE = "FXFUSE_RELOAD_WAIT_AT_ISSUE"
+
+# Per device: reloads issued without a wait, by the reloaded tensor's data_ptr: the event recorded
+# after its copy, which `reload_wait` makes the compute stream wait for.
+_pending_reloads: dict[int, dict[int, "torch.cuda.Event"]] = {}
+
+
 @torch.library.custom_op(RELOAD, mutates_args=())
-def reload(x: Tensor, device: torch.device) -> Tensor:
+def reload(x: Tensor, device: torch.device, wait: bool) -> Tensor:
     if device.type != "cuda":
         return x.clone()
     compute = torch.cuda.current_stream(device)
@@ -245,11 +259,37 @@ def reload(x: Tensor, device: torch.device) -> Tensor:
     with torch.cuda.stream(side):
         out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
         out.copy_(x, non_blocking=True)
-    compute.wait_stream(side)
+        if not wait:
+            event = torch.cuda.Event()
+            event.record(side)
+    if wait or _WAIT_AT_ISSUE in os.environ:
+        compute.wait_stream(side)
+    if not wait:  # reload_wait looks its event up (a no-op wait when the stream waited above)
+        _pending_reloads.setdefault(side.device_index, {})[out.data_ptr()] = event
     out.record_stream(compute)
     return out
 
 
 @reload.register_fake
-def _(x, device):
+def _(x, device, wait):
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
+
+
+@torch.library.custom_op(RELOAD_WAIT, mutates_args=("x",))
+def reload_wait(x: Tensor) -> None:
+    """The compute stream waits for x's copy, issued by `reload(..., wait=False)`. x is declared
+    mutated (it is not written) so that the compiler orders every later reader of x after this."""
+    if x.device.type != "cuda":
+        return
+    compute = torch.cuda.current_stream(x.device)
+    side = side_stream(x.device)
+    event = _pending_reloads.get(side.device_index, {}).pop(x.data_ptr(), None)
+    if event is None:  # not issued by reload(wait=False) (cannot happen): wait for every copy
+        compute.wait_stream(side)
+    else:
+        compute.wait_event(event)
+
+
+@reload_wait.register_fake
+def _(x):
+    return None
