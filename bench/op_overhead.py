@@ -1,10 +1,12 @@
 """Host-side cost of one `fxfuse::lora_linear` call (forward + backward op), the 1k bottleneck.
 
-    python bench/op_overhead.py [--m 1024] [--calls 200]
+    python bench/op_overhead.py [--m 1024] [--calls 200] [--quick]
 
-Times, for the 8B q/k/v group (x [M, 4096] bf16, fp32 r=16 adapters): the GPU time per call
-(CUDA events, synchronised) and the host time to *issue* a call (no sync), then prints a
-cProfile of the host side, so the Python that dominates is named, not guessed.
+Times, for the 8B q/k/v group (x [M, 4096] bf16, fp32 r=16 adapters), called as the custom op, as
+its run-time twin (what compiled graphs call) and directly: the GPU time per call (CUDA events,
+synchronised) and the host time to *issue* a call (no sync; with a small M the GPU keeps up, so
+that is the host's cost), then, without --quick, a cProfile of the host side, so the Python that
+dominates is named, not guessed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import fxfuse  # noqa: F401  (registers the ops)
 ap = argparse.ArgumentParser()
 ap.add_argument("--m", type=int, default=1024)
 ap.add_argument("--calls", type=int, default=200)
+ap.add_argument("--quick", action="store_true", help="timings only: no cProfile / profiler tables")
 args = ap.parse_args()
 
 dev, bf16 = "cuda", torch.bfloat16
@@ -56,7 +59,21 @@ def back_direct():
     return L._backward_kernels(dys, x, ws, As, Bs, outs[3], [2.0] * 3, [0.0] * 3, None, True)
 
 
-for name, fn in (("forward", fwd), ("backward", back), ("forward-direct", fwd_direct), ("backward-direct", back_direct)):
+from fxfuse.runtime.ops import twins  # noqa: E402
+
+op_rt, bwd_rt = twins.twin_of(op), twins.twin_of(bwd)
+
+
+def fwd_twin():  # what compiled graphs call (runtime/ops/twins.py)
+    return op_rt(x, ws, [None] * 3, As, Bs, [2.0] * 3, [0.0] * 3, None, bf16)
+
+
+def back_twin():
+    return bwd_rt(dys, x, ws, As, Bs, outs[3], [2.0] * 3, [0.0] * 3, None, True)
+
+
+for name, fn in (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin), ("backward-twin", back_twin),
+                 ("forward-direct", fwd_direct), ("backward-direct", back_direct)):
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -74,6 +91,8 @@ for name, fn in (("forward", fwd), ("backward", back), ("forward-direct", fwd_di
     torch.cuda.synchronize()
     print(json.dumps({"op": name, "m": args.m, "host_us": round(host * 1e6, 1), "wall_us": round(wall * 1e6, 1),
                       "gpu_us": round(start.elapsed_time(end) * 1e3 / args.calls, 1)}))
+    if args.quick:
+        continue
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(50):

@@ -13,10 +13,11 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from ..passes.activation_offload import ActivationOffload
-from ..passes.manager import PassManager, PassStats
+from ..passes.manager import PassManager, PassStats, source_uuid
 from ..passes.pattern import graphs_of
 from ..passes.recompute_lora_xa import RecomputeLoraXA
 from ..passes.save_attention import SaveAttention
+from ..runtime.ops import twins
 from .report import Report
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -72,17 +73,24 @@ class PartitionPolicies:
 
 class PolicyPartitioner(CustomPartitionerFn):
     """Inductor's custom-partitioner hook around `PartitionPolicies`. Inductor pickles it into its
-    cache key: only the policies' uuid goes there."""
+    cache key: only the policies' uuid goes there. The partitioned graphs run without autograd:
+    their fxfuse ops are pointed at the run-time twins (runtime/ops/twins.py: the same ops without
+    custom_op's per-call Python layers)."""
 
     def __init__(self, policies: PartitionPolicies, on_stats):
         self.policies, self.on_stats = policies, on_stats
 
     def __call__(self, gm, joint_inputs, **kwargs):
-        return self.policies.partition_fn(self.on_stats)(gm, joint_inputs, **kwargs)
+        fw, bw = self.policies.partition_fn(self.on_stats)(gm, joint_inputs, **kwargs)
+        twins.retarget(fw)
+        twins.retarget(bw)
+        return fw, bw
 
     def uuid(self):
         policies = getattr(self, "policies", None)
-        return policies.uuid() if policies is not None else self.policies_uuid
+        if policies is None:
+            return self.policies_uuid
+        return policies.uuid() + "-" + source_uuid((twins.__name__,), {})
 
     def __getstate__(self):
         return {"policies_uuid": self.uuid()}

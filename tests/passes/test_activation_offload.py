@@ -193,7 +193,10 @@ def test_inductor_compiles_the_reload_wait_and_gradients_match_eager():
         t.grad = None
     stack(x, ws).backward()
     assert all(torch.allclose(g, t.grad, rtol=1e-5, atol=1e-6) for g, t in zip(got, (x, *ws)))
-    assert sum(c.count("torch.ops.fxfuse.reload_wait.default(") for c in code) == 4
+    # the partitioned graphs call the run-time twins (runtime/ops/twins.py), not the custom ops
+    assert sum(c.count("torch.ops.fxfuse_rt.reload_wait.default(") for c in code) == 4
+    assert sum(c.count("torch.ops.fxfuse_rt.reload.default(") for c in code) == 4
+    assert not any("torch.ops.fxfuse." in c for c in code)
 
 
 # each activation of the stack is one read of 8 x 16 fp32 = 512 bytes
@@ -323,7 +326,8 @@ def test_inductor_caches_graphs_compiled_with_the_offload_partitioner(monkeypatc
     import pickle
     from fxfuse.frontends.backend import PolicyPartitioner
     part = PolicyPartitioner(PartitionPolicies(offload=offload), lambda stats: None)
-    assert pickle.loads(pickle.dumps(part)).uuid() == PartitionPolicies(offload=offload).uuid()
+    assert pickle.loads(pickle.dumps(part)).uuid() == part.uuid()
+    assert part.uuid().startswith(PartitionPolicies(offload=offload).uuid())
     assert offload.uuid() in part.uuid()
 
 

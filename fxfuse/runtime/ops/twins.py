@@ -1,0 +1,72 @@
+"""Run-time twins of fxfuse's custom ops: `fxfuse_rt::<name>`, the same schema, implementation and
+fake implementation as `fxfuse::<name>`, registered with the low-level `torch.library.Library` API
+and without an autograd kernel.
+
+Why: a `torch.library.custom_op` call goes through Python wrappers for autograd, redispatch and
+an output-aliasing check before it reaches the implementation. On the CPU of this project's CI
+machine that costs ~37 us a call with the LoRA op's 13 tensor arguments (the implementation's own
+Python aside), against ~12 us for a Library-registered op, and ~10 us against ~2 us with one
+tensor argument (offload, reload). An 8B training step at 4k tokens makes ~900 such calls, on a
+host that is the step's bottleneck much of the time (bench/RESULTS.md).
+
+The graphs Inductor compiles after AOTAutograd has partitioned them run without autograd, and
+their ops need no autograd kernel: `retarget(graph)` (called by the Inductor partitioner hook,
+frontends/backend.py) points their fxfuse calls at the twins. Everything else (tracing, eager use,
+the `aot_eager` test path) keeps the custom ops, with their checks and autograd formulas.
+
+The twins are registered when this module is imported (fxfuse imports it), so a process that
+loads compiled graphs from the on-disk cache finds them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._library.custom_ops import _maybe_get_opdef
+
+from . import cross_entropy, lora, offload, rms_norm, swiglu, tiled_mlp  # noqa: F401  (defines the ops)
+
+SOURCE, TWIN = "fxfuse", "fxfuse_rt"
+_LIB = torch.library.Library(TWIN, "DEF")
+_twins: dict = {}  # fxfuse op overload -> its twin's overload
+
+
+def _register(qualname: str) -> None:
+    opdef = _maybe_get_opdef(qualname)
+    impl, fake = getattr(opdef, "_init_fn", None), getattr(opdef, "_abstract_fn", None)
+    if impl is None or fake is None:
+        raise RuntimeError(f"{qualname}: its implementation or fake implementation is not reachable "
+                           f"(torch {torch.__version__} changed CustomOpDef); fxfuse cannot register its run-time twin")
+    source = getattr(torch.ops.fxfuse, qualname.split("::")[1]).default
+    name = source._schema.name.split("::")[1]
+    schema = str(source._schema).split("::", 1)[1]
+    _LIB.define(schema)
+    # CompositeExplicitAutograd: one kernel for every device (the implementation picks its path)
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{TWIN}::{name}", fake, lib=_LIB)
+    _twins[source] = getattr(torch.ops.fxfuse_rt, name).default
+
+
+def _register_all() -> None:
+    from torch._library.custom_ops import OPDEFS
+    for qualname in sorted(q for q in list(OPDEFS) if q.startswith(SOURCE + "::")):
+        _register(qualname)
+
+
+def twin_of(op) -> "torch._ops.OpOverload | None":
+    return _twins.get(op)
+
+
+def retarget(gm: fx.GraphModule) -> int:
+    """Points the graph's fxfuse op calls at their twins; returns how many. For graphs that run
+    without autograd only (partitioned forward and backward graphs)."""
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _twins:
+            node.target = _twins[node.target]
+            n += 1
+    if n:
+        gm.recompile()
+    return n
+
+
+_register_all()
