@@ -14,6 +14,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import time
 
 import torch
@@ -23,7 +24,8 @@ import fxfuse  # noqa: F401  (registers the ops)
 ap = argparse.ArgumentParser()
 ap.add_argument("--m", type=int, default=1024)
 ap.add_argument("--calls", type=int, default=200)
-ap.add_argument("--quick", action="store_true", help="timings only: no cProfile / profiler tables")
+ap.add_argument("--quick", action="store_true", help="host issue time only, interleaved over --rounds; no profiles")
+ap.add_argument("--rounds", type=int, default=5)
 args = ap.parse_args()
 
 dev, bf16 = "cuda", torch.bfloat16
@@ -71,6 +73,35 @@ def fwd_twin():  # what compiled graphs call (runtime/ops/twins.py)
 def back_twin():
     return bwd_rt(dys, x, ws, As, Bs, outs[3], [2.0] * 3, [0.0] * 3, None, True)
 
+
+VARIANTS = (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin), ("backward-twin", back_twin),
+            ("forward-direct", fwd_direct), ("backward-direct", back_direct))
+
+
+def issue_us(fn):
+    """Host time to issue `calls` calls (no sync inside; the GPU drains after)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.calls):
+        fn()
+    host = (time.perf_counter() - t0) / args.calls
+    torch.cuda.synchronize()
+    return host * 1e6
+
+
+if args.quick:
+    # interleaved rounds, so that a slow stretch of the host does not land on one variant
+    for _, fn in VARIANTS:
+        for _ in range(10):
+            fn()
+    seen = {name: [] for name, _ in VARIANTS}
+    for r in range(args.rounds):
+        for name, fn in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+            seen[name].append(issue_us(fn))
+    for name, us in seen.items():
+        print(json.dumps({"op": name, "m": args.m, "calls": args.calls, "rounds": args.rounds,
+                          "host_us_median": round(statistics.median(us), 1), "host_us_min": round(min(us), 1)}))
+    raise SystemExit(0)
 
 for name, fn in (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin), ("backward-twin", back_twin),
                  ("forward-direct", fwd_direct), ("backward-direct", back_direct)):

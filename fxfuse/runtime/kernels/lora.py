@@ -91,8 +91,13 @@ _MAX_SEED = 2**31
 # Availability and argument checking
 # --------------------------------------------------------------------------
 
+_CUDA_READY: list = []  # [reason or None] once asked: whether CUDA is available does not change
+
+
 def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
     """None when the kernels can run on ``device``, else the reason why not."""
+    if type(device) is torch.device and device.type == "cuda" and _CUDA_READY and not _INTERPRET:
+        return _CUDA_READY[0]  # the hot path: every launch asks (host time is the 4k step's limit)
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -102,6 +107,8 @@ def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
         return f"tensor on {device.type} and TRITON_INTERPRET is not set"
     if not torch.cuda.is_available():
         return "CUDA is not available"
+    if not _CUDA_READY:
+        _CUDA_READY.append(None)
     return None
 
 
@@ -127,11 +134,14 @@ def _check_common(tensors: dict, p: float, seed: int, scale: float) -> Optional[
     reason = triton_available(next(iter(devices)))
     if reason:
         return reason
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
+    # exact-type checks first: numbers.Real / Integral are ABC checks, slow on a launch's hot path
+    if not (type(p) is float or (not isinstance(p, bool) and isinstance(p, numbers.Real))) or not (0.0 <= float(p) < 1.0):
         return f"dropout p={p!r} not in [0, 1)"
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (0 <= seed < _MAX_SEED):
+    if not (type(seed) is int or (not isinstance(seed, bool) and isinstance(seed, numbers.Integral))) \
+            or not (0 <= seed < _MAX_SEED):
         return f"seed {seed!r} not an int in [0, 2**31)"
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
+    if not (type(scale) is float or (not isinstance(scale, bool) and isinstance(scale, numbers.Real))) \
+            or not math.isfinite(float(scale)):
         return f"scale {scale!r} is not a finite number"
     return None
 
@@ -192,9 +202,15 @@ def _dot_mode(a: torch.dtype, b: torch.dtype, allow_tf32: bool, split: Optional[
     return True, precision, 0
 
 
+_SMS: dict = {}
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SMS:
+            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return _SMS[index]
     return 4  # interpreter: keep the split heuristics small and deterministic
 
 
@@ -203,7 +219,9 @@ class _on_device:
     CUDA device, which need not be the tensors' device)."""
 
     def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+        # no device switch when it is current already (two CUDA calls a launch otherwise)
+        current = device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device()
+        self.ctx = None if current else torch.cuda.device(device)
 
     def __enter__(self):
         if self.ctx is not None:

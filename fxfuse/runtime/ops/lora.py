@@ -158,17 +158,20 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
     ranks = [a.shape[0] for a in lora_as]
     xa = _xa_kernels(x, lora_as, dropout_ps, seed)
     xa_low = None
+    strategy = gemm_strategy(x.device)
     outs, off = [], 0
     for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
         xa_i = xa[:, off:off + r]
-        if gemm_strategy(x.device) == "triton":
+        if strategy == "triton":
             y = K.fused_lora_matmul(x2d, w, xa_i, bb, scale=s, bias=b, out_dtype=out_dtype)
         else:
             # cuBLAS: the low-rank term (and bias) is written where the output goes and becomes C of
             # the base GEMM in place (beta=1 epilogue); an out-of-place addmm would copy C first.
             if xa_low is None:
                 xa_low = xa.to(x.dtype)
-            b_low = torch.mul(bb, s, out=torch.empty(bb.shape, device=bb.device, dtype=x.dtype))
+            # s·B rounded to the activation dtype (one launch; a plain cast when s is 1)
+            b_low = bb.to(x.dtype) if s == 1.0 else torch.mul(bb, s, out=torch.empty(bb.shape, device=bb.device,
+                                                                                     dtype=x.dtype))
             xa_i = xa_low[:, off:off + r]
             y = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
             y = y.addmm_(x2d, w.t()).to(out_dtype)
