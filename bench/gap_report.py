@@ -6,9 +6,9 @@ each gap is labelled by what ended just before the next kernel started:
   for an offload / reload copy);
 - `host`: nothing did (the host had not issued the next kernel yet: launch / Python overhead, or a
   host-side wait).
-With `torch.profiler.record_function("phase:<name>")` around a step's parts (profile_step.py wraps
-forward, backward and the optimizer step), busy and idle time are also split by phase, from the
-GPU-side spans of those ranges; a gap outside every span is counted as `between`.
+Where the step launches a marker kernel (`torch.cuda._sleep`, "spin_kernel") on the compute
+stream before its forward, backward and optimizer step, as profile_step.py does, busy and idle
+time are also split by phase: a kernel or gap belongs to the phase of the last marker before it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _events(prof):
         prof.export_chrome_trace(path)
         with open(path) as f:
             trace = json.load(f)
-    kernels, copies, phases = [], [], []
+    kernels, copies = [], []
     for e in trace.get("traceEvents", []):
         if e.get("ph") != "X":
             continue
@@ -36,25 +36,25 @@ def _events(prof):
             kernels.append(row)
         elif cat == "gpu_memcpy":
             copies.append(row)
-        elif cat == "gpu_user_annotation" and row[3].startswith("phase:"):
-            phases.append(row)
-    return kernels, copies, phases
+    return kernels, copies
 
 
-def _phase_finder(phases):
-    """t -> the name of the phase span (GPU side) that holds t, or "between"."""
-    spans = sorted((s, e, name[len("phase:"):]) for s, e, _, name in phases)
-    starts = [s for s, _, _ in spans]
+PHASES = ("forward", "backward", "optimizer")
+
+
+def _phase_finder(markers):
+    """t -> the phase of the last marker kernel at or before t (markers cycle through PHASES), or
+    "before" ahead of the first marker."""
+    starts = sorted(markers)
 
     def find(t):
         i = bisect.bisect_right(starts, t) - 1
-        return spans[i][2] if i >= 0 and t <= spans[i][1] else "between"
+        return PHASES[i % len(PHASES)] if i >= 0 else "before"
     return find
 
 
 def report(prof, steps: int = 1, top: int = 12) -> None:
-    kernels, copies, phases = _events(prof)
-    phase_of = _phase_finder(phases)
+    kernels, copies = _events(prof)
     if not kernels:
         print("GAPS no kernels in the trace")
         return
@@ -64,6 +64,8 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
     main = max(by_stream, key=by_stream.get)
     # a copy on the compute stream itself is its work (busy), not something it waits for
     ks = sorted(k for k in kernels + copies if k[2] == main)
+    markers = [k[0] for k in ks if "spin_kernel" in k[3]]
+    phase_of = _phase_finder(markers)
     copies = [c for c in copies if c[2] != main]
     copy_ends = sorted(c[1] for c in copies)
     copy_us = sum(c[1] - c[0] for c in copies)
@@ -87,7 +89,7 @@ def report(prof, steps: int = 1, top: int = 12) -> None:
           f"copies on other streams {copy_us / steps / 1e3:.2f} ms ({len(copies) // steps})")
     for kind, us in kinds.most_common():
         print(f"GAPS   idle waiting on {kind:<5} {us / steps / 1e3:8.2f} ms per step")
-    if phases:
+    if markers:
         for name, c in sorted(per_phase.items(), key=lambda kv: -sum(kv[1].values())):
             print(f"PHASE {name:<10} busy {c['busy'] / steps / 1e3:8.2f} ms, waiting on host {c['host'] / steps / 1e3:7.2f} ms, "
                   f"on copies {c['copy'] / steps / 1e3:7.2f} ms per step")

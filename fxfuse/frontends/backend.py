@@ -90,7 +90,7 @@ class PolicyPartitioner(CustomPartitionerFn):
         policies = getattr(self, "policies", None)
         if policies is None:
             return self.policies_uuid
-        return policies.uuid() + "-" + source_uuid((twins.__name__,), {})
+        return policies.uuid() + "-" + source_uuid((twins.__name__,), {"twins": twins.enabled()})
 
     def __getstate__(self):
         return {"policies_uuid": self.uuid()}

@@ -1,5 +1,6 @@
 """The run-time twins (fxfuse_rt::<name>) of fxfuse's custom ops: one per op, the same schema, the
 same results, cheaper to call; `retarget` swaps a graph's calls and nothing else."""
+import pytest
 import torch
 import torch.fx as fx
 
@@ -64,3 +65,16 @@ def test_retarget_swaps_only_fxfuse_calls():
     x = torch.randn(3, 4)
     torch.testing.assert_close(gm(x), torch.relu(x) + x)
     assert twins.retarget(gm) == 0
+
+
+def test_twins_can_be_switched_off_at_compile_time(monkeypatch):
+    def f(x):
+        return torch.ops.fxfuse.reload.default(x, x.device, True)
+
+    gm = fx.symbolic_trace(f)
+    monkeypatch.setenv("FXFUSE_OP_TWINS", "0")
+    assert twins.retarget(gm) == 0
+    assert any(n.target is torch.ops.fxfuse.reload.default for n in gm.graph.nodes)
+    monkeypatch.setenv("FXFUSE_OP_TWINS", "yes")
+    with pytest.raises(ValueError, match="FXFUSE_OP_TWINS"):
+        twins.retarget(gm)

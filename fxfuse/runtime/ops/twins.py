@@ -19,6 +19,8 @@ loads compiled graphs from the on-disk cache finds them.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.fx as fx
 from torch._library.custom_ops import _maybe_get_opdef
@@ -56,9 +58,20 @@ def twin_of(op) -> "torch._ops.OpOverload | None":
     return _twins.get(op)
 
 
+def enabled() -> bool:
+    """FXFUSE_OP_TWINS=0 keeps the custom ops in compiled graphs (an escape hatch: the twins' effect
+    on a whole training step is not measured yet, bench/RESULTS.md). Read at compile time."""
+    value = os.environ.get("FXFUSE_OP_TWINS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"FXFUSE_OP_TWINS must be 0 or 1, not {value!r}")
+    return value == "1"
+
+
 def retarget(gm: fx.GraphModule) -> int:
     """Points the graph's fxfuse op calls at their twins; returns how many. For graphs that run
     without autograd only (partitioned forward and backward graphs)."""
+    if not enabled():
+        return 0
     n = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _twins:
