@@ -103,8 +103,7 @@ if args.quick:
                           "host_us_median": round(statistics.median(us), 1), "host_us_min": round(min(us), 1)}))
     raise SystemExit(0)
 
-for name, fn in (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin), ("backward-twin", back_twin),
-                 ("forward-direct", fwd_direct), ("backward-direct", back_direct)):
+for name, fn in VARIANTS:
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
@@ -122,8 +121,6 @@ for name, fn in (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin
     torch.cuda.synchronize()
     print(json.dumps({"op": name, "m": args.m, "host_us": round(host * 1e6, 1), "wall_us": round(wall * 1e6, 1),
                       "gpu_us": round(start.elapsed_time(end) * 1e3 / args.calls, 1)}))
-    if args.quick:
-        continue
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(50):

@@ -14,10 +14,11 @@ partition function of `aot_eager`), on the forward and backward graphs min-cut p
 - forward: `off = fxfuse::offload(x, done, prev_host, sync)` right after x is computed; `off` (a
   host tensor) replaces x among the saved outputs. The copies form a chain; each waits for the copy
   `lag` offloads back (see runtime/ops/offload.py why).
-- backward: x's placeholder becomes the host tensor; `fxfuse::reload(off, device, False)` is placed
+- backward: x's placeholder becomes the host tensor; `fxfuse::reload(off, device, wait)` is placed
   before the first use of the activations the backward reads `lead` reads earlier (with the layer
-  inputs alone, `lead` decoder layers ahead), and replaces x in every use; `fxfuse::reload_wait`
-  right before x's first use makes the compute stream wait for the copy there, not at the issue.
+  inputs alone, `lead` decoder layers ahead), and replaces x in every use. With `wait_at_use` (the
+  default) the reload does not wait (wait=False) and `fxfuse::reload_wait` right before x's first
+  use makes the compute stream wait for the copy there, not at the issue.
 
 Declined with a reason: views and items of ops that return views (they share storage, nothing
 would be freed), tensors with gaps or overlaps (contiguous and permuted-dense ones are copied as

@@ -87,22 +87,28 @@ def test_round_trip_while_the_compute_stream_is_busy(lag):
         assert torch.equal(back, want) and back.stride() == want.stride()
 
 
-def test_reload_without_a_wait_then_reload_wait_round_trips_under_load():
+def test_reload_wait_holds_the_compute_stream_until_the_copy_lands():
     """reload(..., wait=False) issues the copy only; reload_wait makes the compute stream wait for
-    that copy's event, so a kernel queued after it reads the whole tensor, though the compute stream
-    was busy and the copies were issued back to back."""
-    xs = [torch.randn(2048, 2048, device="cuda") * (i + 1) for i in range(4)]
+    that copy's event. The side stream is held back (a spin kernel) so the copies land long after
+    the compute stream would read them without the wait; their device memory is poisoned first (a
+    NaN block freed on the side stream, which its allocations reuse), so a read before the copy
+    sees NaNs, not the values."""
+    dev = torch.device("cuda")
+    xs = [torch.randn(1024, 1024, device=dev) * (i + 1) for i in range(4)]
     hosts = [ops.offload(x, [], None, True) for x in xs]
+    side = ops.side_stream(dev)
     torch.cuda.synchronize()
-    busy = torch.randn(8192, 8192, device="cuda")
-    busy = busy @ busy  # the compute stream is busy while the copies are issued
-    backs = [ops.reload(h, xs[0].device, False) for h in hosts]
+    with torch.cuda.stream(side):
+        poison = [torch.full((1024, 1024), float("nan"), device=dev) for _ in xs]
+    del poison
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the copies queue behind this (~tens of ms)
+    backs = [ops.reload(h, dev, False) for h in hosts]
     assert len(ops._pending_reloads[torch.cuda.current_device()]) >= 4
     sums = []
     for b in backs:
         ops.reload_wait(b)
-        sums.append((b * 1).sum())  # queued after the wait on the compute stream
+        sums.append((b * 1).sum())  # queued on the compute stream right after the wait
     assert not any(b.data_ptr() in ops._pending_reloads[torch.cuda.current_device()] for b in backs)
     for s, x in zip(sums, xs):
         torch.testing.assert_close(s, x.sum(), rtol=1e-5, atol=1e-2)
-    del busy

@@ -75,6 +75,30 @@ def test_twins_can_be_switched_off_at_compile_time(monkeypatch):
     monkeypatch.setenv("FXFUSE_OP_TWINS", "0")
     assert twins.retarget(gm) == 0
     assert any(n.target is torch.ops.fxfuse.reload.default for n in gm.graph.nodes)
+    # the switch feeds Inductor's cache key: graphs compiled with and without twins do not mix
+    from fxfuse.frontends.backend import PartitionPolicies, PolicyPartitioner
+    from fxfuse.passes.activation_offload import ActivationOffload
+    part = PolicyPartitioner(PartitionPolicies(offload=ActivationOffload()), lambda stats: None)
+    off_uuid = part.uuid()
+    monkeypatch.setenv("FXFUSE_OP_TWINS", "1")
+    assert part.uuid() != off_uuid
     monkeypatch.setenv("FXFUSE_OP_TWINS", "yes")
     with pytest.raises(ValueError, match="FXFUSE_OP_TWINS"):
         twins.retarget(gm)
+
+
+def test_a_torch_without_the_private_attributes_leaves_the_custom_ops_in_place(monkeypatch):
+    """Registration reads CustomOpDef's private attributes: if torch moves them, fxfuse warns, says
+    why, and compiled graphs keep the custom ops (nothing fails to import)."""
+    monkeypatch.setattr(twins, "_twins", dict(twins._twins))
+    monkeypatch.setattr(twins, "unavailable", None)
+    monkeypatch.setattr(twins, "_maybe_get_opdef", lambda qualname: object())
+    with pytest.warns(UserWarning, match="twins of the custom ops not registered"):
+        twins._register_all()
+    assert twins.unavailable and "changed CustomOpDef" in twins.unavailable and not twins._twins
+
+    def f(x):
+        return torch.ops.fxfuse.reload.default(x, x.device, True)
+
+    gm = fx.symbolic_trace(f)
+    assert twins.retarget(gm) == 0

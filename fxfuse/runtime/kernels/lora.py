@@ -91,13 +91,14 @@ _MAX_SEED = 2**31
 # Availability and argument checking
 # --------------------------------------------------------------------------
 
-_CUDA_READY: list = []  # [reason or None] once asked: whether CUDA is available does not change
+_CUDA_READY = False  # set once CUDA was found usable: that does not change within a process
 
 
 def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
     """None when the kernels can run on ``device``, else the reason why not."""
-    if type(device) is torch.device and device.type == "cuda" and _CUDA_READY and not _INTERPRET:
-        return _CUDA_READY[0]  # the hot path: every launch asks (host time is the 4k step's limit)
+    global _CUDA_READY
+    if _CUDA_READY and type(device) is torch.device and device.type == "cuda":
+        return None  # the hot path: every launch asks (host time is the 4k step's limit)
     if _TRITON_IMPORT_ERROR is not None:
         return _TRITON_IMPORT_ERROR
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -107,8 +108,7 @@ def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
         return f"tensor on {device.type} and TRITON_INTERPRET is not set"
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    if not _CUDA_READY:
-        _CUDA_READY.append(None)
+    _CUDA_READY = True
     return None
 
 

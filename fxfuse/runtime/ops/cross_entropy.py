@@ -19,9 +19,8 @@ upcast (HF rounds the three softcap ops in the model dtype; see docs/numerics.md
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import os
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -18,8 +18,9 @@ Both copies run on one side stream per device, so they overlap with the compute 
   that still uses the memory) and copied there. With `wait` the compute stream waits for the copy at
   once; without it `reload_wait(out)` does, placed before out's first use: the partitioner issues a
   reload a few backward reads ahead of that use, and a wait at the issue would stall the compute
-  stream there whenever the host was not far enough ahead for the copy to have finished (63 ms a
-  step at 4k, bench/RESULTS.md). `reload_wait` declares `out` mutated, so every reader of `out` is
+  stream there whenever the host was not far enough ahead for the copy to have finished (copy
+  waits: 63 ms a profiled 4k step at lead 2 with the wait at the issue, 3.6 ms at lead 4 with it at
+  the use; bench/RESULTS.md). `reload_wait` declares `out` mutated, so every reader of `out` is
   ordered after it.
 
 On the CPU (tests) both are plain copies: the graph plumbing is the same, there are no streams.
@@ -241,9 +242,13 @@ def _(x, done, prev_host, sync):
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device="cpu")
 
 
-# Set (to anything): every reload waits at its issue, as wait=True does, whatever the graph asks;
-# for an A/B of the two placements in one compiled process (bench/runtime_ab.py).
-_WAIT_AT_ISSUE = "FXFUSE_RELOAD_WAIT_AT_ISSUE"
+def _wait_at_issue() -> bool:
+    """FXFUSE_RELOAD_WAIT_AT_ISSUE=1: every reload waits at its issue, as wait=True does, whatever
+    the graph asks; for an A/B of the two placements in one compiled process (bench/runtime_ab.py)."""
+    value = os.environ.get("FXFUSE_RELOAD_WAIT_AT_ISSUE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"FXFUSE_RELOAD_WAIT_AT_ISSUE must be 0 or 1, not {value!r}")
+    return value == "1"
 
 # Per device: reloads issued without a wait, by the reloaded tensor's data_ptr: the event recorded
 # after its copy, which `reload_wait` makes the compute stream wait for.
@@ -251,7 +256,7 @@ _pending_reloads: dict[int, dict[int, "torch.cuda.Event"]] = {}
 
 
 @torch.library.custom_op(RELOAD, mutates_args=())
-def reload(x: Tensor, device: torch.device, wait: bool) -> Tensor:
+def reload(x: Tensor, device: torch.device, wait: bool = True) -> Tensor:
     if device.type != "cuda":
         return x.clone()
     compute = torch.cuda.current_stream(device)
@@ -262,7 +267,7 @@ def reload(x: Tensor, device: torch.device, wait: bool) -> Tensor:
         if not wait:
             event = torch.cuda.Event()
             event.record(side)
-    if wait or _WAIT_AT_ISSUE in os.environ:
+    if wait or _wait_at_issue():
         compute.wait_stream(side)
     if not wait:  # reload_wait looks its event up (a no-op wait when the stream waited above)
         _pending_reloads.setdefault(side.device_index, {})[out.data_ptr()] = event
@@ -271,7 +276,7 @@ def reload(x: Tensor, device: torch.device, wait: bool) -> Tensor:
 
 
 @reload.register_fake
-def _(x, device, wait):
+def _(x, device, wait=True):
     return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
 
 
@@ -284,7 +289,7 @@ def reload_wait(x: Tensor) -> None:
     compute = torch.cuda.current_stream(x.device)
     side = side_stream(x.device)
     event = _pending_reloads.get(side.device_index, {}).pop(x.data_ptr(), None)
-    if event is None:  # not issued by reload(wait=False) (cannot happen): wait for every copy
+    if event is None:  # not issued by reload(wait=False), or a 0-byte tensor (data_ptr 0): wait for every copy
         compute.wait_stream(side)
     else:
         compute.wait_event(event)
