@@ -79,14 +79,16 @@ VARIANTS = (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin), ("
 
 
 def issue_us(fn):
-    """Host time to issue `calls` calls (no sync inside; the GPU drains after)."""
+    """(host, wall) us per call: the host time to issue `calls` calls (no sync inside), and the
+    time until the GPU has drained them."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(args.calls):
         fn()
     host = (time.perf_counter() - t0) / args.calls
     torch.cuda.synchronize()
-    return host * 1e6
+    wall = (time.perf_counter() - t0) / args.calls
+    return host * 1e6, wall * 1e6
 
 
 if args.quick:
@@ -97,7 +99,7 @@ if args.quick:
     seen = {name: [] for name, _ in VARIANTS}
     for r in range(args.rounds):
         for name, fn in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-            seen[name].append(issue_us(fn))
+            seen[name].append(issue_us(fn)[0])
     for name, us in seen.items():
         print(json.dumps({"op": name, "m": args.m, "calls": args.calls, "rounds": args.rounds,
                           "host_us_median": round(statistics.median(us), 1), "host_us_min": round(min(us), 1)}))
@@ -106,20 +108,14 @@ if args.quick:
 for name, fn in VARIANTS:
     for _ in range(10):
         fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.calls):
-        fn()
-    host = (time.perf_counter() - t0) / args.calls
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / args.calls
+    host, wall = issue_us(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(args.calls):
         fn()
     end.record()
     torch.cuda.synchronize()
-    print(json.dumps({"op": name, "m": args.m, "host_us": round(host * 1e6, 1), "wall_us": round(wall * 1e6, 1),
+    print(json.dumps({"op": name, "m": args.m, "host_us": round(host, 1), "wall_us": round(wall, 1),
                       "gpu_us": round(start.elapsed_time(end) * 1e3 / args.calls, 1)}))
     prof = cProfile.Profile()
     prof.enable()

@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lora import build_model  # noqa: E402
+from bench_lora import Device, build_model  # noqa: E402
 
 import fxfuse  # noqa: E402
 
@@ -45,13 +45,7 @@ opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1
 fxfuse.optimize(model, offload_activations=True, verbose=False)
 x = torch.randint(0, cfg.vocab_size, (1, args.seq), device="cuda",
                   generator=torch.Generator("cuda").manual_seed(args.seq))
-GiB = 2**30
-
-
-def peak():
-    p = torch.cuda.max_memory_allocated() / GiB
-    torch.cuda.reset_peak_memory_stats()
-    return round(p, 2)
+peak = Device("cuda").phase_peak_gib  # the peak since its last call, in GiB
 
 
 def run(env, n):

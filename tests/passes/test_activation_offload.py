@@ -167,13 +167,9 @@ def test_reload_waits_right_before_the_first_read_not_at_the_issue(wait_at_use):
         assert all(n.target in (BACK, WAIT) for n in between), between
 
 
-def test_inductor_keeps_each_wait_right_before_its_first_reader():
-    """Inductor's scheduler keeps the partitioner's order: in the generated backward each
-    reload_wait comes after every reload issued before it and right before the first kernel that
-    reads its buffer. With the peak-memory reordering off: that pass picks the cheapest of several
-    orders by its memory estimate (on a 6-layer CPU toy it hoists every reload; on the 8B backward
-    graph it kept the given order, bench/RESULTS.md)."""
-    import re
+def _inductor_step(**config):
+    """One compiled step of a 6-layer checkpointed stack through fxfuse's Inductor backend with the
+    offload (CPU): its inputs and Inductor's generated code."""
     from torch._inductor.utils import run_and_get_code
     from fxfuse.frontends.backend import make_backend
     from fxfuse.frontends.report import Report
@@ -188,8 +184,19 @@ def test_inductor_keeps_each_wait_right_before_its_first_reader():
     report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in PartitionPolicies(offload=offload).policies])
     fn = torch.compile(lambda x, *ws: stack(x, ws), fullgraph=True,
                        backend=make_backend(manager, report, "inductor", offload=offload))
-    with torch._inductor.config.patch(fx_graph_cache=False, reorder_for_peak_memory=False):
+    with torch._inductor.config.patch(fx_graph_cache=False, **config):
         _, code = run_and_get_code(lambda: fn(x, *ws).backward())
+    return x, ws, code
+
+
+def test_inductor_keeps_each_wait_right_before_its_first_reader():
+    """Inductor's scheduler keeps the partitioner's order: in the generated backward each
+    reload_wait comes after every reload issued before it and right before the first kernel that
+    reads its buffer. With the peak-memory reordering off: that pass picks the cheapest of several
+    orders by its memory estimate (on a 6-layer CPU toy it hoists every reload; on the 8B backward
+    graph it kept the given order, bench/RESULTS.md)."""
+    import re
+    _, _, code = _inductor_step(reorder_for_peak_memory=False)
     (bw,) = [c for c in code if "reload_wait" in c]
     lines = [ln.strip() for ln in bw[bw.index("def call"):].splitlines()]
     alias = {}  # Inductor renames an extern kernel's output (buf1 = buf0; del buf0)
@@ -215,22 +222,7 @@ def test_inductor_compiles_the_reload_wait_and_gradients_match_eager():
     """Inductor lowers the mutating `reload_wait` (a fallback kernel with a mutation output) and the
     step's gradients equal eager's. Inductor's peak-memory reordering may move a wait up to its
     reload (the wait holds no memory): then it waits at the issue, as wait_at_use=False does."""
-    from torch._inductor.utils import run_and_get_code
-    from fxfuse.frontends.backend import make_backend
-    from fxfuse.frontends.report import Report
-    from fxfuse.passes.manager import PassManager
-
-    torch.manual_seed(0)
-    x = torch.randn(8, 16, requires_grad=True)
-    ws = [(torch.randn(16, 16) / 4).requires_grad_() for _ in range(6)]
-    offload = ActivationOffload(min_bytes=0, devices=("cpu",))
-    manager = PassManager([])
-    torch._dynamo.reset()
-    report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in PartitionPolicies(offload=offload).policies])
-    fn = torch.compile(lambda x, *ws: stack(x, ws), fullgraph=True,
-                       backend=make_backend(manager, report, "inductor", offload=offload))
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        _, code = run_and_get_code(lambda: fn(x, *ws).backward())
+    x, ws, code = _inductor_step()
     got = [t.grad.clone() for t in (x, *ws)]
     for t in (x, *ws):
         t.grad = None

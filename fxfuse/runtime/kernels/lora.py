@@ -134,16 +134,23 @@ def _check_common(tensors: dict, p: float, seed: int, scale: float) -> Optional[
     reason = triton_available(next(iter(devices)))
     if reason:
         return reason
-    # exact-type checks first: numbers.Real / Integral are ABC checks, slow on a launch's hot path
-    if not (type(p) is float or (not isinstance(p, bool) and isinstance(p, numbers.Real))) or not (0.0 <= float(p) < 1.0):
+    if not _real(p) or not (0.0 <= float(p) < 1.0):
         return f"dropout p={p!r} not in [0, 1)"
-    if not (type(seed) is int or (not isinstance(seed, bool) and isinstance(seed, numbers.Integral))) \
-            or not (0 <= seed < _MAX_SEED):
+    if not _integral(seed) or not (0 <= seed < _MAX_SEED):
         return f"seed {seed!r} not an int in [0, 2**31)"
-    if not (type(scale) is float or (not isinstance(scale, bool) and isinstance(scale, numbers.Real))) \
-            or not math.isfinite(float(scale)):
+    if not _real(scale) or not math.isfinite(float(scale)):
         return f"scale {scale!r} is not a finite number"
     return None
+
+
+# exact types first: numbers.Real / Integral are ABC checks, slow on a launch's hot path; bools are
+# numbers to Python but never a valid p, seed or scale
+def _real(v) -> bool:
+    return type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))
+
+
+def _integral(v) -> bool:
+    return type(v) is int or (not isinstance(v, bool) and isinstance(v, numbers.Integral))
 
 
 def _check_rank(r: int) -> Optional[str]:

@@ -36,14 +36,13 @@ finished.
 from __future__ import annotations
 
 import bisect
-import os
 import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import host_memory
+from .. import env, host_memory
 
 OFFLOAD = "fxfuse::offload"
 RELOAD = "fxfuse::reload"
@@ -245,10 +244,8 @@ def _(x, done, prev_host, sync):
 def _wait_at_issue() -> bool:
     """FXFUSE_RELOAD_WAIT_AT_ISSUE=1: every reload waits at its issue, as wait=True does, whatever
     the graph asks; for an A/B of the two placements in one compiled process (bench/runtime_ab.py)."""
-    value = os.environ.get("FXFUSE_RELOAD_WAIT_AT_ISSUE", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"FXFUSE_RELOAD_WAIT_AT_ISSUE must be 0 or 1, not {value!r}")
-    return value == "1"
+    return env.flag("FXFUSE_RELOAD_WAIT_AT_ISSUE", False)
+
 
 # Per device: reloads issued without a wait, by the reloaded tensor's data_ptr: the event recorded
 # after its copy, which `reload_wait` makes the compute stream wait for.

@@ -23,7 +23,6 @@ changes nothing and `unavailable` says why (the custom ops keep working).
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Optional
 
@@ -31,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch._library.custom_ops import _maybe_get_opdef
 
+from .. import env
 from . import cross_entropy, lora, offload, rms_norm, swiglu, tiled_mlp  # noqa: F401  (defines the ops)
 
 SOURCE, TWIN = "fxfuse", "fxfuse_rt"
@@ -45,8 +45,8 @@ def _register(qualname: str) -> None:
     if impl is None or fake is None:
         raise RuntimeError(f"{qualname}: its implementation or fake implementation is not reachable "
                            f"(torch {torch.__version__} changed CustomOpDef)")
-    source = getattr(torch.ops.fxfuse, qualname.split("::")[1]).default
-    name = source._schema.name.split("::")[1]
+    name = qualname.split("::")[1]
+    source = getattr(torch.ops.fxfuse, name).default
     schema = str(source._schema).split("::", 1)[1]
     _LIB.define(schema)
     # CompositeExplicitAutograd: one kernel for every device (the implementation picks its path)
@@ -75,10 +75,7 @@ def twin_of(op) -> "torch._ops.OpOverload | None":
 def enabled() -> bool:
     """FXFUSE_OP_TWINS=0 keeps the custom ops in compiled graphs (an escape hatch: the twins' effect
     on a whole training step is not measured yet, bench/RESULTS.md). Read at compile time."""
-    value = os.environ.get("FXFUSE_OP_TWINS", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"FXFUSE_OP_TWINS must be 0 or 1, not {value!r}")
-    return value == "1"
+    return env.flag("FXFUSE_OP_TWINS", True)
 
 
 def retarget(gm: fx.GraphModule) -> int:
