@@ -280,8 +280,11 @@ def _smem_footprint(cfg) -> int:
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """kernel[grid](...) with its fixed config; without autotuning, a config that does not fit the
-    device's shared memory (raised at load, before anything runs) passes to the next one."""
+    """kernel[grid](...): tuned on the GPU (then straight to the tuned config, `_launch_tuned`), else
+    with its fixed config, where a config that does not fit the device's shared memory (raised at
+    load, before anything runs) passes to the next one."""
+    if not _INTERPRET and _AUTOTUNE and os.environ.get("FXFUSE_FAST_LAUNCH") != "0":
+        return _launch_tuned(kernel, grid, args, kwargs)
     # Tried in order on every launch (a config that failed for one shape may fit the next; Triton
     # caches the failed compile, so retrying it is cheap).
     metas = [kernel._fixed_meta, *getattr(kernel, "_fallback_metas", ())]
@@ -291,6 +294,33 @@ def _launch(kernel, grid, *args, **kwargs):
         except triton.runtime.errors.OutOfResources:
             if i == len(metas) - 1:
                 raise
+
+
+def _launch_tuned(kernel, grid, args, kwargs):
+    """An autotuned launch without the autotuner's per-call layer (~20 us of host time a launch on
+    the H200 host, bench/launch_cost.py; a 4k step makes ~750 of them and its host is its limit).
+
+    The autotuner picks a config per key (its `key` arguments' values and every tensor's dtype) and
+    then calls the kernel's JITFunction with it. Here a miss goes through the autotuner (which tunes
+    when it must) and remembers its pick under a key that holds at least as much (the key arguments,
+    every constexpr passed, every tensor's dtype); a hit calls the JITFunction with that config, as
+    the autotuner would. Specialisation (alignment, dtypes) stays with the JITFunction.
+    FXFUSE_FAST_LAUNCH=0 (read per launch, for an in-process A/B) sends every launch through the
+    autotuner."""
+    fast = kernel.__dict__.get("_fxfuse_fast")
+    if fast is None:
+        names = list(kernel.arg_names)
+        fast = kernel._fxfuse_fast = ([names.index(k) for k in kernel.keys if names.index(k) < len(args)], {})
+    positions, picks = fast
+    key = (tuple(args[i] for i in positions), tuple(kwargs.values()),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))  # Parameters too
+    cfg = picks.get(key)
+    if cfg is None:
+        out = kernel[grid](*args, **kwargs)
+        if kernel.best_config.pre_hook is None:  # a config with a hook keeps the autotuner's path
+            picks[key] = kernel.best_config.all_kwargs()
+        return out
+    return kernel.fn.run(*args, grid=grid(cfg) if callable(grid) else grid, warmup=False, **kwargs, **cfg)
 
 
 def _cfg(num_warps: int, num_stages: int, **meta):
