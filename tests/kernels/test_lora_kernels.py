@@ -184,6 +184,41 @@ def test_skinny_matmul_fuzz(m, k, r, dtype, adapter_f32, p, seed, scale, lx, la,
     assert_matches(out, ref, ref_abs, F32)
 
 
+@settings(deadline=None, max_examples=EXAMPLES // 2)
+@given(n=st.integers(1, 3), same_m=st.booleans(), sizes=st.lists(st.tuples(dims, dims, ranks), min_size=3, max_size=3),
+       dtype=st.sampled_from([F32, F16, BF16]), adapter_f32=st.booleans(), layouts3=st.lists(layouts, min_size=6, max_size=6),
+       split_k=st.sampled_from([None, 1, 2, 3]), big=st.booleans(), data_seed=st.integers(0, 2**16),
+       split_fp32=st.sampled_from([None, True, False]))
+def test_skinny_matmul_group_fuzz(n, same_m, sizes, dtype, adapter_f32, layouts3, split_k, big, data_seed, split_fp32):
+    """Each problem of a grouped launch equals its float64 product (as skinny_matmul's), whatever
+    the other problems' sizes, ranks and layouts; side by side, the outputs are the base's columns."""
+    gen = torch.Generator().manual_seed(data_seed)
+    mag = 3e4 if (big and dtype == F16) else 1.0
+    sizes = [(sizes[0][0] if same_m else m, k, r) for m, k, r in sizes[:n]]
+    xs = [make((m, k), dtype, layouts3[2 * j], gen, mag) for j, (m, k, r) in enumerate(sizes)]
+    as_ = [make((r, k), F32 if adapter_f32 else dtype, layouts3[2 * j + 1], gen) for j, (m, k, r) in enumerate(sizes)]
+    scales_ = [0.5 + j for j in range(n)]
+    with poisoned_outputs():
+        outs = L.skinny_matmul_group(xs, as_, scales_, side_by_side=same_m, split_k=split_k, split_fp32=split_fp32)
+    assert len(outs) == n + same_m
+    for out, x, a, s in zip(outs, xs, as_, scales_):
+        ref, ref_abs = ref_skinny(x, a, s, 0.0, 0)
+        assert_matches(out, ref, ref_abs, F32)
+    if same_m:
+        assert torch.equal(outs[-1], torch.cat(outs[:n], dim=1))
+
+
+def test_skinny_matmul_group_rejects_what_it_cannot_launch():
+    x, a = torch.ones(4, 8, device=DEVICE), torch.ones(2, 8, device=DEVICE)
+    for xs, as_, why in [([x] * 4, [a] * 4, "1 to 3 problems"), ([x, x.half()], [a, a], "share one dtype"),
+                         ([x], [torch.ones(2, 9, device=DEVICE)], "problem 0: shape mismatch"),
+                         ([x], [torch.ones(129, 8, device=DEVICE)], "problem 0: rank 129")]:
+        with pytest.raises(ValueError, match=why):
+            L.skinny_matmul_group(xs, as_, [1.0] * len(xs))
+    with pytest.raises(ValueError, match="side_by_side"):
+        L.skinny_matmul_group([x, x[:3]], [a, a], [1.0, 1.0], side_by_side=True)
+
+
 @settings(deadline=None, max_examples=EXAMPLES)
 @given(m=dims, n=dims, k=dims, r=ranks, dtype=st.sampled_from([F32, F16, BF16]),
        adapter_f32=st.booleans(), out_f32=st.booleans(), has_bias=st.booleans(),
@@ -396,15 +431,15 @@ def test_lowrank_tf32_flag_runs():
 def test_fp32_dot_modes(monkeypatch):
     """bf16 against fp32 splits the fp32 operand (bf16x3), on either side; other pairs do not."""
     monkeypatch.delenv("FXFUSE_LORA_FP32_DOT", raising=False)
-    assert L._dot_mode(BF16, F32, False)[2] == 0  # default: tf32x3
+    assert L._dot_mode(BF16, F32, False)[2] == 2  # default: bf16x3
     assert L._dot_mode(BF16, F32, False, split=True)[2] == 2
     assert L._dot_mode(F32, BF16, False, split=True)[2] == 1
     for a, b in ((F16, F32), (F32, F32), (BF16, BF16), (F16, F16)):
         assert L._dot_mode(a, b, False, split=True)[2] == 0, (a, b)
     assert L._dot_mode(BF16, F32, True, split=True)[2] == 0  # tf32 allowed: one tf32 dot
-    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "bf16x3")
-    assert L._dot_mode(BF16, F32, False)[2] == 2
-    assert L._dot_mode(BF16, F32, False, split=False)[2] == 0
+    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "tf32x3")
+    assert L._dot_mode(BF16, F32, False)[2] == 0
+    assert L._dot_mode(BF16, F32, False, split=True)[2] == 2  # an explicit split wins
     monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "fp64")
     with pytest.raises(ValueError, match="FXFUSE_LORA_FP32_DOT"):
         L._dot_mode(BF16, F32, False)

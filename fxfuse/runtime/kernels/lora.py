@@ -16,14 +16,14 @@ Conventions shared by every kernel here:
 * Operands may have arbitrary strides (transposed views are read in place).
 * Everything accumulates in fp32.  When both dot operands share a 16-bit
   dtype on a GPU the dot runs natively on tensor cores with an fp32
-  accumulator: the product of two 16-bit floats is exact in fp32.  Mixed
-  pairs (bf16 activations against fp32 adapters: every skinny LoRA dot) upcast
-  both tiles to fp32 and run tf32x3 by default.  With
-  ``FXFUSE_LORA_FP32_DOT=bf16x3`` (or ``split_fp32=True``) a bf16/fp32 pair
-  instead splits the fp32 operand into three bf16 pieces whose sum is it to
-  ~2^-24 relative and runs three native bf16 dots: fp32-level accuracy at
-  bf16 tensor-core speed, with no conversion of the big bf16 tile (fp16 is
-  never split: fp16 pieces would underflow).  The interpreter (whose bf16
+  accumulator: the product of two 16-bit floats is exact in fp32.  A bf16/fp32
+  pair (bf16 activations against fp32 adapters: every skinny LoRA dot) splits
+  the fp32 operand into three bf16 pieces whose sum is it to ~2^-24 relative
+  and runs three native bf16 dots (bf16x3, the default): near-fp32 accuracy at
+  bf16 tensor-core speed, with no conversion of the big bf16 tile.  With
+  ``FXFUSE_LORA_FP32_DOT=tf32x3`` (or ``split_fp32=False``), and for the other
+  mixed pairs (fp16 is never split: fp16 pieces would underflow), both tiles
+  are upcast to fp32 and run tf32x3.  The interpreter (whose bf16
   arithmetic is broken) splits the same way but upcasts the pieces and runs
   exact fp32 dots.
 * Dropout contract (all kernels and :func:`dropout_mask` agree bit-exactly):
@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -64,6 +64,8 @@ __all__ = [
     "dropout",
     "skinny_matmul",
     "check_skinny_matmul",
+    "skinny_matmul_group",
+    "check_skinny_matmul_group",
     "fused_lora_matmul",
     "check_fused_lora_matmul",
     "lowrank_weight_grad",
@@ -176,11 +178,11 @@ def _bucket(n: int) -> int:
 
 
 def _fp32_dot_env() -> str:
-    """FXFUSE_LORA_FP32_DOT=tf32x3 (default) | bf16x3: how a bf16/fp32 dot keeps fp32 accuracy. Read
+    """FXFUSE_LORA_FP32_DOT=bf16x3 (default) | tf32x3: how a bf16/fp32 dot keeps fp32 accuracy. Read
     per launch, so one process can compare both. bf16x3 measured faster than tf32x3 on 9 of 12
-    GPU-bound launch shapes (1.06-3.6x) and 5-12% slower on 2 (H200, bench/RESULTS.md); it stays
-    opt-in until a whole training step is measured with it against tf32x3 in one device call."""
-    mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "tf32x3")
+    GPU-bound launch shapes (1.06-3.6x) and 5-12% slower on 2 (H200, bench/RESULTS.md), and the 8B
+    4k training step 0.3497 s against 0.3537 s (median of 12 interleaved steps, one process)."""
+    mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "bf16x3")
     if mode not in ("bf16x3", "tf32x3"):
         raise ValueError(f"FXFUSE_LORA_FP32_DOT must be bf16x3 or tf32x3, not {mode!r}")
     return mode
@@ -528,6 +530,82 @@ if triton is not None:
         else:
             tl.store(out_ptrs, acc, mask=out_mask)
 
+    # One launch for up to three skinny products of a LoRA group's backward (g_i = s·dy_i·B_i and
+    # dB_i = s·dy_iᵀ·xa_i): per problem its pointers, sizes and strides. Its integers are not
+    # specialised, so every problem's values have one type and the branches that pick them merge.
+    _GROUP_INTS = [f"{n}{j}" for j in range(3) for n in ("M", "K", "R", "sxm", "sxk", "sar", "sak", "som", "sor")]
+
+    @_maybe_autotune(
+        configs=[
+            _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
+            _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
+            _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
+            _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+        ],
+        key=["M_BUCKET", "K_BUCKET", "BLOCK_R", "SPLIT", "UPCAST", "ATOMIC", "PROBLEMS"],
+        interp_meta=_INTERP_SKINNY,
+        reset_to_zero=["o0", "o1", "o2"],  # split-K accumulates atomically
+    )
+    @triton.jit(do_not_specialize=_GROUP_INTS)
+    def _skinny_group_kernel(
+        x0, a0, o0, M0, K0, R0, sxm0, sxk0, sar0, sak0, som0, sor0, scale0,
+        x1, a1, o1, M1, K1, R1, sxm1, sxk1, sar1, sak1, som1, sor1, scale1,
+        x2, a2, o2, M2, K2, R2, sxm2, sxk2, sar2, sak2, som2, sor2, scale2,
+        M_BUCKET, K_BUCKET,
+        PROBLEMS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """o_j[M_j, R_j] (+)= scale_j * x_j[M_j, K_j] @ a_j[R_j, K_j]^T for j < PROBLEMS.
+
+        Grid (Σ_j M blocks of problem j, K splits): a program finds its problem from its M block,
+        then runs `_skinny_kernel`'s loop (without dropout)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        nb0 = tl.cdiv(M0, BLOCK_M)
+        nb1 = tl.cdiv(M1, BLOCK_M)
+        if pid < nb0:
+            x_ptr, a_ptr, out_ptr, M, K, R, scale = x0, a0, o0, M0, K0, R0, scale0
+            stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or = sxm0, sxk0, sar0, sak0, som0, sor0
+            pid_m = pid
+        elif pid < nb0 + nb1:  # an unused slot has M = 0: no blocks
+            x_ptr, a_ptr, out_ptr, M, K, R, scale = x1, a1, o1, M1, K1, R1, scale1
+            stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or = sxm1, sxk1, sar1, sak1, som1, sor1
+            pid_m = pid - nb0
+        else:
+            x_ptr, a_ptr, out_ptr, M, K, R, scale = x2, a2, o2, M2, K2, R2, scale2
+            stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or = sxm2, sxk2, sar2, sak2, som2, sor2
+            pid_m = pid - nb0 - nb1
+        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
+        k_begin = pid_k * k_steps * BLOCK_K
+        k_end = tl.minimum(K, k_begin + k_steps * BLOCK_K)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        r_mask = offs_r < R
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
+        a_ptrs = a_ptr + offs_k.to(tl.int64)[:, None] * stride_ak + offs_r.to(tl.int64)[None, :] * stride_ar
+
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_mask = offs_k < k_end
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            acc = _split_dot(xt, at, acc, SPLIT, UPCAST, PRECISION)
+            offs_k += BLOCK_K
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+
+        acc = acc * scale
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r.to(tl.int64)[None, :] * stride_or
+        out_mask = m_mask[:, None] & r_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        else:
+            tl.store(out_ptrs, acc, mask=out_mask)
+
     @_maybe_autotune(
         configs=[
             _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
@@ -721,7 +799,7 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     ``split_k`` overrides the split-K heuristic (``>1`` adds partial sums
     atomically, so results are then not bitwise deterministic).
     ``split_fp32`` picks the dot of a bf16/fp32 pair: True bf16x3, False
-    tf32x3, None the FXFUSE_LORA_FP32_DOT default (tf32x3)."""
+    tf32x3, None the FXFUSE_LORA_FP32_DOT default (bf16x3)."""
     reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
         raise ValueError(reason)
@@ -746,6 +824,67 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
             PRECISION=precision, SPLIT=split, ATOMIC=atomic,
         )
     return out
+
+
+GROUP_MAX = 3  # problems per skinny_matmul_group launch
+
+
+def check_skinny_matmul_group(xs, as_, scales) -> Optional[str]:
+    if not 1 <= len(xs) <= GROUP_MAX or len(as_) != len(xs) or len(scales) != len(xs):
+        return f"1 to {GROUP_MAX} problems, each with x, a and scale (got {len(xs)}, {len(as_)}, {len(scales)})"
+    for j, (x, a, s) in enumerate(zip(xs, as_, scales)):
+        reason = check_skinny_matmul(x, a, scale=s)
+        if reason:
+            return f"problem {j}: {reason}"
+    if len({x.dtype for x in xs}) > 1 or len({a.dtype for a in as_}) > 1:
+        return "the problems' x (and a) do not share one dtype"
+    if len({x.device for x in (*xs, *as_)}) > 1:
+        return "the problems are on different devices"
+    return None
+
+
+def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k: Optional[int] = None,
+                        split_fp32: Optional[bool] = None) -> List[torch.Tensor]:
+    """``[scale_j * x_j[M_j, K_j] @ a_j[R_j, K_j]^T for each j]`` in float32, in one launch (up to
+    GROUP_MAX problems, no dropout; ``skinny_matmul`` computes each one the same way). With
+    ``side_by_side`` (every M_j equal) the outputs are column blocks of one [M, ΣR_j] tensor, which
+    comes last in the returned list. K is split, as ``skinny_matmul`` would split the largest
+    problem, when all problems' M blocks are too few to fill the GPU (``split_k`` overrides)."""
+    reason = check_skinny_matmul_group(xs, as_, scales)
+    if reason is None and split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        reason = f"split_k {split_k!r} must be a positive int"
+    if reason:
+        raise ValueError(reason)
+    if side_by_side and len({x.shape[0] for x in xs}) > 1:
+        raise ValueError("side_by_side needs every problem's M equal")
+    dev, n = xs[0].device, len(xs)
+    ms, ks, rs = [x.shape[0] for x in xs], [x.shape[1] for x in xs], [a.shape[0] for a in as_]
+    if split_k is None:
+        split_k = _skinny_split(sum(ms), max(ks), dev)
+    split_k = max(1, min(split_k, cdiv(max(ks), 16)))
+    atomic = split_k > 1 or min(ks) == 0
+    alloc = torch.zeros if atomic else torch.empty
+    if side_by_side:
+        base = alloc((ms[0], sum(rs)), dtype=torch.float32, device=dev)
+        offs = [sum(rs[:j]) for j in range(n)]
+        outs = [base[:, o:o + r] for o, r in zip(offs, rs)]
+    else:
+        outs = [alloc((m, r), dtype=torch.float32, device=dev) for m, r in zip(ms, rs)]
+    if sum(ms) == 0 or max(ks) == 0:
+        return outs + ([base] if side_by_side else [])
+    upcast, precision, split = _dot_mode(xs[0].dtype, as_[0].dtype, False, split_fp32)
+    slots = []
+    for j in range(GROUP_MAX):
+        x, a, o = (xs[j], as_[j], outs[j]) if j < n else (xs[0], as_[0], outs[0])
+        m = ms[j] if j < n else 0  # an unused slot has no M blocks
+        slots += [x, a, o, m, x.shape[1], a.shape[0], x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+                  o.stride(0), o.stride(1), float(scales[j]) if j < n else 0.0]
+    grid = lambda meta: (sum(cdiv(m, meta["BLOCK_M"]) for m in ms), split_k)
+    with _on_device(dev):
+        _launch(_skinny_group_kernel, grid, *slots, _bucket(max(ms)), _bucket(max(ks)),
+                PROBLEMS=n, BLOCK_R=_pow2_at_least(max(rs)), UPCAST=upcast, PRECISION=precision, SPLIT=split,
+                ATOMIC=atomic)
+    return outs + ([base] if side_by_side else [])
 
 
 # --------------------------------------------------------------------------

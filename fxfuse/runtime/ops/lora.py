@@ -180,6 +180,31 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
     return outs + [xa]
 
 
+def _g_and_db(dy2d, lora_bs, xa, scalings):
+    """g_i = s_i·dy_i·B_i (also side by side as one [M, Σr] tensor) and dB_i = s_i·dy_iᵀ·xa_i, in the
+    adapters' dtype: one launch each per K.GROUP_MAX members (host time per launch is what limits the
+    4k step, bench/RESULTS.md); one launch per product where the members' dtypes differ."""
+    n, ranks = len(lora_bs), [b.shape[1] for b in lora_bs]
+    offs = [sum(ranks[:i]) for i in range(n)]
+    xa_t = [xa[:, o:o + r].t() for o, r in zip(offs, ranks)]
+    b_t = [b.t() for b in lora_bs]
+    if K.check_skinny_matmul_group(dy2d[:K.GROUP_MAX], b_t[:K.GROUP_MAX], scalings[:K.GROUP_MAX]) is None and \
+            len({b.dtype for b in lora_bs}) == 1:
+        gs, bases, d_bs = [], [], []
+        for c in range(0, n, K.GROUP_MAX):
+            part = slice(c, c + K.GROUP_MAX)
+            *g_part, base = K.skinny_matmul_group(dy2d[part], b_t[part], scalings[part], side_by_side=True)
+            gs += g_part
+            bases.append(base)
+            d_bs += K.skinny_matmul_group([d.t() for d in dy2d[part]], xa_t[part], scalings[part])
+        g_all = torch.cat(bases, dim=1) if len(bases) > 1 else bases[0]
+    else:
+        gs = [K.skinny_matmul(d, bt, scale=s) for d, bt, s in zip(dy2d, b_t, scalings)]
+        d_bs = [K.skinny_matmul(d.t(), xt, scale=s) for d, xt, s in zip(dy2d, xa_t, scalings)]
+        g_all = torch.cat(gs, dim=1) if n > 1 else gs[0]
+    return gs, g_all, [d.to(b.dtype) for d, b in zip(d_bs, lora_bs)]
+
+
 def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
     x2d = _flat(x)
     m, k = x2d.shape
@@ -188,13 +213,7 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
     dy2d = [_flat(d).to(x.dtype) for d in dys]  # outputs may be in another dtype than x
     many = len(weights) > 1
     no_dropout = all(p == 0 for p in dropout_ps)
-    d_bs, gs, off = [], [], 0
-    for i, (b, s) in enumerate(zip(lora_bs, scalings)):
-        r = b.shape[1]
-        gs.append(K.skinny_matmul(dy2d[i], b.t(), scale=s))  # s·dy·B
-        d_bs.append(K.skinny_matmul(dy2d[i].t(), xa[:, off:off + r].t(), scale=s).to(b.dtype))
-        off += r
-    g_all = torch.cat(gs, dim=1) if many else gs[0]
+    gs, g_all, d_bs = _g_and_db(dy2d, lora_bs, xa, scalings)
     if no_dropout:
         # every member's dA in one pass over x per chunk of members up to MAX_RANK
         ranks, col, parts = [b.shape[1] for b in lora_bs], 0, []
