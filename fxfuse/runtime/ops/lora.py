@@ -188,8 +188,8 @@ def _g_and_db(dy2d, lora_bs, xa, scalings):
     offs = [sum(ranks[:i]) for i in range(n)]
     xa_t = [xa[:, o:o + r].t() for o, r in zip(offs, ranks)]
     b_t = [b.t() for b in lora_bs]
-    if K.check_skinny_matmul_group(dy2d[:K.GROUP_MAX], b_t[:K.GROUP_MAX], scalings[:K.GROUP_MAX]) is None and \
-            len({b.dtype for b in lora_bs}) == 1:
+    if os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1" and len({b.dtype for b in lora_bs}) == 1 and \
+            K.check_skinny_matmul_group(dy2d[:K.GROUP_MAX], b_t[:K.GROUP_MAX], scalings[:K.GROUP_MAX]) is None:
         gs, bases, d_bs = [], [], []
         for c in range(0, n, K.GROUP_MAX):
             part = slice(c, c + K.GROUP_MAX)
