@@ -59,6 +59,12 @@ CONFIGS = {
 DYNAMIC = {"auto": None, "static": False, "dynamic": True}
 
 
+def _fp32_dot():
+    """The dot mode the LoRA kernels use (their default when FXFUSE_LORA_FP32_DOT is unset)."""
+    from fxfuse.runtime.kernels.lora import _fp32_dot_env
+    return _fp32_dot_env()
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variant", help="|".join(VARIANTS))
@@ -242,7 +248,7 @@ def main(argv=None) -> int:
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
-                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), fp32_dot=os.environ.get("FXFUSE_LORA_FP32_DOT", "tf32x3"), gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), fp32_dot=_fp32_dot(), fast_launch=os.environ.get("FXFUSE_FAST_LAUNCH") != "0", grouped_launch=os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1", gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
                 if dev.cuda else args.device, torch=torch.__version__)
     failures = []
     for index, seq in enumerate(seqs):

@@ -1,6 +1,7 @@
 """A LoRA group whose members' ranks add up to more than the kernels' MAX_RANK (q/k/v at r=64,
 gate/up at r=128) runs its shared launches in chunks of members: forward and backward equal the
-eager reference, with and without dropout."""
+eager reference, with and without dropout, and with g/dB launched per product or grouped (4 members:
+two grouped launches)."""
 import os
 
 import pytest
@@ -22,8 +23,11 @@ def test_rank_chunks():
     assert all(sum([100, 20, 8, 1][i:j]) <= K.MAX_RANK for i, j in L.rank_chunks([100, 20, 8, 1]))
 
 
-@pytest.mark.parametrize("ranks, p", [((100, 100), 0.0), ((64, 64, 64), 0.0), ((100, 100), 0.1)])
-def test_group_over_max_rank_equals_reference(ranks, p):
+@pytest.mark.parametrize("grouped", ["0", "1"])  # g and dB one launch per product, or per 3 members
+@pytest.mark.parametrize("ranks, p", [((100, 100), 0.0), ((64, 64, 64), 0.0), ((100, 100), 0.1),
+                                      ((8, 16, 4, 12), 0.0), ((5,), 0.0)])
+def test_group_over_max_rank_equals_reference(monkeypatch, ranks, p, grouped):
+    monkeypatch.setenv("FXFUSE_LORA_GROUPED_LAUNCH", grouped)
     g = torch.Generator().manual_seed(0)
     k, n = 40, 24
     x = torch.randn(2, 5, k, generator=g).to(DEVICE)
