@@ -15,7 +15,7 @@ TFLOP/s count 2*M*N*K (the base product) for all three, so they compare directly
 The memory-bound launchers are timed against their torch equivalents, in GB/s of compulsory traffic:
   skinny_matmul(x, A)         XA = X A^T (fwd), G = dY B (bwd), dB = dY^T XA (bwd, split-K)
   lowrank_weight_grad(g, x)   dA = G^T X
-each with both dots of a bf16/fp32 pair (bf16x3, and tf32x3: the default), every split count, and
+each with both dots of a bf16/fp32 pair (bf16x3: the default since 2026-12-02, and tf32x3), every split count, and
 PEFT's own math (cast the bf16 operand to fp32, then mm).
 
 Numerics: fused_lora_matmul and the cuBLAS path against float64 on one shape per direction (relative
@@ -157,7 +157,7 @@ SPLITS = (1, 2, 4, 8, 16)
 
 def bench_memory_bound(ms, projs, timer, dev, gen) -> None:
     """Each skinny / weight-gradient launch as the LoRA op issues it (grouped ranks included: q/k/v
-    share one XA of rank 3r, gate/up one of 2r), timed with both fp32 dots (bf16x3 and the default
+    share one XA of rank 3r, gate/up one of 2r), timed with both fp32 dots (bf16x3, the default, and
     tf32x3) at the heuristic split, bf16x3 at every split count, and torch (PEFT's cast-then-mm)."""
     hidden, inter = projs["q/o"][1], projs["down"][1]
     print(f"\n== memory-bound launchers: ms (GB/s of compulsory traffic); split = K splits (skinny) or "

@@ -2,8 +2,9 @@
 compares an offloading build with a plain one at rel < 1e-6 and failed on 2026-12-02 (loss equal,
 gradients not). Prints, per step, the worst relative gradient difference of plain vs plain (the
 run-to-run noise) and of offload builds vs plain, with reloads waiting at their use and at their issue.
-Measured 2026-12-02 (H200): plain vs plain 0.0, offload (wait at use) vs plain 0.0092 in every step,
-also under torch.use_deterministic_algorithms: a fixed difference, not a race.
+Measured 2026-12-02 (H200, call k, a first version of this script: 3 steps, with and without
+torch.use_deterministic_algorithms, no wait-at-issue build): plain vs plain 0.0, offload (wait at
+use) vs plain 0.0092 in every step, both settings: a fixed difference, not run-to-run noise.
 Device call:  python bench/repro/offload_grad_determinism.py"""
 import json
 import os

@@ -1,5 +1,5 @@
 """Does the pinned pool grow from step to step? (tests/gpu/test_offload_gpu.py's first test failed on
-its `pinned[1] == pinned[0]` check on 2026-12-02.) Per build and step: pinned bytes, blocks, blocks
+2026-12-02 at its gradient check, which precedes its pinned-bytes check; this rules the pool out.) Per build and step: pinned bytes, blocks, blocks
 still in use after the step, and the same after gc.collect(), so a reference cycle that holds host
 tensors shows. Device call:  python bench/repro/offload_pool_growth.py"""
 import gc

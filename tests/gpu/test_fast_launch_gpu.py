@@ -7,7 +7,9 @@ import torch
 
 from fxfuse.runtime.kernels import lora as K
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)"),
+              # FXFUSE_AUTOTUNE=0 (bench/run_gpu.sh's default for GPU tests) launches fixed configs: no fast path
+              pytest.mark.skipif(not K._AUTOTUNE, reason="kernels not autotuned (FXFUSE_AUTOTUNE=0)")]
 
 
 def _both(monkeypatch, fn):
@@ -25,8 +27,10 @@ def test_direct_launch_matches_the_autotuner(monkeypatch, m, k, r, xdtype):
     base = torch.randn(m + 1, k + 1, device="cuda", generator=g).to(xdtype)
     a = torch.randn(r, k, device="cuda", generator=g) * 0.05
     for x in (base[:m, :k], base[1:, 1:]):  # aligned, then offset by one element (misaligned rows)
+        direct_before = len(K._skinny_kernel._fxfuse_fast[1]) if hasattr(K._skinny_kernel, "_fxfuse_fast") else 0
         slow, fast = _both(monkeypatch, lambda: K.skinny_matmul(x, a, split_k=1))
         assert torch.equal(slow, fast)
+        assert len(K._skinny_kernel._fxfuse_fast[1]) >= max(direct_before, 1)  # the fast path remembered a config
         ref = x.double() @ a.double().t()
         assert (fast.double() - ref).abs().max() <= 1e-2 * ref.abs().max() + 1e-3
         gm = torch.randn(m, r, device="cuda", generator=g)
@@ -35,5 +39,5 @@ def test_direct_launch_matches_the_autotuner(monkeypatch, m, k, r, xdtype):
 
 
 def test_the_tuned_kernels_expose_what_the_fast_path_reads():
-    for kern in (K._skinny_kernel, K._lowrank_wgrad_kernel, K._fused_lora_kernel):
+    for kern in (K._skinny_kernel, K._lowrank_wgrad_kernel, K._fused_lora_kernel, K._skinny_group_kernel):
         assert set(kern.keys) <= set(kern.arg_names) and hasattr(kern.fn, "run")

@@ -60,3 +60,12 @@ def test_a_config_with_a_pre_hook_always_goes_through_the_autotuner():
         assert K._launch_tuned(k, grid, (x, 7, 64), {"BLOCK_R": 16}) == "tuned"
     assert k.tunes == 3 and not k.direct
 
+
+
+def test_a_key_argument_passed_by_keyword_is_still_keyed():
+    k, x = Tuner(), torch.zeros(2)
+    K._launch_tuned(k, grid, (x, 7, 64), {"BLOCK_R": 16})
+    for kb in (64, 128):  # K_BUCKET by keyword: 64 hits nothing tuned for keywords yet, 128 is new
+        assert K._launch_tuned(k, grid, (x, 7), {"K_BUCKET": kb, "BLOCK_R": 16}) == "tuned"
+        assert K._launch_tuned(k, grid, (x, 7), {"K_BUCKET": kb, "BLOCK_R": 16}) == "direct"
+    assert k.tunes == 3

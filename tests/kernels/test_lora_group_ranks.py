@@ -28,6 +28,9 @@ def test_rank_chunks():
                                       ((8, 16, 4, 12), 0.0), ((5,), 0.0)])
 def test_group_over_max_rank_equals_reference(monkeypatch, ranks, p, grouped):
     monkeypatch.setenv("FXFUSE_LORA_GROUPED_LAUNCH", grouped)
+    launches = []
+    real_group = K.skinny_matmul_group
+    monkeypatch.setattr(K, "skinny_matmul_group", lambda *a, **kw: launches.append(1) or real_group(*a, **kw))
     g = torch.Generator().manual_seed(0)
     k, n = 40, 24
     x = torch.randn(2, 5, k, generator=g).to(DEVICE)
@@ -45,3 +48,5 @@ def test_group_over_max_rank_equals_reference(monkeypatch, ranks, p, grouped):
     assert got[0].shape == (sum(ranks), k) and len(got) == len(want) == len(ranks) + 2
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # grouped: a g and a dB launch per 3 members; else none
+    assert len(launches) == (2 * -(-len(ranks) // K.GROUP_MAX) if grouped == "1" else 0)

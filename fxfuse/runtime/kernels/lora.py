@@ -180,8 +180,9 @@ def _bucket(n: int) -> int:
 def _fp32_dot_env() -> str:
     """FXFUSE_LORA_FP32_DOT=bf16x3 (default) | tf32x3: how a bf16/fp32 dot keeps fp32 accuracy. Read
     per launch, so one process can compare both. bf16x3 measured faster than tf32x3 on 9 of 12
-    GPU-bound launch shapes (1.06-3.6x) and 5-12% slower on 2 (H200, bench/RESULTS.md), and the 8B
-    4k training step 0.3497 s against 0.3537 s (median of 12 interleaved steps, one process)."""
+    GPU-bound launch shapes (1.06-3.6x) and 5-12% slower on 2 (H200, bench/RESULTS.md); the 8B 4k
+    training step was no slower (median 0.3497 s against 0.3537 s, 12 interleaved steps each in one
+    process, lower in 2 of 3 rounds)."""
     mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "bf16x3")
     if mode not in ("bf16x3", "tf32x3"):
         raise ValueError(f"FXFUSE_LORA_FP32_DOT must be bf16x3 or tf32x3, not {mode!r}")
@@ -312,17 +313,21 @@ def _launch_tuned(kernel, grid, args, kwargs):
     fast = kernel.__dict__.get("_fxfuse_fast")
     if fast is None:
         names = list(kernel.arg_names)
-        fast = kernel._fxfuse_fast = ([names.index(k) for k in kernel.keys if names.index(k) < len(args)], {})
-    positions, picks = fast
-    key = (tuple(args[i] for i in positions), tuple(kwargs.values()),
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))  # Parameters too
+        fast = kernel._fxfuse_fast = ([(names.index(k), k) for k in kernel.keys], {})
+    key_args, picks = fast
+    # a key argument positional or by keyword; every keyword (tensors by dtype); every positional
+    # tensor's dtype (Parameters too)
+    key = (tuple(args[i] if i < len(args) else kwargs.get(name) for i, name in key_args),
+           tuple((k, v.dtype if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     cfg = picks.get(key)
     if cfg is None:
         out = kernel[grid](*args, **kwargs)
         if kernel.best_config.pre_hook is None:  # a config with a hook keeps the autotuner's path
             picks[key] = kernel.best_config.all_kwargs()
         return out
-    return kernel.fn.run(*args, grid=grid(cfg) if callable(grid) else grid, warmup=False, **kwargs, **cfg)
+    return kernel.fn.run(*args, grid=grid({**kwargs, **cfg}) if callable(grid) else grid, warmup=False,
+                         **kwargs, **cfg)
 
 
 def _cfg(num_warps: int, num_stages: int, **meta):
@@ -494,7 +499,22 @@ if triton is not None:
         Grid (M blocks, K splits).  Each split reduces a contiguous run of
         whole BLOCK_K steps; with more than one split the partial sums are
         atomically added into a zeroed output."""
-        pid_m = tl.program_id(0)
+        _skinny_tile(x_ptr, a_ptr, out_ptr, M, K, R,
+                     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+                     scale, p, seed, tl.program_id(0),
+                     BLOCK_R, HAS_DROPOUT, UPCAST, PRECISION, SPLIT, ATOMIC, BLOCK_M, BLOCK_K)
+
+    @triton.jit
+    def _skinny_tile(
+        x_ptr, a_ptr, out_ptr, M, K, R,
+        stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+        scale, p, seed, pid_m,
+        BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One program's [BLOCK_M, R] block of the skinny product, over its share of K (program id 1
+        picks the split): the loop both skinny kernels run."""
         pid_k = tl.program_id(1)
         k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
         k_begin = pid_k * k_steps * BLOCK_K
@@ -523,7 +543,7 @@ if triton is not None:
             a_ptrs += BLOCK_K * stride_ak
 
         acc = acc * scale
-        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r[None, :] * stride_or
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r.to(tl.int64)[None, :] * stride_or
         out_mask = m_mask[:, None] & r_mask[None, :]
         if ATOMIC:
             tl.atomic_add(out_ptrs, acc, mask=out_mask)
@@ -542,7 +562,7 @@ if triton is not None:
             _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
             _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
         ],
-        key=["M_BUCKET", "K_BUCKET", "BLOCK_R", "SPLIT", "UPCAST", "ATOMIC", "PROBLEMS"],
+        key=["M_BUCKET", "K_BUCKET", "BLOCK_R", "SPLIT", "UPCAST", "ATOMIC"],
         interp_meta=_INTERP_SKINNY,
         reset_to_zero=["o0", "o1", "o2"],  # split-K accumulates atomically
     )
@@ -561,7 +581,6 @@ if triton is not None:
         Grid (Σ_j M blocks of problem j, K splits): a program finds its problem from its M block,
         then runs `_skinny_kernel`'s loop (without dropout)."""
         pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
         nb0 = tl.cdiv(M0, BLOCK_M)
         nb1 = tl.cdiv(M1, BLOCK_M)
         if pid < nb0:
@@ -576,35 +595,10 @@ if triton is not None:
             x_ptr, a_ptr, out_ptr, M, K, R, scale = x2, a2, o2, M2, K2, R2, scale2
             stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or = sxm2, sxk2, sar2, sak2, som2, sor2
             pid_m = pid - nb0 - nb1
-        k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1))
-        k_begin = pid_k * k_steps * BLOCK_K
-        k_end = tl.minimum(K, k_begin + k_steps * BLOCK_K)
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_r = tl.arange(0, BLOCK_R)
-        offs_k = k_begin + tl.arange(0, BLOCK_K)
-        m_mask = offs_m < M
-        r_mask = offs_r < R
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-        a_ptrs = a_ptr + offs_k.to(tl.int64)[:, None] * stride_ak + offs_r.to(tl.int64)[None, :] * stride_ar
-
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            k_mask = offs_k < k_end
-            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            acc = _split_dot(xt, at, acc, SPLIT, UPCAST, PRECISION)
-            offs_k += BLOCK_K
-            x_ptrs += BLOCK_K * stride_xk
-            a_ptrs += BLOCK_K * stride_ak
-
-        acc = acc * scale
-        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_r.to(tl.int64)[None, :] * stride_or
-        out_mask = m_mask[:, None] & r_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptrs, acc, mask=out_mask)
-        else:
-            tl.store(out_ptrs, acc, mask=out_mask)
+        _skinny_tile(x_ptr, a_ptr, out_ptr, M, K, R,
+                     stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
+                     scale, 0.0, 0, pid_m,
+                     BLOCK_R, False, UPCAST, PRECISION, SPLIT, ATOMIC, BLOCK_M, BLOCK_K)
 
     @_maybe_autotune(
         configs=[
@@ -848,8 +842,11 @@ def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k:
     """``[scale_j * x_j[M_j, K_j] @ a_j[R_j, K_j]^T for each j]`` in float32, in one launch (up to
     GROUP_MAX problems, no dropout; ``skinny_matmul`` computes each one the same way). With
     ``side_by_side`` (every M_j equal) the outputs are column blocks of one [M, ΣR_j] tensor, which
-    comes last in the returned list. K is split, as ``skinny_matmul`` would split the largest
-    problem, when all problems' M blocks are too few to fill the GPU (``split_k`` overrides)."""
+    comes last in the returned list. K is split (``skinny_matmul``'s heuristic over all problems'
+    rows and the largest K; ``split_k`` overrides) when their M blocks are too few to fill the GPU;
+    then every problem accumulates atomically (not bitwise deterministic), also one that alone
+    would not have been split. Integer arguments below 2**31 (every LoRA shape) keep the branches
+    that pick a problem's values of one type."""
     reason = check_skinny_matmul_group(xs, as_, scales)
     if reason is None and split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         reason = f"split_k {split_k!r} must be a positive int"

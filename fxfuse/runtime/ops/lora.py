@@ -14,8 +14,8 @@ custom op's outputs may not alias, so the autograd formula splits it (and casts 
 dtype) outside the op; fp32 adapters' gradients are then disjoint row slices of that one tensor.
 The frozen base weight and bias get no gradient (the pass declines sites where they train).
 
-Precision (docs/numerics.md): every product accumulates in fp32 and fp32 dots run as tf32x3 on
-the GPU. Elsewhere the fused Triton GEMM adds the low-rank term to the base accumulator and rounds
+Precision (docs/numerics.md): every product accumulates in fp32; a bf16/fp32 dot runs as bf16x3
+on the GPU (tf32x3 with FXFUSE_LORA_FP32_DOT=tf32x3). Elsewhere the fused Triton GEMM adds the low-rank term to the base accumulator and rounds
 once. On CUDA the base GEMM is cuBLAS and the low-rank term, computed from xa and s·B rounded to the
 activation dtype, is its C operand; there the dx of a group's members accumulates in the activation
 dtype, one rounding per member, as eager autograd does.
@@ -182,8 +182,10 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
 
 def _g_and_db(dy2d, lora_bs, xa, scalings):
     """g_i = s_i·dy_i·B_i (also side by side as one [M, Σr] tensor) and dB_i = s_i·dy_iᵀ·xa_i, in the
-    adapters' dtype: one launch each per K.GROUP_MAX members (host time per launch is what limits the
-    4k step, bench/RESULTS.md); one launch per product where the members' dtypes differ."""
+    adapters' dtype: one launch per product by default. FXFUSE_LORA_GROUPED_LAUNCH=1 (read per call)
+    launches each per K.GROUP_MAX members instead (less host time; off by default: the one step
+    measured with it was slower, bench/RESULTS.md), unless the adapters' dtypes differ. Inputs a
+    grouped launch rejects raise, as the per-product launches would."""
     n, ranks = len(lora_bs), [b.shape[1] for b in lora_bs]
     offs = [sum(ranks[:i]) for i in range(n)]
     xa_t = [xa[:, o:o + r].t() for o, r in zip(offs, ranks)]
