@@ -14,13 +14,13 @@ import cProfile
 import json
 import pstats
 import statistics
-import time
 
 import torch
 
 import fxfuse  # noqa: F401
 from fxfuse.runtime.kernels import lora as K
 from fxfuse.runtime.ops import lora as L
+from host_timing import interleaved_host_us  # bench/ (the script's folder)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--m", type=int, default=256)
@@ -39,25 +39,8 @@ bmat = torch.randn(H, R, device=dev, dtype=bf16)
 out = torch.empty(M, H, device=dev, dtype=bf16)
 
 
-def host_us(fn, calls=args.calls):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t = (time.perf_counter() - t0) / calls
-    torch.cuda.synchronize()
-    return t * 1e6
-
-
 def measure(named):
-    for _, fn in named:
-        for _ in range(10):
-            fn()
-    seen = {n: [] for n, _ in named}
-    for r in range(args.rounds):
-        for n, fn in named[r % len(named):] + named[:r % len(named)]:
-            seen[n].append(host_us(fn))
-    for n, us in seen.items():
+    for n, us in interleaved_host_us(named, args.rounds, args.calls).items():
         print(json.dumps({"bench": "launch_cost", "what": n, "m": M, "host_us_median": round(statistics.median(us), 1),
                           "host_us_min": round(min(us), 1)}))
 

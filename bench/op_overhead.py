@@ -15,11 +15,11 @@ import cProfile
 import json
 import pstats
 import statistics
-import time
 
 import torch
 
 import fxfuse  # noqa: F401  (registers the ops)
+from host_timing import interleaved_host_us, issue_us  # bench/ (the script's folder)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--m", type=int, default=1024)
@@ -78,29 +78,8 @@ VARIANTS = (("forward", fwd), ("backward", back), ("forward-twin", fwd_twin), ("
             ("forward-direct", fwd_direct), ("backward-direct", back_direct))
 
 
-def issue_us(fn):
-    """(host, wall) us per call: the host time to issue `calls` calls (no sync inside), and the
-    time until the GPU has drained them."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.calls):
-        fn()
-    host = (time.perf_counter() - t0) / args.calls
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / args.calls
-    return host * 1e6, wall * 1e6
-
-
 if args.quick:
-    # interleaved rounds, so that a slow stretch of the host does not land on one variant
-    for _, fn in VARIANTS:
-        for _ in range(10):
-            fn()
-    seen = {name: [] for name, _ in VARIANTS}
-    for r in range(args.rounds):
-        for name, fn in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
-            seen[name].append(issue_us(fn)[0])
-    for name, us in seen.items():
+    for name, us in interleaved_host_us(VARIANTS, args.rounds, args.calls).items():
         print(json.dumps({"op": name, "m": args.m, "calls": args.calls, "rounds": args.rounds,
                           "host_us_median": round(statistics.median(us), 1), "host_us_min": round(min(us), 1)}))
     raise SystemExit(0)
@@ -108,7 +87,7 @@ if args.quick:
 for name, fn in VARIANTS:
     for _ in range(10):
         fn()
-    host, wall = issue_us(fn)
+    host, wall = issue_us(fn, args.calls)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(args.calls):
