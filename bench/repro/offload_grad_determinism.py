@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
 import fxfuse  # noqa: E402
 from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
+from fxfuse.runtime.ops import offload as offload_ops  # noqa: E402
 from tiny import clone, loss_and_grads, rel, tiny_model  # noqa: E402
 
 SIZES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
@@ -32,10 +33,49 @@ def worst(ga, gb):
     return max(rel(ga[n], gb[n]) for n in gb)
 
 
+def worst_name(ga, gb):
+    return max(gb, key=lambda n: rel(ga[n], gb[n]))
+
+
+_side_stream = offload_ops.side_stream
+
+
+def delayed_side_stream(device):
+    """The side stream with ~1 ms of GPU sleep queued before whatever is issued next on it: every copy
+    finishes late, so a reader that does not wait for its reload reads unwritten memory."""
+    stream = _side_stream(device)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(2_000_000)
+    return stream
+
+
+# off_wait_at_use's compiled graphs run three ways: as built; with every reload waiting at its issue
+# (FXFUSE_RELOAD_WAIT_AT_ISSUE=1, same graph, so only the timing changes); with delayed copies.
+_, g32 = loss_and_grads(clone(ref).float(), input_ids=ids, labels=ids)
 for step in range(2):
     runs = {}
     for name, model in builds.items():
         runs[name] = loss_and_grads(model, input_ids=ids, labels=ids)
         model.zero_grad(set_to_none=True)
-    print(json.dumps({"step": step, **{f"{name}_vs_plain": worst(runs[name][1], runs["plain"][1]) for name in builds},
-                      "losses_equal": all(torch.equal(r[0], runs["plain"][0]) for r in runs.values())}), flush=True)
+    use = builds["off_wait_at_use"]
+    os.environ["FXFUSE_RELOAD_WAIT_AT_ISSUE"] = "1"
+    runs["use_graph_waiting_at_issue"] = loss_and_grads(use, input_ids=ids, labels=ids)
+    use.zero_grad(set_to_none=True)
+    del os.environ["FXFUSE_RELOAD_WAIT_AT_ISSUE"]
+    offload_ops.side_stream = delayed_side_stream
+    runs["use_graph_delayed_copies"] = loss_and_grads(use, input_ids=ids, labels=ids)
+    use.zero_grad(set_to_none=True)
+    offload_ops.side_stream = _side_stream
+    plain_g = runs["plain"][1]
+    print(json.dumps({"step": step, **{f"{name}_vs_plain": worst(r[1], plain_g) for name, r in runs.items()},
+                      "use_vs_use_graph_waiting_at_issue": worst(runs["off_wait_at_use"][1],
+                                                                 runs["use_graph_waiting_at_issue"][1]),
+                      "use_vs_use_graph_delayed_copies": worst(runs["off_wait_at_use"][1],
+                                                               runs["use_graph_delayed_copies"][1]),
+                      "worst_grad_use_vs_plain": worst_name(runs["off_wait_at_use"][1], plain_g),
+                      # rounding or a wrong read: which is closer to an fp32 eager reference
+                      "plain_vs_fp32": worst({n: g.float() for n, g in plain_g.items()}, g32),
+                      "use_vs_fp32": worst({n: g.float() for n, g in runs["off_wait_at_use"][1].items()}, g32),
+                      "losses_equal": all(torch.equal(r[0], runs["plain"][0]) for r in runs.values()),
+                      "nan": [n for n, r in runs.items() if any(not torch.isfinite(g).all() for g in r[1].values())]}),
+          flush=True)

@@ -1,8 +1,10 @@
 """kernels/lora.py `_launch_tuned`: an autotuned launch goes through the autotuner once per key and
 straight to the JITFunction with the tuned config after that. Checked against a stand-in autotuner
 (the direct path runs compiled kernels only; tests/gpu/test_fast_launch_gpu.py compares results on a GPU)."""
+import inspect
 from types import SimpleNamespace
 
+import pytest
 import torch
 import triton
 
@@ -69,3 +71,108 @@ def test_a_key_argument_passed_by_keyword_is_still_keyed():
         assert K._launch_tuned(k, grid, (x, 7), {"K_BUCKET": kb, "BLOCK_R": 16}) == "tuned"
         assert K._launch_tuned(k, grid, (x, 7), {"K_BUCKET": kb, "BLOCK_R": 16}) == "direct"
     assert k.tunes == 3
+
+
+# ------------------------------------------------------------------ `_launch_direct`: the compiled launcher
+
+
+def _signature(x, M, seed, K_BUCKET, BLOCK_R, BLOCK_M, EXTRA=5):
+    """The stand-in kernel's parameters: positional ones, then constexprs (keyword, config, default)."""
+
+
+class Compiled:
+    """What `_launch_direct` reads of a compiled kernel: run, function, packed_metadata, launch_metadata."""
+
+    def __init__(self, tag):
+        self.tag, self.launches, self.function, self.packed_metadata = tag, [], f"fn-{tag}", f"meta-{tag}"
+
+    def _init_handles(self):
+        pass
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", self.tag, grid, args)
+
+    def run(self, *launch):
+        self.launches.append(launch)
+
+
+class JitTuner(Tuner):
+    arg_names = ["x", "M", "seed", "K_BUCKET", "BLOCK_R"]
+
+    def __init__(self):
+        super().__init__()
+        self.compiled = []
+        self.fn = SimpleNamespace(run=self._run, signature=inspect.signature(_signature), pre_run_hooks=[])
+
+    def _run(self, *args, grid, warmup, **kwargs):
+        super()._run(*args, grid=grid, warmup=warmup, **kwargs)
+        self.compiled.append(Compiled(len(self.compiled)))
+        return self.compiled[-1]
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(K.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(K.torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+
+
+def test_direct_launch_passes_the_launcher_every_parameter_in_signature_order(fake_cuda):
+    k, x = JitTuner(), torch.zeros(4, dtype=torch.bfloat16)
+    assert K._launch_direct(k, grid, (x, 17, 3, 64), {"BLOCK_R": 16}) is None  # the autotuner's launch
+    first = K._launch_direct(k, grid, (x, 17, 3, 64), {"BLOCK_R": 16})  # the JITFunction's, plan made
+    assert first is k.compiled[0] and len(k.direct) == 1 and not first.launches
+    for seed in (3, 5, 2**20 + 3):  # seeds: neither 1 nor a multiple of 16, all i32: one plan
+        assert K._launch_direct(k, grid, (x, 17, seed, 64), {"BLOCK_R": 16}) is first
+        assert first.launches[-1] == (100 // 16, 1, 1, 1234, "fn-0", "meta-0", None, None, None,
+                                      x, 17, seed, 64, 16, 16, 5)  # positional, BLOCK_R, BLOCK_M (config), EXTRA
+    assert len(k.direct) == 1 and k.tunes == 1
+
+
+@pytest.mark.parametrize("change", ["alignment", "dtype", "size", "float for int", "seed one", "seed multiple of 16",
+                                    "key argument", "keyword"])
+def test_direct_launch_makes_a_new_plan_wherever_triton_or_the_autotuner_could_differ(fake_cuda, change):
+    k, base = JitTuner(), torch.zeros(64, dtype=torch.bfloat16)
+    x, args, kwargs = base[:32], (base[:32], 17, 3, 64), {"BLOCK_R": 16}
+    for _ in range(3):
+        K._launch_direct(k, grid, args, kwargs)
+    assert len(k.compiled) == 1 and len(k.compiled[0].launches) == 1
+    other = {"alignment": ((base[1:33], 17, 3, 64), kwargs), "dtype": ((x.float(), 17, 3, 64), kwargs),
+             "size": ((x, 18, 3, 64), kwargs), "float for int": ((x, 17.0, 3, 64), kwargs),
+             "seed one": ((x, 17, 1, 64), kwargs), "seed multiple of 16": ((x, 17, 32, 64), kwargs),
+             "key argument": ((x, 17, 3, 128), kwargs), "keyword": (args, {"BLOCK_R": 32})}[change]
+    for _ in range(3):
+        K._launch_direct(k, grid, *other)
+    assert len(k.compiled) == 2, "a new plan from the JITFunction"
+    assert len(k.compiled[0].launches) == 1 and len(k.compiled[1].launches) >= 1
+
+
+def test_direct_launch_gives_launch_hooks_their_metadata(fake_cuda):
+    k, x = JitTuner(), torch.zeros(4)
+    seen = []
+    hooks = triton.knobs.runtime.launch_enter_hook
+    hooks.add(seen.append)
+    try:
+        for _ in range(3):
+            K._launch_direct(k, grid, (x, 17, 3, 64), {"BLOCK_R": 16})
+    finally:
+        hooks.remove(seen.append)
+    launch = k.compiled[0].launches[-1]
+    assert launch[6] == ("metadata", 0, (100 // 16, 1), (x, 17, 3, 64, 16, 16, 5))
+    assert launch[7] is hooks and launch[8] is triton.knobs.runtime.launch_exit_hook
+
+
+def test_a_config_with_a_pre_hook_never_makes_a_plan(fake_cuda):
+    k, x = JitTuner(), torch.zeros(4)
+    k.pre_hook = lambda nargs: None
+    for _ in range(3):
+        assert K._launch_direct(k, grid, (x, 17, 3, 64), {"BLOCK_R": 16}) is None
+    assert k.tunes == 3 and not k.compiled
+
+
+def test_fast_launch_mode_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("FXFUSE_FAST_LAUNCH", "yes")
+    with pytest.raises(ValueError, match="FXFUSE_FAST_LAUNCH must be 1, jit or 0"):
+        K._fast_launch_mode()
+    for mode in ("1", "jit", "0"):
+        monkeypatch.setenv("FXFUSE_FAST_LAUNCH", mode)
+        assert K._fast_launch_mode() == mode

@@ -282,12 +282,27 @@ def _smem_footprint(cfg) -> int:
     return cfg.num_stages * meta.get("BLOCK_K", 1) * (meta.get("BLOCK_M", 1) + meta.get("BLOCK_N", 0))
 
 
+def _fast_launch_mode() -> str:
+    """FXFUSE_FAST_LAUNCH (read per launch, so one process can compare them): "1" (default) launches a
+    tuned kernel's compiled binary straight (`_launch_direct`; Triton versions it was checked on,
+    else "jit"); "jit" calls the JITFunction with the tuned config (`_launch_tuned`); "0" sends
+    every launch through Triton's autotuner."""
+    mode = os.environ.get("FXFUSE_FAST_LAUNCH", "1")
+    if mode not in ("1", "jit", "0"):
+        raise ValueError(f"FXFUSE_FAST_LAUNCH must be 1, jit or 0, not {mode!r}")
+    return mode
+
+
 def _launch(kernel, grid, *args, **kwargs):
     """kernel[grid](...): tuned on the GPU (then straight to the tuned config, `_launch_tuned`), else
     with its fixed config, where a config that does not fit the device's shared memory (raised at
     load, before anything runs) passes to the next one."""
-    if not _INTERPRET and _AUTOTUNE and os.environ.get("FXFUSE_FAST_LAUNCH") != "0":
-        return _launch_tuned(kernel, grid, args, kwargs)
+    if not _INTERPRET and _AUTOTUNE:
+        mode = _fast_launch_mode()
+        if mode != "0":
+            if mode == "1" and _DIRECT_LAUNCH_OK:
+                return _launch_direct(kernel, grid, args, kwargs)
+            return _launch_tuned(kernel, grid, args, kwargs)
     # Tried in order on every launch (a config that failed for one shape may fit the next; Triton
     # caches the failed compile, so retrying it is cheap).
     metas = [kernel._fixed_meta, *getattr(kernel, "_fallback_metas", ())]
@@ -299,7 +314,7 @@ def _launch(kernel, grid, *args, **kwargs):
                 raise
 
 
-def _launch_tuned(kernel, grid, args, kwargs):
+def _launch_tuned(kernel, grid, args, kwargs, want_compiled: bool = False):
     """An autotuned launch without the autotuner's per-call layer (~20 us of host time a launch on
     the H200 host, bench/launch_cost.py; a 4k step makes ~750 of them and its host is its limit).
 
@@ -308,8 +323,8 @@ def _launch_tuned(kernel, grid, args, kwargs):
     when it must) and remembers its pick under a key that holds at least as much (the key arguments,
     every constexpr passed, every tensor's dtype); a hit calls the JITFunction with that config, as
     the autotuner would. Specialisation (alignment, dtypes) stays with the JITFunction.
-    FXFUSE_FAST_LAUNCH=0 (read per launch, for an in-process A/B) sends every launch through the
-    autotuner."""
+    With `want_compiled` it returns (the JITFunction's compiled kernel, the config), or None when the
+    launch went through the autotuner."""
     fast = kernel.__dict__.get("_fxfuse_fast")
     if fast is None:
         names = list(kernel.arg_names)
@@ -325,9 +340,97 @@ def _launch_tuned(kernel, grid, args, kwargs):
         out = kernel[grid](*args, **kwargs)
         if kernel.best_config.pre_hook is None:  # a config with a hook keeps the autotuner's path
             picks[key] = kernel.best_config.all_kwargs()
-        return out
-    return kernel.fn.run(*args, grid=grid({**kwargs, **cfg}) if callable(grid) else grid, warmup=False,
-                         **kwargs, **cfg)
+        return None if want_compiled else out
+    out = kernel.fn.run(*args, grid=grid({**kwargs, **cfg}) if callable(grid) else grid, warmup=False,
+                        **kwargs, **cfg)
+    return (out, cfg) if want_compiled else out
+
+
+# Triton versions whose compiled-kernel launcher `_launch_direct` was checked against (bit-equal
+# results, tests/gpu/test_fast_launch_gpu.py); others take the JITFunction path.
+_DIRECT_LAUNCH_OK = triton is not None and triton.__version__.startswith("3.6.")
+_DIRECT_PLANS_MAX = 4096  # per kernel; past it the plans are dropped and rebuilt (new shapes each call)
+
+
+_VARYING_ARGS = ("seed",)  # ints that change call to call (dropout seeds): keyed as Triton specialises them
+
+
+def _spec_key(a):
+    """What of one argument decides Triton's specialisation of a kernel (a superset): of an int, whether
+    it is 0 or 1, whether 16 divides it and whether it fits 32 and 64 bits; anything else by value."""
+    if type(a) is int:
+        return a == 0, a == 1, a & 15 == 0, (a >> 31) in (0, -1), (a >> 63) in (0, -1)
+    return type(a), a
+
+
+def _launch_direct(kernel, grid, args, kwargs):
+    """A tuned launch that calls the compiled kernel's launcher itself, as `JITFunction.run` would after
+    binding the arguments, keying its cache and checking globals (~20 us of host time on the H200
+    host: bench/launch_cost.py). The plan for a call (compiled kernel, config, the constexpr values
+    that follow the positional arguments) is keyed by the device, every positional argument (a
+    tensor by dtype and 16-byte alignment, a seed by `_spec_key`, anything else by value) and every
+    keyword, so a plan is reused only where Triton would pick the same compiled kernel and the
+    autotuner the same config; anything else (a first call, a config with a pre-hook, a kernel with
+    pre-run hooks) goes the JITFunction way and makes the plan. Launch hooks (profilers) still get
+    their metadata."""
+    device = torch.cuda.current_device()
+    plans = kernel.__dict__.get("_fxfuse_plans")
+    if plans is None:
+        return _plan_direct(kernel, grid, args, kwargs, None)
+    key = [(a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else a for a in args]
+    for i in kernel._fxfuse_varying:
+        if i < len(key):
+            key[i] = _spec_key(key[i])
+    key.append(device)
+    key.append(tuple(map(type, args)))  # 1 == 1.0 == True as keys; Triton specialises each differently
+    key.append(tuple((k, v.dtype if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()))
+    key = tuple(key)
+    plan = plans.get(key)
+    if plan is None:
+        return _plan_direct(kernel, grid, args, kwargs, key)
+    compiled, cfg, tail = plan
+    g = grid({**kwargs, **cfg}) if callable(grid) else grid
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
+    if enter.calls or leave.calls:
+        meta = compiled.launch_metadata(g, stream, *args, *tail)
+    else:
+        meta = enter = leave = None  # no hooks: the launcher calls nothing
+    compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
+                 compiled.packed_metadata, meta, enter, leave, *args, *tail)
+    return compiled
+
+
+def _plan_direct(kernel, grid, args, kwargs, key):
+    """The JITFunction launch of `_launch_tuned`, remembering what `_launch_direct` needs."""
+    got = _launch_tuned(kernel, grid, args, kwargs, want_compiled=True)
+    if "_fxfuse_plans" not in kernel.__dict__:
+        kernel._fxfuse_varying = tuple(i for i, name in enumerate(kernel.arg_names) if name in _VARYING_ARGS)
+        kernel._fxfuse_plans = {}
+    plans = kernel._fxfuse_plans
+    if got is None:
+        return None
+    compiled, cfg = got
+    if hasattr(compiled, "result"):  # Triton's asynchronous compile mode
+        compiled = compiled.result()
+    if key is None or kernel.fn.pre_run_hooks:
+        return compiled
+    if len(plans) >= _DIRECT_PLANS_MAX:
+        plans.clear()
+    compiled._init_handles()
+    # the parameters after the positional ones, in signature order: keywords, the config's
+    # constexprs, defaults (what JITFunction.run's binder passes the launcher)
+    given = {**kwargs, **cfg}
+    tail = []
+    for name, param in list(kernel.fn.signature.parameters.items())[len(args):]:
+        if name in given:
+            tail.append(given[name])
+        elif param.default is not param.empty:
+            tail.append(param.default)
+        else:
+            raise TypeError(f"{getattr(kernel.fn, '__name__', kernel.fn)}: no value for parameter {name!r}")
+    plans[key] = (compiled, cfg, tuple(tail))
+    return compiled
 
 
 def _cfg(num_warps: int, num_stages: int, **meta):
