@@ -50,3 +50,44 @@ def test_group_over_max_rank_equals_reference(monkeypatch, ranks, p, grouped):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # grouped: a g and a dB launch per 3 members; else none
     assert len(launches) == (2 * -(-len(ranks) // K.GROUP_MAX) if grouped == "1" else 0)
+
+
+@pytest.mark.parametrize("expand", ["1", "0"])  # low-rank terms by one lowrank_expand a 3 members, or torch ops
+@pytest.mark.parametrize("ranks, bias, dtype", [((16, 16, 16), False, torch.float32), ((8, 16, 4, 12), True, torch.float32),
+                                               ((5,), True, torch.bfloat16), ((100, 100), False, torch.float16)])
+def test_cublas_forward_with_and_without_lowrank_expand_equals_reference(monkeypatch, ranks, bias, dtype, expand):
+    """The cuBLAS strategy (CUDA's) runs on the CPU too: the op's forward with the low-rank terms from
+    `lowrank_expand` (one launch per 3 members) or from per-member torch ops matches the reference."""
+    from fxfuse.runtime.kernels import lora_expand as KE
+    monkeypatch.setenv("FXFUSE_LORA_GEMM", "cublas")
+    monkeypatch.setenv("FXFUSE_LORA_EXPAND", expand)
+    launches = []
+    real = KE.lowrank_expand
+    monkeypatch.setattr(KE, "lowrank_expand", lambda *a, **kw: launches.append(len(a[1])) or real(*a, **kw))
+    g = torch.Generator().manual_seed(1)
+    k, n = 40, 24
+    x = torch.randn(3, 7, k, generator=g).to(DEVICE).to(dtype)
+    ws = [(torch.randn(n + i, k, generator=g) * 0.2).to(DEVICE).to(dtype) for i, _ in enumerate(ranks)]
+    bs_ = [(torch.randn(n + i, generator=g)).to(DEVICE).to(dtype) if bias else None for i, _ in enumerate(ranks)]
+    As = [torch.randn(r, k, generator=g).to(DEVICE) * 0.1 for r in ranks]
+    Bs = [torch.randn(n + i, r, generator=g).to(DEVICE) * 0.1 for i, r in enumerate(ranks)]
+    args = (x, ws, bs_, As, Bs, [2.0] * len(ranks), [0.0] * len(ranks), None, dtype)
+    got, want = L._forward_kernels(*args), L.lora_linear_reference(*args)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    # members split into launches of up to 3; chunks of the rank limit do not matter here
+    assert launches == ([min(3, len(ranks) - c) for c in range(0, len(ranks), 3)] if expand == "1" else [])
+
+
+def test_lowrank_expand_declines_mixed_adapter_dtypes_and_the_torch_path_runs(monkeypatch):
+    monkeypatch.setenv("FXFUSE_LORA_GEMM", "cublas")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 16, generator=g).to(DEVICE)
+    ws = [torch.randn(8, 16, generator=g).to(DEVICE) for _ in range(2)]
+    As = [torch.randn(4, 16, generator=g).to(DEVICE) for _ in range(2)]
+    Bs = [torch.randn(8, 4, generator=g).to(DEVICE), torch.randn(8, 4, generator=g).to(DEVICE).half()]
+    args = (x, ws, [None, None], As, Bs, [1.0, 1.0], [0.0, 0.0], None, torch.float32)
+    for a, b in zip(L._forward_kernels(*args), L.lora_linear_reference(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -28,8 +28,9 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .. import stats
+from .. import env, stats
 from ..kernels import lora as K
+from ..kernels import lora_expand as KE
 
 OP = "fxfuse::lora_linear"
 _SEED_STRIDE = 7919  # members draw independent masks from one seed
@@ -153,12 +154,40 @@ def _xa_kernels(x, lora_as, dropout_ps, seed):
     return xa
 
 
+def _expand_on() -> bool:
+    """FXFUSE_LORA_EXPAND (read per call; default 1): on CUDA the members' low-rank terms come from one
+    `lowrank_expand` launch per GROUP_MAX members; 0 computes them with torch casts and GEMMs."""
+    return env.flag("FXFUSE_LORA_EXPAND", True)
+
+
+def _low_rank_terms(x, xa, biases, lora_bs, scalings, ranks):
+    """Each member's s·xa_i·B_iᵀ + bias_i in x's dtype, by `lowrank_expand` (up to GROUP_MAX members a
+    launch), or None where it declines the members (e.g. adapters of mixed dtypes): the caller then
+    takes the per-member torch path, the same math with two more roundings."""
+    outs, col = [], 0
+    for c in range(0, len(lora_bs), KE.GROUP_MAX):
+        part = slice(c, c + KE.GROUP_MAX)
+        width = sum(ranks[part])
+        args = (xa[:, col:col + width], lora_bs[part], scalings[part], biases[part], x.dtype)
+        if KE.check_lowrank_expand(*args) is not None:
+            return None
+        outs += KE.lowrank_expand(*args, checked=True)
+        col += width
+    return outs
+
+
 def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
     x2d = _flat(x)
     ranks = [a.shape[0] for a in lora_as]
     xa = _xa_kernels(x, lora_as, dropout_ps, seed)
     xa_low = None
     strategy = gemm_strategy(x.device)
+    if strategy == "cublas" and _expand_on():
+        lows = _low_rank_terms(x, xa, biases, lora_bs, scalings, ranks)
+        if lows is not None:
+            # the low-rank term (and bias) is C of the base GEMM, accumulated in place (beta=1 epilogue)
+            return [y.addmm_(x2d, w.t()).to(out_dtype).reshape(*x.shape[:-1], w.shape[0])
+                    for y, w in zip(lows, weights)] + [xa]
     outs, off = [], 0
     for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
         xa_i = xa[:, off:off + r]
