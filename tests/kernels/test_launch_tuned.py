@@ -176,3 +176,44 @@ def test_fast_launch_mode_rejects_unknown_values(monkeypatch):
     for mode in ("1", "jit", "0"):
         monkeypatch.setenv("FXFUSE_FAST_LAUNCH", mode)
         assert K._fast_launch_mode() == mode
+
+
+# ------------------------------------------------------------------ `_planned`: a launcher's checks, once
+
+
+def test_launcher_plans_are_reused_only_for_the_same_call_and_bad_input_still_raises(monkeypatch):
+    made = []
+    real = K._skinny_plan
+    monkeypatch.setattr(K, "_skinny_plan", lambda *a: made.append(a[2:]) or real(*a))
+    monkeypatch.setattr(K, "_SKINNY_PLANS", {})
+    x, a = torch.randn(8, 16), torch.randn(4, 16)
+    for _ in range(3):
+        K.skinny_matmul(x, a, scale=2.0)
+    assert len(made) == 1
+    K.skinny_matmul(x.t().contiguous().t(), a, scale=2.0)  # other strides
+    K.skinny_matmul(x, a, scale=3.0)
+    monkeypatch.setenv("FXFUSE_LORA_FP32_DOT", "tf32x3")
+    K.skinny_matmul(x, a, scale=3.0)
+    assert len(made) == 4
+    K.skinny_matmul(x, a, p=0.0)
+    for bad, why in [(dict(p=False), "dropout p=False"), (dict(p=0.0, seed=-1), "seed -1"),
+                     (dict(p=0.0, seed=True), "seed True"), (dict(scale=True), "scale True")]:
+        with pytest.raises(ValueError, match=why):
+            K.skinny_matmul(x, a, **bad)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        K.skinny_matmul(x, torch.randn(4, 15))
+    with pytest.raises(ValueError, match="not a tensor"):
+        K.skinny_matmul(x.tolist(), a)
+
+
+def test_weight_grad_plans_keep_their_checks(monkeypatch):
+    monkeypatch.setattr(K, "_WGRAD_PLANS", {})
+    g, x = torch.randn(8, 4), torch.randn(8, 16)
+    want = g.double().t() @ x.double()
+    for _ in range(2):
+        torch.testing.assert_close(K.lowrank_weight_grad(g, x).double(), want, rtol=1e-5, atol=1e-5)
+    assert len(K._WGRAD_PLANS) == 1
+    with pytest.raises(ValueError, match="seed"):
+        K.lowrank_weight_grad(g, x, seed=2**31)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        K.lowrank_weight_grad(g[:7], x)

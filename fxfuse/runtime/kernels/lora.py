@@ -895,30 +895,63 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     atomically, so results are then not bitwise deterministic).
     ``split_fp32`` picks the dot of a bf16/fp32 pair: True bf16x3, False
     tf32x3, None the FXFUSE_LORA_FP32_DOT default (bf16x3)."""
-    reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
+    reason, plan = _planned(_SKINNY_PLANS, _skinny_plan, x, a, scale, p, allow_tf32, split_k, split_fp32)
+    if reason is None and not (type(seed) is int and 0 <= seed < _MAX_SEED):
+        reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
         raise ValueError(reason)
+    m, k, r, split_k, atomic, launch_args, meta = plan
+    out = (torch.zeros if atomic or k == 0 else torch.empty)((m, r), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return out
+    grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), split_k)
+    with _on_device(x.device):
+        _launch(_skinny_kernel, grid, x, a, out, m, k, r, *launch_args[:4], r, 1, *launch_args[4:6], int(seed),
+                *launch_args[6:], **meta)
+    return out
+
+
+def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32):
+    """(reason, None) for an unsupported call, else (None, what `skinny_matmul` launches with)."""
+    reason = check_skinny_matmul(x, a, scale=scale, p=p, split_k=split_k)
+    if reason:
+        return reason, None
     (m, k), r = x.shape, a.shape[0]
     if split_k is None:
         split_k = _skinny_split(m, k, x.device)
     split_k = max(1, min(split_k, cdiv(k, 16)))
-    atomic = split_k > 1
-    out = (torch.zeros if atomic or k == 0 else torch.empty)((m, r), dtype=torch.float32, device=x.device)
-    if m == 0 or k == 0:
-        return out
     upcast, precision, split = _dot_mode(x.dtype, a.dtype, allow_tf32, split_fp32)
-    kernel = _skinny_kernel
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), split_k)
-    with _on_device(x.device):
-        _launch(kernel, grid,
-            x, a, out, m, k, r,
-            x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-            float(scale) / (1.0 - float(p)), float(p), int(seed),
-            _bucket(m), _bucket(k),
-            BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
-            PRECISION=precision, SPLIT=split, ATOMIC=atomic,
-        )
-    return out
+    launch_args = (x.stride(0), x.stride(1), a.stride(0), a.stride(1),  # the output's strides are (r, 1)
+                   float(scale) / (1.0 - float(p)), float(p), _bucket(m), _bucket(k))
+    meta = dict(BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast, PRECISION=precision, SPLIT=split,
+                ATOMIC=split_k > 1)
+    return None, (m, k, r, split_k, split_k > 1, launch_args, meta)
+
+
+_SKINNY_PLANS: dict = {}
+_WGRAD_PLANS: dict = {}
+_PLANS_MAX = 4096  # per launcher; past it they are dropped and rebuilt
+
+
+def _planned(cache: dict, make, x, y, scale, p, *rest):
+    """make(x, y, scale, p, *rest) -> (reason, plan), remembered for later calls with the same shapes,
+    strides, dtypes and devices of x and y, the same scale, p (values and types: True is not 1) and
+    rest, and the same FXFUSE_LORA_FP32_DOT: a launcher's checks and heuristics (~10 us of Python a
+    launch) then run once per such call. Only supported calls are remembered: a bad one raises with
+    its reason every time. Anything that is not a tensor goes straight to `make` (and its checks)."""
+    try:
+        key = (x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
+               type(scale), scale, type(p), p, *rest, os.environ.get("FXFUSE_LORA_FP32_DOT"))
+    except (AttributeError, TypeError):
+        return make(x, y, scale, p, *rest)
+    got = cache.get(key)
+    if got is None:
+        got = make(x, y, scale, p, *rest)
+        if got[0] is None:
+            if len(cache) >= _PLANS_MAX:
+                cache.clear()
+            cache[key] = got
+    return got
 
 
 GROUP_MAX = 3  # problems per skinny_matmul_group launch
@@ -1094,17 +1127,37 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
     operands share a 16-bit dtype, or ``allow_tf32``; ``split_fp32`` as in
     :func:`skinny_matmul`."""
-    reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
+    reason, plan = _planned(_WGRAD_PLANS, _wgrad_plan, g, x, scale, p, allow_tf32, split_m, split_fp32)
+    if reason is None and not (type(seed) is int and 0 <= seed < _MAX_SEED):
+        reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
     if reason:
         raise ValueError(reason)
+    m, k, r, split_m, atomic, launch_args, meta = plan
+    out = (torch.zeros if atomic or m == 0 else torch.empty)((r, k), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return out
+    grid = lambda cfg: (cdiv(k, cfg["BLOCK_K"]), split_m)
+    with _on_device(x.device):
+        _launch(_lowrank_wgrad_kernel, grid, g, x, out, m, k, r, *launch_args[:4], k, 1, *launch_args[4:6],
+                int(seed), *launch_args[6:], **meta)
+    return out
+
+
+def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32):
+    """(reason, None) for an unsupported call, else (None, what `lowrank_weight_grad` launches with)."""
+    reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, split_m=split_m)
+    if reason:
+        return reason, None
     (m, r), k = g.shape, x.shape[1]
     if split_m is None:
         split_m = _wgrad_split(m, k, x.device)
     split_m = max(1, min(split_m, cdiv(m, 16)))
-    atomic = split_m > 1
-    out = (torch.zeros if atomic or m == 0 else torch.empty)((r, k), dtype=torch.float32, device=x.device)
-    if m == 0 or k == 0:
-        return out
+    upcast, precision, split = _dot_mode(g.dtype, x.dtype, allow_tf32, split_fp32)
+    launch_args = (g.stride(0), g.stride(1), x.stride(0), x.stride(1),  # the output's strides are (k, 1)
+                   float(scale) / (1.0 - float(p)), float(p), _bucket(m))
+    meta = dict(BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast, PRECISION=precision, SPLIT=split,
+                ATOMIC=split_m > 1)
+    return None, (m, k, r, split_m, split_m > 1, launch_args, meta)
     upcast, precision, split = _dot_mode(g.dtype, x.dtype, allow_tf32, split_fp32)
     kernel = _lowrank_wgrad_kernel
     grid = lambda meta: (cdiv(k, meta["BLOCK_K"]), split_m)
