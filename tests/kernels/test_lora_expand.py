@@ -77,3 +77,11 @@ def test_lowrank_expand_rejects_what_it_cannot_launch():
             E.lowrank_expand(xa if why != "ranks sum to 4" else xa, bs, ss, biases, F32)
     with pytest.raises(ValueError, match="out_dtype"):
         E.lowrank_expand(xa, [b], [1.0], [None], torch.int32)
+
+
+def test_every_config_names_only_the_kernels_parameters():
+    """The GPU autotunes over these plus `_safe_config`'s (which once added a BLOCK_K this kernel lacks)."""
+    from fxfuse.runtime.kernels.lora import _safe_config
+    params = set(E._lowrank_expand_kernel.arg_names)
+    for cfg in [*E._EXPAND_CONFIGS, _safe_config(E._EXPAND_CONFIGS)]:
+        assert set(cfg.kwargs) <= params, cfg.kwargs

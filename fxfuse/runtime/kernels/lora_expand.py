@@ -29,13 +29,15 @@ GROUP_MAX = 3  # members per launch
 
 if triton is not None:
 
+    _EXPAND_CONFIGS = [
+        _cfg(4, 2, BLOCK_M=64, BLOCK_N=128),
+        _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
+        _cfg(4, 2, BLOCK_M=128, BLOCK_N=64),
+        _cfg(8, 2, BLOCK_M=64, BLOCK_N=256),
+    ]
+
     @_maybe_autotune(
-        configs=[
-            _cfg(4, 2, BLOCK_M=64, BLOCK_N=128),
-            _cfg(8, 2, BLOCK_M=128, BLOCK_N=128),
-            _cfg(4, 2, BLOCK_M=128, BLOCK_N=64),
-            _cfg(8, 2, BLOCK_M=64, BLOCK_N=256),
-        ],
+        configs=_EXPAND_CONFIGS,
         key=["M_BUCKET", "N_BUCKET", "MEMBERS", "HAS_BIAS", "BLOCK_R"],
         interp_meta=dict(BLOCK_M=16, BLOCK_N=32),
     )
