@@ -155,9 +155,11 @@ def _xa_kernels(x, lora_as, dropout_ps, seed):
 
 
 def _expand_on() -> bool:
-    """FXFUSE_LORA_EXPAND (read per call; default 1): on CUDA the members' low-rank terms come from one
-    `lowrank_expand` launch per GROUP_MAX members; 0 computes them with torch casts and GEMMs."""
-    return env.flag("FXFUSE_LORA_EXPAND", True)
+    """FXFUSE_LORA_EXPAND=1 (read per call; default 0): on CUDA the members' low-rank terms come from one
+    `lowrank_expand` launch per GROUP_MAX members instead of torch casts and GEMMs. Off by default: it
+    took ~35 ms of host time off the 4k forward, but the step was no faster (it is GPU-bound there:
+    bench/RESULTS.md)."""
+    return env.flag("FXFUSE_LORA_EXPAND", False)
 
 
 def _low_rank_terms(x, xa, biases, lora_bs, scalings, ranks):
