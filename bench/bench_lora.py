@@ -248,7 +248,7 @@ def main(argv=None) -> int:
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
-                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), fp32_dot=_fp32_dot(), fast_launch=os.environ.get("FXFUSE_FAST_LAUNCH") != "0" and os.environ.get("FXFUSE_AUTOTUNE", "1") != "0", grouped_launch=os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1", gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), fp32_dot=_fp32_dot(), fast_launch=os.environ.get("FXFUSE_FAST_LAUNCH", "1") if os.environ.get("FXFUSE_AUTOTUNE", "1") != "0" else "untuned", grouped_launch=os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1", lowrank_expand=os.environ.get("FXFUSE_LORA_EXPAND") == "1", gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
                 if dev.cuda else args.device, torch=torch.__version__)
     failures = []
     for index, seq in enumerate(seqs):
