@@ -5,8 +5,10 @@ import tempfile
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Decided here, before any test module: with a GPU an unset TRITON_INTERPRET becomes "0", so the kernel
+# test modules' own default ("1", for a direct `pytest tests/kernels/...` run) cannot switch the
+# interpreter on after fxfuse's kernels were compiled for the GPU (that mix fails every launch).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxfuse-test-inductor-")
 os.environ.setdefault("FXFUSE_CACHE_DIR", tempfile.mkdtemp(prefix="fxfuse-test-cache-"))
 
