@@ -65,6 +65,12 @@ def _fp32_dot():
     return _fp32_dot_env()
 
 
+def _launch_path():
+    """How the autotuned LoRA kernels launch in this process (FXFUSE_FAST_LAUNCH, Triton's version)."""
+    from fxfuse.runtime.kernels.lora import launch_path_in_force
+    return launch_path_in_force()
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("variant", help="|".join(VARIANTS))
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
-                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), fp32_dot=_fp32_dot(), fast_launch=os.environ.get("FXFUSE_FAST_LAUNCH", "1") if os.environ.get("FXFUSE_AUTOTUNE", "1") != "0" else "untuned", grouped_launch=os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1", lowrank_expand=os.environ.get("FXFUSE_LORA_EXPAND") == "1", gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
+                lora_gemm=os.environ.get("FXFUSE_LORA_GEMM", "auto"), fp32_dot=_fp32_dot(), fast_launch=_launch_path(), grouped_launch=os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1", lowrank_expand=os.environ.get("FXFUSE_LORA_EXPAND") == "1", gpu_gib_cap=args.gpu_gib, host_fraction=args.host_fraction, offload_options=args.offload_options, device=torch.cuda.get_device_name(dev.dev)
                 if dev.cuda else args.device, torch=torch.__version__)
     failures = []
     for index, seq in enumerate(seqs):

@@ -200,6 +200,10 @@ def test_launcher_plans_are_reused_only_for_the_same_call_and_bad_input_still_ra
                      (dict(p=0.0, seed=True), "seed True"), (dict(scale=True), "scale True")]:
         with pytest.raises(ValueError, match=why):
             K.skinny_matmul(x, a, **bad)
+    K.skinny_matmul(x, a, split_k=2)
+    for bad, why in [(dict(split_k=2.0), "split_k 2.0"), (dict(scale=[2.0]), "scale"), (dict(p=[0.1]), "dropout p")]:
+        with pytest.raises(ValueError, match=why):  # 2.0 == 2 as a key; lists are unhashable
+            K.skinny_matmul(x, a, **bad)
     with pytest.raises(ValueError, match="shape mismatch"):
         K.skinny_matmul(x, torch.randn(4, 15))
     with pytest.raises(ValueError, match="not a tensor"):
@@ -217,3 +221,14 @@ def test_weight_grad_plans_keep_their_checks(monkeypatch):
         K.lowrank_weight_grad(g, x, seed=2**31)
     with pytest.raises(ValueError, match="shape mismatch"):
         K.lowrank_weight_grad(g[:7], x)
+
+
+def test_launch_path_in_force_names_what_runs(monkeypatch):
+    monkeypatch.setattr(K, "_INTERPRET", False)
+    monkeypatch.setattr(K, "_AUTOTUNE", True)
+    for mode, ok, want in [("0", True, "autotuner"), ("jit", True, "jit"), ("1", True, "direct"), ("1", False, "jit")]:
+        monkeypatch.setenv("FXFUSE_FAST_LAUNCH", mode)
+        monkeypatch.setattr(K, "_DIRECT_LAUNCH_OK", ok)
+        assert K.launch_path_in_force() == want
+    monkeypatch.setattr(K, "_AUTOTUNE", False)
+    assert K.launch_path_in_force() == "fixed config"

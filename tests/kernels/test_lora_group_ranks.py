@@ -82,12 +82,21 @@ def test_cublas_forward_with_and_without_lowrank_expand_equals_reference(monkeyp
 
 
 def test_lowrank_expand_declines_mixed_adapter_dtypes_and_the_torch_path_runs(monkeypatch):
+    """Members 0-2 could share a launch, member 3's B is fp16 while member 4's is fp32: the chunk of
+    members 3-4 is declined, so no chunk launches (all are checked first) and the torch path runs."""
+    from fxfuse.runtime.kernels import lora_expand as KE
     monkeypatch.setenv("FXFUSE_LORA_GEMM", "cublas")
+    monkeypatch.setenv("FXFUSE_LORA_EXPAND", "1")
+    launches = []
+    real = KE.lowrank_expand
+    monkeypatch.setattr(KE, "lowrank_expand", lambda *a, **kw: launches.append(1) or real(*a, **kw))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, 16, generator=g).to(DEVICE)
-    ws = [torch.randn(8, 16, generator=g).to(DEVICE) for _ in range(2)]
-    As = [torch.randn(4, 16, generator=g).to(DEVICE) for _ in range(2)]
-    Bs = [torch.randn(8, 4, generator=g).to(DEVICE), torch.randn(8, 4, generator=g).to(DEVICE).half()]
-    args = (x, ws, [None, None], As, Bs, [1.0, 1.0], [0.0, 0.0], None, torch.float32)
+    ws = [torch.randn(8, 16, generator=g).to(DEVICE) for _ in range(5)]
+    As = [torch.randn(4, 16, generator=g).to(DEVICE) for _ in range(5)]
+    Bs = [torch.randn(8, 4, generator=g).to(DEVICE) for _ in range(5)]
+    Bs[3] = Bs[3].half()
+    args = (x, ws, [None] * 5, As, Bs, [1.0] * 5, [0.0] * 5, None, torch.float32)
     for a, b in zip(L._forward_kernels(*args), L.lora_linear_reference(*args)):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert launches == []

@@ -140,6 +140,10 @@ def _check_common(tensors: dict, p: float, seed: int, scale: float) -> Optional[
         return f"dropout p={p!r} not in [0, 1)"
     if not _integral(seed) or not (0 <= seed < _MAX_SEED):
         return f"seed {seed!r} not an int in [0, 2**31)"
+    return _check_scale(scale)
+
+
+def _check_scale(scale) -> Optional[str]:
     if not _real(scale) or not math.isfinite(float(scale)):
         return f"scale {scale!r} is not a finite number"
     return None
@@ -294,6 +298,17 @@ def _fast_launch_mode() -> str:
     return mode
 
 
+def launch_path_in_force() -> str:
+    """How an autotuned LoRA kernel launches now: "interpreter", "fixed config" (FXFUSE_AUTOTUNE=0),
+    "autotuner", "jit" or "direct" (what bench rows record)."""
+    if _INTERPRET:
+        return "interpreter"
+    if not _AUTOTUNE:
+        return "fixed config"
+    mode = _fast_launch_mode()
+    return {"0": "autotuner", "jit": "jit"}.get(mode, "direct" if _DIRECT_LAUNCH_OK else "jit")
+
+
 def _launch(kernel, grid, *args, **kwargs):
     """kernel[grid](...): tuned on the GPU (then straight to the tuned config, `_launch_tuned`), else
     with its fixed config, where a config that does not fit the device's shared memory (raised at
@@ -350,7 +365,6 @@ def _launch_tuned(kernel, grid, args, kwargs, want_compiled: bool = False):
 # Triton versions whose compiled-kernel launcher `_launch_direct` was checked against (bit-equal
 # results, tests/gpu/test_fast_launch_gpu.py); others take the JITFunction path.
 _DIRECT_LAUNCH_OK = triton is not None and triton.__version__.startswith("3.6.")
-_DIRECT_PLANS_MAX = 4096  # per kernel; past it the plans are dropped and rebuilt (new shapes each call)
 
 
 _VARYING_ARGS = ("seed",)  # ints that change call to call (dropout seeds): keyed as Triton specialises them
@@ -384,7 +398,8 @@ def _launch_direct(kernel, grid, args, kwargs):
             key[i] = _spec_key(key[i])
     key.append(device)
     key.append(tuple(map(type, args)))  # 1 == 1.0 == True as keys; Triton specialises each differently
-    key.append(tuple((k, v.dtype if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()))
+    key.append(tuple((k, (v.dtype, v.data_ptr() & 15 == 0) if isinstance(v, torch.Tensor) else v)
+                     for k, v in kwargs.items()))
     key = tuple(key)
     plan = plans.get(key)
     if plan is None:
@@ -416,8 +431,6 @@ def _plan_direct(kernel, grid, args, kwargs, key):
         compiled = compiled.result()
     if key is None or kernel.fn.pre_run_hooks:
         return compiled
-    if len(plans) >= _DIRECT_PLANS_MAX:
-        plans.clear()
     compiled._init_handles()
     # the parameters after the positional ones, in signature order: keywords, the config's
     # constexprs, defaults (what JITFunction.run's binder passes the launcher)
@@ -430,7 +443,7 @@ def _plan_direct(kernel, grid, args, kwargs, key):
             tail.append(param.default)
         else:
             raise TypeError(f"{getattr(kernel.fn, '__name__', kernel.fn)}: no value for parameter {name!r}")
-    plans[key] = (compiled, cfg, tuple(tail))
+    _remember(plans, key, (compiled, cfg, tuple(tail)))
     return compiled
 
 
@@ -897,7 +910,7 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     ``split_fp32`` picks the dot of a bf16/fp32 pair: True bf16x3, False
     tf32x3, None the FXFUSE_LORA_FP32_DOT default (bf16x3)."""
     reason, plan = _planned(_SKINNY_PLANS, _skinny_plan, x, a, scale, p, allow_tf32, split_k, split_fp32)
-    if reason is None and not (type(seed) is int and 0 <= seed < _MAX_SEED):
+    if reason is None and not _seed_ok(seed):
         reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
         raise ValueError(reason)
@@ -931,7 +944,7 @@ def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32):
 
 _SKINNY_PLANS: dict = {}
 _WGRAD_PLANS: dict = {}
-_PLANS_MAX = 4096  # per launcher; past it they are dropped and rebuilt
+_PLANS_MAX = 4096  # per cache (a launcher's, a kernel's direct plans); past it they are dropped and rebuilt
 
 
 def _planned(cache: dict, make, x, y, scale, p, *rest):
@@ -942,17 +955,29 @@ def _planned(cache: dict, make, x, y, scale, p, *rest):
     its reason every time. Anything that is not a tensor goes straight to `make` (and its checks)."""
     try:
         key = (x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
-               type(scale), scale, type(p), p, *rest, os.environ.get("FXFUSE_LORA_FP32_DOT"))
+               type(scale), scale, type(p), p, *rest, *map(type, rest), os.environ.get("FXFUSE_LORA_FP32_DOT"))
+        got = cache.get(key)  # hashing raises for unhashable values: their checks reject them
     except (AttributeError, TypeError):
         return make(x, y, scale, p, *rest)
-    got = cache.get(key)
     if got is None:
         got = make(x, y, scale, p, *rest)
         if got[0] is None:
-            if len(cache) >= _PLANS_MAX:
-                cache.clear()
-            cache[key] = got
+            _remember(cache, key, got)
     return got
+
+
+def _remember(cache: dict, key, value) -> None:
+    """cache[key] = value, dropping every entry first once there are _PLANS_MAX (a new shape every
+    call would otherwise grow it without bound)."""
+    if len(cache) >= _PLANS_MAX:
+        cache.clear()
+    cache[key] = value
+
+
+def _seed_ok(seed) -> bool:
+    """The fast form of `_check_common`'s seed rule (an int in [0, 2**31)), for launchers whose other
+    checks a plan remembers; False sends them to their full check, which names the problem."""
+    return type(seed) is int and 0 <= seed < _MAX_SEED
 
 
 GROUP_MAX = 3  # problems per skinny_matmul_group launch
@@ -1129,7 +1154,7 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     operands share a 16-bit dtype, or ``allow_tf32``; ``split_fp32`` as in
     :func:`skinny_matmul`."""
     reason, plan = _planned(_WGRAD_PLANS, _wgrad_plan, g, x, scale, p, allow_tf32, split_m, split_fp32)
-    if reason is None and not (type(seed) is int and 0 <= seed < _MAX_SEED):
+    if reason is None and not _seed_ok(seed):
         reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
     if reason:
         raise ValueError(reason)
@@ -1159,16 +1184,3 @@ def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32):
     meta = dict(BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast, PRECISION=precision, SPLIT=split,
                 ATOMIC=split_m > 1)
     return None, (m, k, r, split_m, split_m > 1, launch_args, meta)
-    upcast, precision, split = _dot_mode(g.dtype, x.dtype, allow_tf32, split_fp32)
-    kernel = _lowrank_wgrad_kernel
-    grid = lambda meta: (cdiv(k, meta["BLOCK_K"]), split_m)
-    with _on_device(x.device):
-        _launch(kernel, grid,
-            g, x, out, m, k, r,
-            g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            float(scale) / (1.0 - float(p)), float(p), int(seed),
-            _bucket(m),
-            BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast,
-            PRECISION=precision, SPLIT=split, ATOMIC=atomic,
-        )
-    return out

@@ -16,8 +16,8 @@ from typing import List, Optional
 import torch
 
 from .host_math import cdiv
-from .lora import (_FP32_DOT_PRECISION, _SUPPORTED_DTYPES, MAX_RANK, _bucket, _cfg, _check_tensor, _launch,
-                   _maybe_autotune, _on_device, _pow2_at_least, _real, triton_available)
+from .lora import (_FP32_DOT_PRECISION, _SUPPORTED_DTYPES, _bucket, _cfg, _check_rank, _check_scale,
+                   _check_tensor, _launch, _maybe_autotune, _on_device, _pow2_at_least, triton_available)
 
 try:
     import triton
@@ -44,9 +44,9 @@ if triton is not None:
     @triton.jit
     def _lowrank_expand_kernel(
         xa_ptr, M, stride_xm, stride_xr,
-        b0, bias0, o0, N0, R0, off0, sbn0, sbr0, som0, son0, scale0,
-        b1, bias1, o1, N1, R1, off1, sbn1, sbr1, som1, son1, scale1,
-        b2, bias2, o2, N2, R2, off2, sbn2, sbr2, som2, son2, scale2,
+        b0, bias0, o0, N0, R0, off0, sbn0, sbr0, sbias0, som0, son0, scale0,
+        b1, bias1, o1, N1, R1, off1, sbn1, sbr1, sbias1, som1, son1, scale1,
+        b2, bias2, o2, N2, R2, off2, sbn2, sbr2, sbias2, som2, son2, scale2,
         M_BUCKET, N_BUCKET,
         MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -59,16 +59,16 @@ if triton is not None:
         nb1 = tl.cdiv(N1, BLOCK_N)
         if pid_n < nb0:
             b_ptr, bias_ptr, o_ptr, N, R, off, scale = b0, bias0, o0, N0, R0, off0, scale0
-            sbn, sbr, som, son = sbn0, sbr0, som0, son0
+            sbn, sbr, sbias, som, son = sbn0, sbr0, sbias0, som0, son0
             member = 0
         elif pid_n < nb0 + nb1:  # an unused member has N = 0: no blocks
             b_ptr, bias_ptr, o_ptr, N, R, off, scale = b1, bias1, o1, N1, R1, off1, scale1
-            sbn, sbr, som, son = sbn1, sbr1, som1, son1
+            sbn, sbr, sbias, som, son = sbn1, sbr1, sbias1, som1, son1
             member = 1
             pid_n -= nb0
         else:
             b_ptr, bias_ptr, o_ptr, N, R, off, scale = b2, bias2, o2, N2, R2, off2, scale2
-            sbn, sbr, som, son = sbn2, sbr2, som2, son2
+            sbn, sbr, sbias, som, son = sbn2, sbr2, sbias2, som2, son2
             member = 2
             pid_n -= nb0 + nb1
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -84,7 +84,7 @@ if triton is not None:
         acc = tl.dot(xa, bt, input_precision=PRECISION) * scale
         if HAS_BIAS != 0:
             if ((HAS_BIAS >> member) & 1) != 0:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(bias_ptr + offs_n.to(tl.int64) * sbias, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * som + offs_n.to(tl.int64)[None, :] * son
         tl.store(out_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -115,12 +115,15 @@ def check_lowrank_expand(xa, bs, scales, biases, out_dtype) -> Optional[str]:
     if reason:
         return reason
     for j, (b, s, bias) in enumerate(zip(bs, scales, biases)):
-        if not 1 <= b.shape[1] <= MAX_RANK:
-            return f"member {j}: rank {b.shape[1]} not in 1..{MAX_RANK}"
-        if not _real(s) or not float(s) == float(s) or abs(float(s)) == float("inf"):
-            return f"member {j}: scale {s!r} is not a finite number"
+        reason = _check_rank(b.shape[1]) or _check_scale(s)
+        if reason:
+            return f"member {j}: {reason}"
         if bias is not None and bias.shape[0] != b.shape[0]:
             return f"member {j}: bias of {bias.shape[0]} for {b.shape[0]} outputs"
+        # a member's sizes and strides pass through one runtime branch: all must be 32-bit there
+        big = [v for v in (b.shape[0], *b.stride(), *(bias.stride() if bias is not None else ())) if v >= 2**31]
+        if big:
+            return f"member {j}: sizes or strides of 2**31 or more ({big[0]})"
     if sum(b.shape[1] for b in bs) != xa.shape[1]:
         return f"xa has {xa.shape[1]} columns, the members' ranks sum to {sum(b.shape[1] for b in bs)}"
     return None
@@ -147,10 +150,12 @@ def lowrank_expand(xa: torch.Tensor, bs: List[torch.Tensor], scales: List[float]
     for j in range(GROUP_MAX):
         if j < len(bs):
             b, o = bs[j], outs[j]
-            slots += [b, biases[j] if biases[j] is not None else bias_any, o, b.shape[0], b.shape[1], offsets[j],
-                      b.stride(0), b.stride(1), o.stride(0), o.stride(1), float(scales[j])]
+            bias = biases[j]
+            slots += [b, bias if bias is not None else bias_any, o, b.shape[0], b.shape[1], offsets[j],
+                      b.stride(0), b.stride(1), bias.stride(0) if bias is not None else 1, o.stride(0), o.stride(1),
+                      float(scales[j])]
         else:  # unused: N = 0, no blocks
-            slots += [bs[0], bias_any, outs[0], 0, 1, 0, 1, 1, 1, 1, 0.0]
+            slots += [bs[0], bias_any, outs[0], 0, 1, 0, 1, 1, 1, 1, 1, 0.0]
     ns = [b.shape[0] for b in bs]
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), sum(cdiv(n, meta["BLOCK_N"]) for n in ns))
     with _on_device(xa.device):

@@ -156,9 +156,8 @@ def _xa_kernels(x, lora_as, dropout_ps, seed):
 
 def _expand_on() -> bool:
     """FXFUSE_LORA_EXPAND=1 (read per call; default 0): on CUDA the members' low-rank terms come from one
-    `lowrank_expand` launch per GROUP_MAX members instead of torch casts and GEMMs. Off by default: it
-    took ~35 ms of host time off the 4k forward, but the step was no faster (it is GPU-bound there:
-    bench/RESULTS.md)."""
+    `lowrank_expand` launch per GROUP_MAX members instead of torch casts and GEMMs. Off by default: the 4k step
+    was no faster with it (it is GPU-bound there; its host-time effect was mixed: bench/RESULTS.md)."""
     return env.flag("FXFUSE_LORA_EXPAND", False)
 
 
@@ -166,16 +165,16 @@ def _low_rank_terms(x, xa, biases, lora_bs, scalings, ranks):
     """Each member's s·xa_i·B_iᵀ + bias_i in x's dtype, by `lowrank_expand` (up to GROUP_MAX members a
     launch), or None where it declines the members (e.g. adapters of mixed dtypes): the caller then
     takes the per-member torch path, the same math with two more roundings."""
-    outs, col = [], 0
+    calls, col = [], 0
     for c in range(0, len(lora_bs), KE.GROUP_MAX):
         part = slice(c, c + KE.GROUP_MAX)
         width = sum(ranks[part])
         args = (xa[:, col:col + width], lora_bs[part], scalings[part], biases[part], x.dtype)
         if KE.check_lowrank_expand(*args) is not None:
-            return None
-        outs += KE.lowrank_expand(*args, checked=True)
+            return None  # before any launch: every chunk is checked first
+        calls.append(args)
         col += width
-    return outs
+    return [y for args in calls for y in KE.lowrank_expand(*args, checked=True)]
 
 
 def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype):
