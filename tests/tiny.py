@@ -55,3 +55,15 @@ def loss_and_grads(model, **inputs):
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def delayed(side_stream):
+    """A stand-in for fxfuse's offload `side_stream(device)` that queues ~1 ms of GPU sleep on the
+    stream before whatever is issued next: every copy lands late, so a reader that does not wait for
+    its reload reads memory not yet written (the GPU offload test and its repro use it)."""
+    def late(device):
+        stream = side_stream(device)
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(2_000_000)
+        return stream
+    return late

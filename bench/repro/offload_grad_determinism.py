@@ -6,9 +6,9 @@ their first use (the default) as compiled, with every reload waiting at its issu
 reference. Device call:  python bench/repro/offload_grad_determinism.py
 
 Measured on an H200, 2026-12-02: plain vs plain 0.0; reloads waiting at their issue vs plain 0.0
-(tenth session, call 1); waiting at their use vs plain 0.0063 (ninth session 0.0092, in every step,
+(tenth session, call m); waiting at their use vs plain 0.0063 (ninth session 0.0092, in every step,
 also with deterministic algorithms), and that build equals itself bit for bit with its reloads
-waiting at the issue and with delayed copies (call 5): timing changes nothing, so no read races a
+waiting at the issue and with delayed copies (call p): timing changes nothing, so no read races a
 copy; the difference is the compiled graph's rounding (the reload_wait ops change what Inductor
 fuses), and both are as close to fp32 (0.01848 vs plain's 0.01855)."""
 import json
@@ -21,14 +21,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fxfuse  # noqa: E402
 from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
 from fxfuse.runtime.ops import offload as offload_ops  # noqa: E402
-from tiny import clone, loss_and_grads, rel, tiny_model  # noqa: E402
+from tiny import clone, delayed, loss_and_grads, rel, tiny_model  # noqa: E402
 
 SIZES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
              vocab_size=1024, num_hidden_layers=4)
 ref = tiny_model(dtype=torch.bfloat16, gc=True, sizes=SIZES, r=16, lora_alpha=16).cuda()
 ids = torch.randint(0, 1024, (2, 512), generator=torch.Generator().manual_seed(3)).cuda()
 plain = fxfuse.optimize(clone(ref), verbose=False, offload_activations=False)
-# (call 1 of 2026-12-02's tenth session: a plain build equals itself, an offloading build whose reloads
+# (call m of 2026-12-02, tenth session: a plain build equals itself, an offloading build whose reloads
 # wait where they are issued equals plain bit for bit; only the wait at the use differs)
 builds = {"plain": plain, "off_wait_at_use": fxfuse.optimize(
     clone(ref), verbose=False, offload_activations=ActivationOffload(min_bytes=0, save_attention=False))}
@@ -43,15 +43,7 @@ def worst_name(ga, gb):
 
 
 _side_stream = offload_ops.side_stream
-
-
-def delayed_side_stream(device):
-    """The side stream with ~1 ms of GPU sleep queued before whatever is issued next on it: every copy
-    finishes late, so a reader that does not wait for its reload reads unwritten memory."""
-    stream = _side_stream(device)
-    with torch.cuda.stream(stream):
-        torch.cuda._sleep(2_000_000)
-    return stream
+delayed_side_stream = delayed(_side_stream)
 
 
 # off_wait_at_use's compiled graphs run three ways: as built; with every reload waiting at its issue

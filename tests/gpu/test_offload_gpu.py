@@ -6,7 +6,7 @@ import torch
 import fxfuse
 from fxfuse.passes.activation_offload import ActivationOffload
 from fxfuse.runtime.ops import offload as ops
-from tiny import clone, loss_and_grads, rel, tiny_model
+from tiny import clone, delayed, loss_and_grads, rel, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
@@ -17,17 +17,6 @@ SIZES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num
 
 def _builds(ref, **variants):
     return {name: fxfuse.optimize(clone(ref), verbose=False, offload_activations=off) for name, off in variants.items()}
-
-
-def _delayed(side_stream):
-    """ops.side_stream with ~1 ms of GPU sleep queued before whatever is issued next on it: every copy
-    lands late, so a reader that does not wait for its reload reads memory not yet written."""
-    def delayed(device):
-        stream = side_stream(device)
-        with torch.cuda.stream(stream):
-            torch.cuda._sleep(2_000_000)
-        return stream
-    return delayed
 
 
 def test_offload_matches_the_same_build_without_it(monkeypatch):
@@ -48,7 +37,7 @@ def test_offload_matches_the_same_build_without_it(monkeypatch):
         monkeypatch.setenv("FXFUSE_RELOAD_WAIT_AT_ISSUE", "1")
         got["at_use_waiting_at_issue"] = loss_and_grads(m["at_use"], input_ids=ids, labels=ids)
         monkeypatch.delenv("FXFUSE_RELOAD_WAIT_AT_ISSUE")
-        monkeypatch.setattr(ops, "side_stream", _delayed(side_stream))
+        monkeypatch.setattr(ops, "side_stream", delayed(side_stream))
         got["at_use_delayed_copies"] = loss_and_grads(m["at_use"], input_ids=ids, labels=ids)
         monkeypatch.setattr(ops, "side_stream", side_stream)
         pinned.append(ops.host_pool(torch.device("cuda")).pinned_bytes)
