@@ -934,12 +934,22 @@ def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32):
     if split_k is None:
         split_k = _skinny_split(m, k, x.device)
     split_k = max(1, min(split_k, cdiv(k, 16)))
-    upcast, precision, split = _dot_mode(x.dtype, a.dtype, allow_tf32, split_fp32)
     launch_args = (x.stride(0), x.stride(1), a.stride(0), a.stride(1),  # the output's strides are (r, 1)
-                   float(scale) / (1.0 - float(p)), float(p), _bucket(m), _bucket(k))
-    meta = dict(BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast, PRECISION=precision, SPLIT=split,
-                ATOMIC=split_k > 1)
+                   *_scale_and_p(scale, p), _bucket(m), _bucket(k))
+    meta = _skinny_meta(x.dtype, a.dtype, r, p, allow_tf32, split_fp32, split_k > 1)
     return None, (m, k, r, split_k, split_k > 1, launch_args, meta)
+
+
+def _scale_and_p(scale, p) -> tuple:
+    """The kernels' scale (dropout's 1 / (1 - p) folded in) and p, as floats."""
+    return float(scale) / (1.0 - float(p)), float(p)
+
+
+def _skinny_meta(a_dtype, b_dtype, r: int, p, allow_tf32: bool, split_fp32, atomic: bool) -> dict:
+    """The constexprs the skinny and weight-gradient kernels share: rank tile, dropout, dot mode, atomics."""
+    upcast, precision, split = _dot_mode(a_dtype, b_dtype, allow_tf32, split_fp32)
+    return dict(BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast, PRECISION=precision, SPLIT=split,
+                ATOMIC=atomic)
 
 
 _SKINNY_PLANS: dict = {}
@@ -1178,9 +1188,7 @@ def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32):
     if split_m is None:
         split_m = _wgrad_split(m, k, x.device)
     split_m = max(1, min(split_m, cdiv(m, 16)))
-    upcast, precision, split = _dot_mode(g.dtype, x.dtype, allow_tf32, split_fp32)
     launch_args = (g.stride(0), g.stride(1), x.stride(0), x.stride(1),  # the output's strides are (k, 1)
-                   float(scale) / (1.0 - float(p)), float(p), _bucket(m))
-    meta = dict(BLOCK_R=_pow2_at_least(r), HAS_DROPOUT=p > 0, UPCAST=upcast, PRECISION=precision, SPLIT=split,
-                ATOMIC=split_m > 1)
+                   *_scale_and_p(scale, p), _bucket(m))
+    meta = _skinny_meta(g.dtype, x.dtype, r, p, allow_tf32, split_fp32, split_m > 1)
     return None, (m, k, r, split_m, split_m > 1, launch_args, meta)
