@@ -29,6 +29,10 @@ ap.add_argument("--rows", type=int, default=22)
 ap.add_argument("--passes", default=None, help="fxfuse variant: comma-separated passes (default: the variant's)")
 ap.add_argument("--offload", choices=["on", "off"], default="on", help="fxfuse variant: activation offload")
 ap.add_argument("--gaps", action="store_true", help="idle gaps of the compute stream: where it waits, and on what")
+ap.add_argument("--no-hf-breaks", action="store_true",
+                help="avoid the two graph breaks HF/PEFT put in every step: pass use_cache=False (HF's "
+                     "checkpointing sets it anyway, with a logger warning dynamo cannot trace) and skip "
+                     "enable_input_require_grads (its requires_grad_() hook; not needed with use_reentrant=False)")
 a = ap.parse_args()
 
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers, num_attention_heads=32,
@@ -39,7 +43,8 @@ with torch.device("cuda"):
 model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=[
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-model.enable_input_require_grads()
+if not a.no_hf_breaks:
+    model.enable_input_require_grads()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 if a.variant == "compile":
     fwd = torch.compile(model)
@@ -59,7 +64,7 @@ def step():
     # a marker kernel on the compute stream before each phase (forward, backward, optimizer):
     # gap_report splits the stream's busy and idle time by phase at them
     torch.cuda._sleep(1)
-    out = fwd(input_ids=x, labels=x)
+    out = fwd(input_ids=x, labels=x, **({"use_cache": False} if a.no_hf_breaks else {}))
     torch.cuda._sleep(1)
     out.loss.backward()
     torch.cuda._sleep(1)
@@ -81,7 +86,7 @@ for _ in range(5):
     torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
 med = statistics.median(times)
-print(f"PROFILE {a.variant} seq={a.seq} layers={a.layers} step_ms={med * 1e3:.1f} first_s={first:.1f} "
+print(f"PROFILE {a.variant}{' no-hf-breaks' if a.no_hf_breaks else ''} seq={a.seq} layers={a.layers} step_ms={med * 1e3:.1f} first_s={first:.1f} "
       f"tok_s={a.seq / med:.0f}", flush=True)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in range(2):
