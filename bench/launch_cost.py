@@ -52,7 +52,7 @@ xa_out = torch.empty(M, R, device=dev, dtype=torch.float32)
 
 def skinny_args():
     return (x, a, xa_out, M, H, R, x.stride(0), x.stride(1), a.stride(0), a.stride(1), xa_out.stride(0),
-            xa_out.stride(1), 1.0, 0.0, 0, K._bucket(M), K._bucket(H))
+            xa_out.stride(1), 1.0, 0.0, 0, K._bucket(M), K._bucket(H), K._tune_layout(x, a), 1)
 
 
 upcast, precision, split = K._dot_mode(x.dtype, a.dtype, False)  # the dot skinny_matmul runs by default

@@ -46,6 +46,8 @@ def tokens(batch=2, seq=16, vocab=128, seed=1):
 
 
 def loss_and_grads(model, **inputs):
+    """This call's loss and gradients: earlier calls' gradients are dropped first, not accumulated."""
+    model.zero_grad(set_to_none=True)
     out = model(**inputs, use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -586,20 +586,26 @@ def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 if triton is not None:
 
-    # skinny configs; the grouped kernel tunes over all but the widest M tile
+    # skinny configs; the grouped kernel tunes over the first four. The last three won products of
+    # the 8B layer's backward in bench/skinny_sweep.py (H200: e.g. dB of k/v with 32-row tiles).
     _SKINNY_CONFIGS = [
         _cfg(4, 4, BLOCK_M=64, BLOCK_K=64),
         _cfg(4, 4, BLOCK_M=64, BLOCK_K=128),
         _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
         _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
         _cfg(8, 3, BLOCK_M=256, BLOCK_K=64),
+        _cfg(4, 5, BLOCK_M=64, BLOCK_K=64),
+        _cfg(8, 4, BLOCK_M=128, BLOCK_K=64),
+        _cfg(4, 4, BLOCK_M=32, BLOCK_K=256),
     ]
 
     @_maybe_autotune(
         configs=_SKINNY_CONFIGS,
         # every variant that changes the work per tile is its own key: a config tuned for one dot
-        # mode (bf16x3, tf32x3) is not reused for the other
-        key=["M_BUCKET", "K_BUCKET", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
+        # mode (bf16x3, tf32x3) is not reused for the other, nor one tuned for a row-major x (g, xa)
+        # for a transposed one (dB), nor one tuned for 2 splits of K for 8
+        key=["M_BUCKET", "K_BUCKET", "TUNE_LAYOUT", "TUNE_SPLIT", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT",
+             "ATOMIC"],
         interp_meta=_INTERP_SKINNY,
         reset_to_zero=["out_ptr"],  # split-K accumulates atomically
     )
@@ -609,7 +615,7 @@ if triton is not None:
         M, K, R,
         stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
         scale, p, seed,
-        M_BUCKET, K_BUCKET,
+        M_BUCKET, K_BUCKET, TUNE_LAYOUT, TUNE_SPLIT,
         BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -618,7 +624,8 @@ if triton is not None:
 
         Grid (M blocks, K splits).  Each split reduces a contiguous run of
         whole BLOCK_K steps; with more than one split the partial sums are
-        atomically added into a zeroed output."""
+        atomically added into a zeroed output. TUNE_LAYOUT and TUNE_SPLIT
+        (`_tune_layout`, the split count) only key the autotuner."""
         _skinny_tile(x_ptr, a_ptr, out_ptr, M, K, R,
                      stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
                      scale, p, seed, tl.program_id(0),
@@ -810,8 +817,12 @@ if triton is not None:
             _cfg(8, 3, BLOCK_M=64, BLOCK_K=256),
             _cfg(4, 3, BLOCK_M=128, BLOCK_K=64),
             _cfg(8, 3, BLOCK_M=128, BLOCK_K=128),
+            # winners of bench/skinny_sweep.py at the 8B layer's dA products (H200)
+            _cfg(4, 5, BLOCK_M=64, BLOCK_K=64),
+            _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
+            _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
         ],
-        key=["M_BUCKET", "K", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
+        key=["M_BUCKET", "K", "TUNE_LAYOUT", "TUNE_SPLIT", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
         interp_meta=_INTERP_WGRAD,
         reset_to_zero=["out_ptr"],  # split-M accumulates atomically
     )
@@ -821,7 +832,7 @@ if triton is not None:
         M, K, R,
         stride_gm, stride_gr, stride_xm, stride_xk, stride_or, stride_ok,
         scale, p, seed,
-        M_BUCKET,
+        M_BUCKET, TUNE_LAYOUT, TUNE_SPLIT,
         BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -831,7 +842,8 @@ if triton is not None:
         Grid (K blocks, M splits): M (tokens) is long and R*K small, so each
         program reduces a contiguous run of whole BLOCK_M steps of M for one
         K block; with more than one split, partial sums are atomically added
-        into a zeroed output."""
+        into a zeroed output. TUNE_LAYOUT and TUNE_SPLIT only key the
+        autotuner."""
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
         m_steps = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1))
@@ -886,14 +898,19 @@ def check_skinny_matmul(x, a, *, scale=1.0, p=0.0, seed=0, split_k=None, **_) ->
     return None
 
 
-def _skinny_split(m: int, k: int, device: torch.device) -> int:
-    """Split K when there are too few M blocks to fill the GPU (dB = dY^T XA:
-    M is out_features, K is the token count)."""
+def _skinny_split(m: int, k: int, device: torch.device, deterministic: bool = False) -> int:
+    """Split K when there are too few M blocks to fill the GPU (~2 programs per SM), each split
+    keeping at least 1024 of K (dB = dYᵀ·XA: M is out_features, K the token count). At the 8B
+    layer's 4k shapes this gives 4 splits where the sweep's best had 4 to 8 (bench/skinny_sweep.py);
+    the old cap of K/2048 left most of an H200 idle. Deterministic mode
+    (torch.use_deterministic_algorithms) caps it at 2: two partial sums added atomically to zero give
+    the same bits in either order, more do not."""
     m_blocks = cdiv(m, 128)
     target = 2 * _num_sms(device)
-    if m_blocks >= target or k < 4096:
+    if m_blocks == 0 or m_blocks >= target:  # nothing to do, or enough row blocks
         return 1
-    return max(1, min(cdiv(target, m_blocks), k // 2048))
+    split = max(1, min(cdiv(target, m_blocks), k // 1024))
+    return min(split, 2) if deterministic else split
 
 
 def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
@@ -909,7 +926,8 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     atomically, so results are then not bitwise deterministic).
     ``split_fp32`` picks the dot of a bf16/fp32 pair: True bf16x3, False
     tf32x3, None the FXFUSE_LORA_FP32_DOT default (bf16x3)."""
-    reason, plan = _planned(_SKINNY_PLANS, _skinny_plan, x, a, scale, p, allow_tf32, split_k, split_fp32)
+    reason, plan = _planned(_SKINNY_PLANS, _skinny_plan, x, a, scale, p, allow_tf32, split_k, split_fp32,
+                            torch.are_deterministic_algorithms_enabled())
     if reason is None and not _seed_ok(seed):
         reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
@@ -925,17 +943,17 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     return out
 
 
-def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32):
+def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32, deterministic=False):
     """(reason, None) for an unsupported call, else (None, what `skinny_matmul` launches with)."""
     reason = check_skinny_matmul(x, a, scale=scale, p=p, split_k=split_k)
     if reason:
         return reason, None
     (m, k), r = x.shape, a.shape[0]
     if split_k is None:
-        split_k = _skinny_split(m, k, x.device)
+        split_k = _skinny_split(m, k, x.device, deterministic)
     split_k = max(1, min(split_k, cdiv(k, 16)))
     launch_args = (x.stride(0), x.stride(1), a.stride(0), a.stride(1),  # the output's strides are (r, 1)
-                   *_scale_and_p(scale, p), _bucket(m), _bucket(k))
+                   *_scale_and_p(scale, p), _bucket(m), _bucket(k), _tune_layout(x, a), split_k)
     meta = _skinny_meta(x.dtype, a.dtype, r, p, allow_tf32, split_fp32, split_k > 1)
     return None, (m, k, r, split_k, split_k > 1, launch_args, meta)
 
@@ -1027,7 +1045,7 @@ def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k:
     dev, n = xs[0].device, len(xs)
     ms, ks, rs = [x.shape[0] for x in xs], [x.shape[1] for x in xs], [a.shape[0] for a in as_]
     if split_k is None:
-        split_k = _skinny_split(sum(ms), max(ks), dev)
+        split_k = _skinny_split(sum(ms), max(ks), dev, torch.are_deterministic_algorithms_enabled())
     split_k = max(1, min(split_k, cdiv(max(ks), 16)))
     atomic = split_k > 1 or min(ks) == 0
     alloc = torch.zeros if atomic else torch.empty
@@ -1146,11 +1164,21 @@ def check_lowrank_weight_grad(g, x, *, scale=1.0, p=0.0, seed=0, split_m=None, *
     return None
 
 
-def _wgrad_split(m: int, k: int, device: torch.device) -> int:
-    """Enough M splits for ~2 waves of programs, but each split keeps at
-    least ~1024 rows so atomics stay a small fraction of the traffic."""
+def _wgrad_split(m: int, k: int, device: torch.device, deterministic: bool = False) -> int:
+    """Enough M splits for ~2 waves of programs, each keeping at least 512 rows so atomics stay a
+    small fraction of the traffic (bench/skinny_sweep.py: 8 splits won at the 8B layer's 4k dA
+    products). Deterministic mode caps it at 2, as `_skinny_split`."""
     k_blocks = cdiv(k, 128)
-    return max(1, min(cdiv(2 * _num_sms(device), k_blocks), m // 1024))
+    if k_blocks == 0:
+        return 1
+    split = max(1, min(cdiv(2 * _num_sms(device), k_blocks), m // 512))
+    return min(split, 2) if deterministic else split
+
+
+def _tune_layout(x: torch.Tensor, y: torch.Tensor) -> int:
+    """Which operands are row-major (unit stride along their last dim), as an autotune key: one
+    config does not suit a row-major and a transposed read of the same shape."""
+    return int(x.stride(-1) == 1) + 2 * int(y.stride(-1) == 1)
 
 
 def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
@@ -1163,7 +1191,8 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
     operands share a 16-bit dtype, or ``allow_tf32``; ``split_fp32`` as in
     :func:`skinny_matmul`."""
-    reason, plan = _planned(_WGRAD_PLANS, _wgrad_plan, g, x, scale, p, allow_tf32, split_m, split_fp32)
+    reason, plan = _planned(_WGRAD_PLANS, _wgrad_plan, g, x, scale, p, allow_tf32, split_m, split_fp32,
+                            torch.are_deterministic_algorithms_enabled())
     if reason is None and not _seed_ok(seed):
         reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
     if reason:
@@ -1179,16 +1208,16 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     return out
 
 
-def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32):
+def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32, deterministic=False):
     """(reason, None) for an unsupported call, else (None, what `lowrank_weight_grad` launches with)."""
     reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, split_m=split_m)
     if reason:
         return reason, None
     (m, r), k = g.shape, x.shape[1]
     if split_m is None:
-        split_m = _wgrad_split(m, k, x.device)
+        split_m = _wgrad_split(m, k, x.device, deterministic)
     split_m = max(1, min(split_m, cdiv(m, 16)))
     launch_args = (g.stride(0), g.stride(1), x.stride(0), x.stride(1),  # the output's strides are (k, 1)
-                   *_scale_and_p(scale, p), _bucket(m))
+                   *_scale_and_p(scale, p), _bucket(m), _tune_layout(g, x), split_m)
     meta = _skinny_meta(g.dtype, x.dtype, r, p, allow_tf32, split_fp32, split_m > 1)
     return None, (m, k, r, split_m, split_m > 1, launch_args, meta)
