@@ -7,12 +7,15 @@ effect (device call; a timing is never a test).
 
 A toggle sets environment variables that fxfuse reads at run time (not at compile time), e.g.
 `FXFUSE_CE_CHUNK_MIB=1024` (lm_head + cross-entropy chunk) or `FXFUSE_RELOAD_WAIT_AT_ISSUE=1`
-(reloads wait where they are issued); `base` (no variables) always runs. Each round runs every
+(reloads wait where they are issued); `base` (no variables) always runs. `--gc` adds two toggles of
+Python's cyclic garbage collector: `gc_off` (disabled during the steps) and `gc_frozen` (gc.freeze()
+before them, gc.unfreeze() after: the objects compilation left behind are not scanned). Each round runs every
 toggle for --steps steps, in a rotated order. Per toggle and round: the step times, when forward()
 and backward() return on the host (near the step time, the host is the bottleneck) and the memory
 peak of each phase; at the end, per toggle, the median over all its steps.
 """
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -31,6 +34,7 @@ ap.add_argument("--seq", type=int, default=4096)
 ap.add_argument("--steps", type=int, default=4)
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--toggle", action="append", default=[], help="NAME=ENV=VALUE[,ENV=VALUE...]")
+ap.add_argument("--gc", action="store_true", help="also toggle Python's garbage collector (gc_off, gc_frozen)")
 args = ap.parse_args()
 toggles = {"base": {}}
 for spec in args.toggle:
@@ -39,6 +43,21 @@ for spec in args.toggle:
     if not name or not env:
         sys.exit(f"--toggle {spec!r}: expected NAME=ENV=VALUE[,ENV=VALUE...]")
     toggles[name] = env
+GC_TOGGLES = ("gc_off", "gc_frozen")
+if args.gc:
+    toggles.update({name: {} for name in GC_TOGGLES})
+# every collection's generation and duration: how much of a step the collector takes
+gc_log, gc_t = [], [0.0]
+
+
+def _gc_timer(phase, info):
+    if phase == "start":
+        gc_t[0] = time.perf_counter()
+    else:
+        gc_log.append((info["generation"], time.perf_counter() - gc_t[0]))
+
+
+gc.callbacks.append(_gc_timer)
 
 model, cfg = build_model("8b", "cuda", 16, True)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -48,10 +67,14 @@ x = torch.randint(0, cfg.vocab_size, (1, args.seq), device="cuda",
 peak = Device("cuda").phase_peak_gib  # the peak since its last call, in GiB
 
 
-def run(env, n):
+def run(env, n, name=""):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     rows = []
+    if name == "gc_off":
+        gc.disable()
+    elif name == "gc_frozen":
+        gc.freeze()
     try:
         for _ in range(n):
             torch.cuda.synchronize()
@@ -67,6 +90,10 @@ def run(env, n):
             torch.cuda.synchronize()
             rows.append((time.perf_counter() - t0, t1 - t0, t2 - t0, [p_fwd, p_bwd, p_opt]))
     finally:
+        if name == "gc_off":
+            gc.enable()
+        elif name == "gc_frozen":
+            gc.unfreeze()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -83,11 +110,15 @@ names = list(toggles)
 for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
-        rows = run(toggles[name], args.steps)
+        gc_log.clear()
+        rows = run(toggles[name], args.steps, name)
         every[name] += [row[0] for row in rows]
+        gc_ms = [round(sum(d for g, d in gc_log if g == gen) * 1e3, 1) for gen in (0, 1, 2)]
         print(json.dumps(dict(bench="runtime_ab", round=r, toggle=name, env=toggles[name], seq=args.seq,
                               steps=[round(row[0], 4) for row in rows], fwd_host=[round(row[1], 4) for row in rows],
-                              bwd_host=[round(row[2], 4) for row in rows], phase_peaks_gib=rows[-1][3])), flush=True)
+                              bwd_host=[round(row[2], 4) for row in rows], phase_peaks_gib=rows[-1][3],
+                              gc_ms_by_generation=gc_ms, gen2_collections=sum(g == 2 for g, _ in gc_log))),
+              flush=True)
 for name, times in every.items():
     med = statistics.median(times)
     print(json.dumps(dict(bench="runtime_ab", summary=name, env=toggles[name], seq=args.seq, n=len(times),
