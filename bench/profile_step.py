@@ -30,9 +30,10 @@ ap.add_argument("--passes", default=None, help="fxfuse variant: comma-separated 
 ap.add_argument("--offload", choices=["on", "off"], default="on", help="fxfuse variant: activation offload")
 ap.add_argument("--gaps", action="store_true", help="idle gaps of the compute stream: where it waits, and on what")
 ap.add_argument("--no-hf-breaks", action="store_true",
-                help="avoid the two graph breaks HF/PEFT put in every step: pass use_cache=False (HF's "
-                     "checkpointing sets it anyway, with a logger warning dynamo cannot trace) and skip "
-                     "enable_input_require_grads (its requires_grad_() hook; not needed with use_reentrant=False)")
+                help="pass use_cache=False (HF's checkpointing sets it anyway, with a logger warning dynamo "
+                     "cannot trace: a graph break) and skip enable_input_require_grads (not needed with "
+                     "use_reentrant=False). Measured 2026-12-02: the logger break goes, requires_grad_() "
+                     "breaks remain: transformers' gradient_checkpointing_enable installs that hook itself")
 a = ap.parse_args()
 
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers, num_attention_heads=32,
@@ -86,7 +87,8 @@ for _ in range(5):
     torch.cuda.synchronize()
     times.append(time.perf_counter() - t0)
 med = statistics.median(times)
-print(f"PROFILE {a.variant}{' no-hf-breaks' if a.no_hf_breaks else ''} seq={a.seq} layers={a.layers} step_ms={med * 1e3:.1f} first_s={first:.1f} "
+label = a.variant + (" no-hf-breaks" if a.no_hf_breaks else "")
+print(f"PROFILE {label} seq={a.seq} layers={a.layers} step_ms={med * 1e3:.1f} first_s={first:.1f} "
       f"tok_s={a.seq / med:.0f}", flush=True)
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
     for _ in range(2):

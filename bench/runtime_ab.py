@@ -68,6 +68,8 @@ peak = Device("cuda").phase_peak_gib  # the peak since its last call, in GiB
 
 
 def run(env, n, name=""):
+    """n steps under a toggle: their (step, forward() returned, backward() returned, phase peaks) and the
+    garbage collections during them (taken before the collector is switched back)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     rows = []
@@ -89,6 +91,7 @@ def run(env, n, name=""):
             p_opt = peak()
             torch.cuda.synchronize()
             rows.append((time.perf_counter() - t0, t1 - t0, t2 - t0, [p_fwd, p_bwd, p_opt]))
+        collections = list(gc_log)
     finally:
         if name == "gc_off":
             gc.enable()
@@ -99,7 +102,7 @@ def run(env, n, name=""):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return rows
+    return rows, collections
 
 
 t = time.perf_counter()
@@ -111,13 +114,13 @@ for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
         gc_log.clear()
-        rows = run(toggles[name], args.steps, name)
+        rows, collections = run(toggles[name], args.steps, name)
         every[name] += [row[0] for row in rows]
-        gc_ms = [round(sum(d for g, d in gc_log if g == gen) * 1e3, 1) for gen in (0, 1, 2)]
+        gc_ms = [round(sum(d for g, d in collections if g == gen) * 1e3, 1) for gen in (0, 1, 2)]
         print(json.dumps(dict(bench="runtime_ab", round=r, toggle=name, env=toggles[name], seq=args.seq,
                               steps=[round(row[0], 4) for row in rows], fwd_host=[round(row[1], 4) for row in rows],
                               bwd_host=[round(row[2], 4) for row in rows], phase_peaks_gib=rows[-1][3],
-                              gc_ms_by_generation=gc_ms, gen2_collections=sum(g == 2 for g, _ in gc_log))),
+                              gc_ms_by_generation=gc_ms, gen2_collections=sum(g == 2 for g, _ in collections))),
               flush=True)
 for name, times in every.items():
     med = statistics.median(times)

@@ -1,17 +1,28 @@
-"""How the skinny and weight-gradient launchers split their reduction: enough programs to fill the
-GPU, and no more than two atomic partial sums in deterministic mode (two added to a zeroed output give
-the same bits in either order; more do not)."""
-import pytest
-import torch
+"""How the skinny and weight-gradient launchers split their reduction: ~2 programs per SM, and at most
+two atomic partial sums under torch.use_deterministic_algorithms (two added to a zeroed output give the
+same bits in either order; more do not), explicit splits included."""
+import os
 
-from fxfuse.runtime.kernels import lora as K
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fxfuse.runtime.kernels import lora as K  # noqa: E402
+from tiny import rel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or a CUDA device")
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def h200(monkeypatch):
-    monkeypatch.setattr(K, "_num_sms", lambda device: 132)
+def sms(monkeypatch):
+    """Pin the SM count the heuristics read (132: an H100/H200; 4 for the launcher tests)."""
+    def pin(n):
+        monkeypatch.setattr(K, "_num_sms", lambda device: n)
+    return pin
 
 
 @pytest.mark.parametrize("m,k,want", [
@@ -21,16 +32,20 @@ def h200(monkeypatch):
     (4096, 1024, 1),    # g of k/v: too little K to share
     (4096, 14336, 9),   # g of gate/up: 2 programs per SM
     (40000, 4096, 1),   # enough row blocks
+    (0, 4096, 1),       # nothing to do (divided by zero before)
 ])
-def test_skinny_split_fills_the_gpu(h200, m, k, want):
+def test_skinny_split(sms, m, k, want):
+    sms(132)
     assert K._skinny_split(m, k, CPU) == want
-    assert K._skinny_split(m, k, CPU, deterministic=True) == min(want, 2)
+    assert K._skinny_split(m, k, CPU, deterministic=True) == min(want, K.DETERMINISTIC_MAX_SPLIT)
 
 
-@pytest.mark.parametrize("m,k,want", [(4096, 4096, 8), (4096, 14336, 3), (1024, 4096, 2), (256, 4096, 1)])
-def test_weight_grad_split_fills_the_gpu(h200, m, k, want):
+@pytest.mark.parametrize("m,k,want", [(4096, 4096, 8), (4096, 14336, 3), (1024, 4096, 2), (256, 4096, 1),
+                                      (4096, 0, 1)])
+def test_weight_grad_split(sms, m, k, want):
+    sms(132)
     assert K._wgrad_split(m, k, CPU) == want
-    assert K._wgrad_split(m, k, CPU, deterministic=True) == min(want, 2)
+    assert K._wgrad_split(m, k, CPU, deterministic=True) == min(want, K.DETERMINISTIC_MAX_SPLIT)
 
 
 def test_layout_key_tells_a_transposed_read_from_a_row_major_one():
@@ -41,32 +56,48 @@ def test_layout_key_tells_a_transposed_read_from_a_row_major_one():
     assert K._tune_layout(x.t(), x.t()) == 0
 
 
-def test_deterministic_mode_caps_the_launchers_splits(monkeypatch):
-    """The plans a launcher remembers follow torch's deterministic switch, and both give the same sums."""
+def _launched_splits(monkeypatch, deterministic, call):
+    """The split grids of the launches `call` makes, with torch's deterministic switch as given."""
+    grids = []
+    real = K._launch
+    monkeypatch.setattr(K, "_launch", lambda kern, grid, *a, **kw: grids.append(grid) or real(kern, grid, *a, **kw))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    out = call()
+    monkeypatch.setattr(K, "_launch", real)
+    return [g({"BLOCK_M": 32, "BLOCK_K": 32})[1] for g in grids], out
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_launchers_follow_the_deterministic_switch(monkeypatch, sms, deterministic):
+    """Heuristic and explicit splits are capped in deterministic mode; the sums stay right either way."""
+    sms(4)
     monkeypatch.setattr(K, "_SKINNY_PLANS", {})
     monkeypatch.setattr(K, "_WGRAD_PLANS", {})
     gen = torch.Generator().manual_seed(0)
-    x, a = torch.randn(40, 4096, generator=gen), torch.randn(8, 4096, generator=gen)
-    g = torch.randn(4096, 8, generator=gen)
-    ref_s = (x.double() @ a.double().t())
-    ref_w = (g.double().t() @ x.t().contiguous().double())
-    outs = {}
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        for det in (False, True):
-            torch.use_deterministic_algorithms(det)
-            outs[det] = (K.skinny_matmul(x, a), K.lowrank_weight_grad(g, x.t().contiguous()))
-    finally:
-        torch.use_deterministic_algorithms(was)
-    splits = sorted(plan[3] for _, plan in K._SKINNY_PLANS.values())
-    assert splits == [2, 4]  # interpreter: 4 "SMs", one row block, K/1024 = 4; capped at 2
-    w_splits = sorted(plan[3] for _, plan in K._WGRAD_PLANS.values())
-    assert w_splits == [2, 8]
-    for s, w in outs.values():
-        torch.testing.assert_close(s.double(), ref_s, rtol=1e-5, atol=1e-3)
-        torch.testing.assert_close(w.double(), ref_w, rtol=1e-5, atol=1e-3)
+    x = torch.randn(40, 4096, generator=gen).to(DEVICE)
+    a = torch.randn(8, 4096, generator=gen).to(DEVICE)
+    g = torch.randn(4096, 8, generator=gen).to(DEVICE)
+    xt = x.t().contiguous()
+    cap = K.DETERMINISTIC_MAX_SPLIT if deterministic else 99
+    cases = [  # (launch, float64 reference, expected split without the cap)
+        (lambda: K.skinny_matmul(x, a), x.double() @ a.double().t(), 4),  # one row block, K/1024
+        (lambda: K.skinny_matmul(x, a, split_k=8), x.double() @ a.double().t(), 8),
+        (lambda: K.lowrank_weight_grad(g, xt), g.double().t() @ xt.double(), 8),  # M/512
+        (lambda: K.lowrank_weight_grad(g, xt, split_m=16), g.double().t() @ xt.double(), 16),
+        (lambda: K.skinny_matmul_group([x, x], [a, a], [1.0, 2.0])[1], 2 * (x.double() @ a.double().t()), 4),
+    ]
+    for launch, ref, want in cases:
+        splits, out = _launched_splits(monkeypatch, deterministic, launch)
+        assert splits == [min(want, cap)]
+        assert rel(out, ref) < 1e-6
 
 
-def test_empty_sizes_do_not_split(h200):
-    assert K._skinny_split(0, 4096, CPU) == 1
-    assert K._wgrad_split(4096, 0, CPU) == 1
+def test_zero_sizes_launch_nothing_and_return_zeros(sms):
+    sms(132)
+    a = torch.randn(8, 4096, device=DEVICE)
+    out = K.skinny_matmul(torch.empty(0, 4096, device=DEVICE), a)
+    assert out.shape == (0, 8)
+    w = K.lowrank_weight_grad(torch.randn(4096, 8, device=DEVICE), torch.empty(4096, 0, device=DEVICE))
+    assert w.shape == (8, 0)
+    outs = K.skinny_matmul_group([torch.empty(0, 4096, device=DEVICE)], [a], [1.0])
+    assert outs[0].shape == (0, 8)

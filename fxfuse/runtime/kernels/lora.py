@@ -604,18 +604,18 @@ if triton is not None:
         # every variant that changes the work per tile is its own key: a config tuned for one dot
         # mode (bf16x3, tf32x3) is not reused for the other, nor one tuned for a row-major x (g, xa)
         # for a transposed one (dB), nor one tuned for 2 splits of K for 8
-        key=["M_BUCKET", "K_BUCKET", "TUNE_LAYOUT", "TUNE_SPLIT", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT",
+        key=["M_BUCKET", "K_BUCKET", "TUNE_LAYOUT", "TUNE_SPLITS", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT",
              "ATOMIC"],
         interp_meta=_INTERP_SKINNY,
         reset_to_zero=["out_ptr"],  # split-K accumulates atomically
     )
-    @triton.jit
+    @triton.jit(do_not_specialize=["TUNE_LAYOUT", "TUNE_SPLITS"])  # key-only: no variant per value
     def _skinny_kernel(
         x_ptr, a_ptr, out_ptr,
         M, K, R,
         stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
         scale, p, seed,
-        M_BUCKET, K_BUCKET, TUNE_LAYOUT, TUNE_SPLIT,
+        M_BUCKET, K_BUCKET, TUNE_LAYOUT, TUNE_SPLITS,
         BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -624,7 +624,7 @@ if triton is not None:
 
         Grid (M blocks, K splits).  Each split reduces a contiguous run of
         whole BLOCK_K steps; with more than one split the partial sums are
-        atomically added into a zeroed output. TUNE_LAYOUT and TUNE_SPLIT
+        atomically added into a zeroed output. TUNE_LAYOUT and TUNE_SPLITS
         (`_tune_layout`, the split count) only key the autotuner."""
         _skinny_tile(x_ptr, a_ptr, out_ptr, M, K, R,
                      stride_xm, stride_xk, stride_ar, stride_ak, stride_om, stride_or,
@@ -684,16 +684,16 @@ if triton is not None:
 
     @_maybe_autotune(
         configs=_SKINNY_CONFIGS[:4],
-        key=["M_BUCKET", "K_BUCKET", "BLOCK_R", "SPLIT", "UPCAST", "ATOMIC"],
+        key=["M_BUCKET", "K_BUCKET", "TUNE_LAYOUT", "TUNE_SPLITS", "BLOCK_R", "SPLIT", "UPCAST", "ATOMIC"],
         interp_meta=_INTERP_SKINNY,
         reset_to_zero=["o0", "o1", "o2"],  # split-K accumulates atomically
     )
-    @triton.jit(do_not_specialize=_GROUP_INTS)
+    @triton.jit(do_not_specialize=_GROUP_INTS + ["TUNE_LAYOUT", "TUNE_SPLITS"])
     def _skinny_group_kernel(
         x0, a0, o0, M0, K0, R0, sxm0, sxk0, sar0, sak0, som0, sor0, scale0,
         x1, a1, o1, M1, K1, R1, sxm1, sxk1, sar1, sak1, som1, sor1, scale1,
         x2, a2, o2, M2, K2, R2, sxm2, sxk2, sar2, sak2, som2, sor2, scale2,
-        M_BUCKET, K_BUCKET,
+        M_BUCKET, K_BUCKET, TUNE_LAYOUT, TUNE_SPLITS,
         PROBLEMS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -822,17 +822,17 @@ if triton is not None:
             _cfg(4, 3, BLOCK_M=32, BLOCK_K=64),
             _cfg(4, 4, BLOCK_M=32, BLOCK_K=128),
         ],
-        key=["M_BUCKET", "K", "TUNE_LAYOUT", "TUNE_SPLIT", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
+        key=["M_BUCKET", "K", "TUNE_LAYOUT", "TUNE_SPLITS", "BLOCK_R", "SPLIT", "UPCAST", "HAS_DROPOUT", "ATOMIC"],
         interp_meta=_INTERP_WGRAD,
         reset_to_zero=["out_ptr"],  # split-M accumulates atomically
     )
-    @triton.jit
+    @triton.jit(do_not_specialize=["TUNE_LAYOUT", "TUNE_SPLITS"])  # key-only: no variant per value
     def _lowrank_wgrad_kernel(
         g_ptr, x_ptr, out_ptr,
         M, K, R,
         stride_gm, stride_gr, stride_xm, stride_xk, stride_or, stride_ok,
         scale, p, seed,
-        M_BUCKET, TUNE_LAYOUT, TUNE_SPLIT,
+        M_BUCKET, TUNE_LAYOUT, TUNE_SPLITS,
         BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr, SPLIT: tl.constexpr, ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -842,7 +842,7 @@ if triton is not None:
         Grid (K blocks, M splits): M (tokens) is long and R*K small, so each
         program reduces a contiguous run of whole BLOCK_M steps of M for one
         K block; with more than one split, partial sums are atomically added
-        into a zeroed output. TUNE_LAYOUT and TUNE_SPLIT only key the
+        into a zeroed output. TUNE_LAYOUT and TUNE_SPLITS only key the
         autotuner."""
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -898,19 +898,27 @@ def check_skinny_matmul(x, a, *, scale=1.0, p=0.0, seed=0, split_k=None, **_) ->
     return None
 
 
+DETERMINISTIC_MAX_SPLIT = 2  # two partial sums added atomically to a zeroed output: the same bits in either order
+
+
+def _split_cap(split: int, deterministic: bool) -> int:
+    """A launcher's split, capped at DETERMINISTIC_MAX_SPLIT under torch.use_deterministic_algorithms
+    (an explicit split too)."""
+    return min(split, DETERMINISTIC_MAX_SPLIT) if deterministic else split
+
+
 def _skinny_split(m: int, k: int, device: torch.device, deterministic: bool = False) -> int:
     """Split K when there are too few M blocks to fill the GPU (~2 programs per SM), each split
-    keeping at least 1024 of K (dB = dYᵀ·XA: M is out_features, K the token count). At the 8B
-    layer's 4k shapes this gives 4 splits where the sweep's best had 4 to 8 (bench/skinny_sweep.py);
-    the old cap of K/2048 left most of an H200 idle. Deterministic mode
-    (torch.use_deterministic_algorithms) caps it at 2: two partial sums added atomically to zero give
-    the same bits in either order, more do not."""
+    keeping at least 1024 of K (dB = dYᵀ·XA: M is out_features, K the token count). The old cap of
+    K/2048 ran 16-64 programs on an H200's 132 SMs at the 8B layer's 4k shapes
+    (bench/skinny_sweep.py); the sweep's best splits there ranged from 1 to 8 by product, so this
+    is a rule of thumb, not each product's best. Deterministic mode caps it (`_split_cap`)."""
     m_blocks = cdiv(m, 128)
     target = 2 * _num_sms(device)
     if m_blocks == 0 or m_blocks >= target:  # nothing to do, or enough row blocks
         return 1
     split = max(1, min(cdiv(target, m_blocks), k // 1024))
-    return min(split, 2) if deterministic else split
+    return _split_cap(split, deterministic)
 
 
 def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: float = 0.0,
@@ -923,7 +931,8 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
     fp32 (or mixed-dtype) dots keep ~fp32 accuracy unless ``allow_tf32``
     (module docstring: bf16x3, tf32x3, or exact under the interpreter).
     ``split_k`` overrides the split-K heuristic (``>1`` adds partial sums
-    atomically, so results are then not bitwise deterministic).
+    atomically; past 2 their order, so the last bits, can change run to run;
+    under torch.use_deterministic_algorithms every split is capped at 2).
     ``split_fp32`` picks the dot of a bf16/fp32 pair: True bf16x3, False
     tf32x3, None the FXFUSE_LORA_FP32_DOT default (bf16x3)."""
     reason, plan = _planned(_SKINNY_PLANS, _skinny_plan, x, a, scale, p, allow_tf32, split_k, split_fp32,
@@ -932,15 +941,20 @@ def skinny_matmul(x: torch.Tensor, a: torch.Tensor, *, scale: float = 1.0, p: fl
         reason = check_skinny_matmul(x, a, scale=scale, p=p, seed=seed, split_k=split_k)
     if reason:
         raise ValueError(reason)
-    m, k, r, split_k, atomic, launch_args, meta = plan
+    m, k, r, split_k, atomic, _, meta = plan
     out = (torch.zeros if atomic or k == 0 else torch.empty)((m, r), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out
     grid = lambda cfg: (cdiv(m, cfg["BLOCK_M"]), split_k)
     with _on_device(x.device):
-        _launch(_skinny_kernel, grid, x, a, out, m, k, r, *launch_args[:4], r, 1, *launch_args[4:6], int(seed),
-                *launch_args[6:], **meta)
+        _launch(_skinny_kernel, grid, *_skinny_args(x, a, out, seed, plan), **meta)
     return out
+
+
+def _skinny_args(x, a, out, seed, plan) -> tuple:
+    """`_skinny_kernel`'s positional arguments for a `_skinny_plan` plan (bench/skinny_sweep.py too)."""
+    m, k, r, _, _, launch_args, _ = plan
+    return (x, a, out, m, k, r, *launch_args[:4], r, 1, *launch_args[4:6], int(seed), *launch_args[6:])
 
 
 def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32, deterministic=False):
@@ -951,7 +965,7 @@ def _skinny_plan(x, a, scale, p, allow_tf32, split_k, split_fp32, deterministic=
     (m, k), r = x.shape, a.shape[0]
     if split_k is None:
         split_k = _skinny_split(m, k, x.device, deterministic)
-    split_k = max(1, min(split_k, cdiv(k, 16)))
+    split_k = _split_cap(max(1, min(split_k, cdiv(k, 16))), deterministic)
     launch_args = (x.stride(0), x.stride(1), a.stride(0), a.stride(1),  # the output's strides are (r, 1)
                    *_scale_and_p(scale, p), _bucket(m), _bucket(k), _tune_layout(x, a), split_k)
     meta = _skinny_meta(x.dtype, a.dtype, r, p, allow_tf32, split_fp32, split_k > 1)
@@ -1032,8 +1046,8 @@ def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k:
     ``side_by_side`` (every M_j equal) the outputs are column blocks of one [M, ΣR_j] tensor, which
     comes last in the returned list. K is split (``skinny_matmul``'s heuristic over all problems'
     rows and the largest K; ``split_k`` overrides) when their M blocks are too few to fill the GPU;
-    then every problem accumulates atomically (not bitwise deterministic), also one that alone
-    would not have been split. Integer arguments below 2**31 (every LoRA shape) keep the branches
+    then every problem accumulates atomically (past 2 splits not bitwise deterministic; capped at 2
+    under torch.use_deterministic_algorithms), also one that alone would not have been split. Integer arguments below 2**31 (every LoRA shape) keep the branches
     that pick a problem's values of one type."""
     reason = check_skinny_matmul_group(xs, as_, scales)
     if reason is None and split_k is not None and (not isinstance(split_k, int) or split_k < 1):
@@ -1044,9 +1058,10 @@ def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k:
         raise ValueError("side_by_side needs every problem's M equal")
     dev, n = xs[0].device, len(xs)
     ms, ks, rs = [x.shape[0] for x in xs], [x.shape[1] for x in xs], [a.shape[0] for a in as_]
+    deterministic = torch.are_deterministic_algorithms_enabled()
     if split_k is None:
-        split_k = _skinny_split(sum(ms), max(ks), dev, torch.are_deterministic_algorithms_enabled())
-    split_k = max(1, min(split_k, cdiv(max(ks), 16)))
+        split_k = _skinny_split(sum(ms), max(ks), dev, deterministic)
+    split_k = _split_cap(max(1, min(split_k, cdiv(max(ks), 16))), deterministic)
     atomic = split_k > 1 or min(ks) == 0
     alloc = torch.zeros if atomic else torch.empty
     if side_by_side:
@@ -1066,7 +1081,8 @@ def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k:
                   o.stride(0), o.stride(1), float(scales[j]) if j < n else 0.0]
     grid = lambda meta: (sum(cdiv(m, meta["BLOCK_M"]) for m in ms), split_k)
     with _on_device(dev):
-        _launch(_skinny_group_kernel, grid, *slots, _bucket(max(ms)), _bucket(max(ks)),
+        _launch(_skinny_group_kernel, grid, *slots, _bucket(max(ms)), _bucket(max(ks)), _tune_layout(xs[0], as_[0]),
+                split_k,
                 PROBLEMS=n, BLOCK_R=_pow2_at_least(max(rs)), UPCAST=upcast, PRECISION=precision, SPLIT=split,
                 ATOMIC=atomic)
     return outs + ([base] if side_by_side else [])
@@ -1166,13 +1182,14 @@ def check_lowrank_weight_grad(g, x, *, scale=1.0, p=0.0, seed=0, split_m=None, *
 
 def _wgrad_split(m: int, k: int, device: torch.device, deterministic: bool = False) -> int:
     """Enough M splits for ~2 waves of programs, each keeping at least 512 rows so atomics stay a
-    small fraction of the traffic (bench/skinny_sweep.py: 8 splits won at the 8B layer's 4k dA
-    products). Deterministic mode caps it at 2, as `_skinny_split`."""
+    small fraction of the traffic (bench/skinny_sweep.py, the 8B layer's 4k dA products: the best
+    splits were 2 to 16, and 1024 rows a split had capped them at 4). Deterministic mode caps it
+    (`_split_cap`)."""
     k_blocks = cdiv(k, 128)
     if k_blocks == 0:
         return 1
     split = max(1, min(cdiv(2 * _num_sms(device), k_blocks), m // 512))
-    return min(split, 2) if deterministic else split
+    return _split_cap(split, deterministic)
 
 
 def _tune_layout(x: torch.Tensor, y: torch.Tensor) -> int:
@@ -1187,8 +1204,8 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
     """``out[R, K] = scale * g[M, R]^T @ drop(x)[M, K]`` in float32 (dA of LoRA).
 
     M (tokens) is split across programs whose partial sums are atomically
-    added into a zeroed output (not bitwise deterministic when split);
-    ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
+    added into a zeroed output (past 2 splits not bitwise deterministic; capped
+    at 2 under torch.use_deterministic_algorithms); ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
     operands share a 16-bit dtype, or ``allow_tf32``; ``split_fp32`` as in
     :func:`skinny_matmul`."""
     reason, plan = _planned(_WGRAD_PLANS, _wgrad_plan, g, x, scale, p, allow_tf32, split_m, split_fp32,
@@ -1197,15 +1214,20 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
         reason = check_lowrank_weight_grad(g, x, scale=scale, p=p, seed=seed, split_m=split_m)
     if reason:
         raise ValueError(reason)
-    m, k, r, split_m, atomic, launch_args, meta = plan
+    m, k, r, split_m, atomic, _, meta = plan
     out = (torch.zeros if atomic or m == 0 else torch.empty)((r, k), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
         return out
     grid = lambda cfg: (cdiv(k, cfg["BLOCK_K"]), split_m)
     with _on_device(x.device):
-        _launch(_lowrank_wgrad_kernel, grid, g, x, out, m, k, r, *launch_args[:4], k, 1, *launch_args[4:6],
-                int(seed), *launch_args[6:], **meta)
+        _launch(_lowrank_wgrad_kernel, grid, *_wgrad_args(g, x, out, seed, plan), **meta)
     return out
+
+
+def _wgrad_args(g, x, out, seed, plan) -> tuple:
+    """`_lowrank_wgrad_kernel`'s positional arguments for a `_wgrad_plan` plan (bench/skinny_sweep.py too)."""
+    m, k, r, _, _, launch_args, _ = plan
+    return (g, x, out, m, k, r, *launch_args[:4], k, 1, *launch_args[4:6], int(seed), *launch_args[6:])
 
 
 def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32, deterministic=False):
@@ -1216,7 +1238,7 @@ def _wgrad_plan(g, x, scale, p, allow_tf32, split_m, split_fp32, deterministic=F
     (m, r), k = g.shape, x.shape[1]
     if split_m is None:
         split_m = _wgrad_split(m, k, x.device, deterministic)
-    split_m = max(1, min(split_m, cdiv(m, 16)))
+    split_m = _split_cap(max(1, min(split_m, cdiv(m, 16))), deterministic)
     launch_args = (g.stride(0), g.stride(1), x.stride(0), x.stride(1),  # the output's strides are (k, 1)
                    *_scale_and_p(scale, p), _bucket(m), _tune_layout(g, x), split_m)
     meta = _skinny_meta(g.dtype, x.dtype, r, p, allow_tf32, split_fp32, split_m > 1)
