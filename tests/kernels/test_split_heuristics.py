@@ -101,3 +101,26 @@ def test_zero_sizes_launch_nothing_and_return_zeros(sms):
     assert w.shape == (8, 0)
     outs = K.skinny_matmul_group([torch.empty(0, 4096, device=DEVICE)], [a], [1.0])
     assert outs[0].shape == (0, 8)
+
+
+def test_legacy_rule_is_the_old_caps_and_plans_follow_the_switch(monkeypatch, sms):
+    """FXFUSE_LORA_SPLITS=legacy gives the rule before 2026-12-02 (K/2048 and no split below K=4096;
+    M/1024), so one process can A/B the two; a typo raises."""
+    sms(132)
+    monkeypatch.setenv("FXFUSE_LORA_SPLITS", "legacy")
+    assert [K._skinny_split(m, k, CPU) for m, k in [(4096, 4096), (1024, 4096), (4096, 2048), (4096, 14336)]] \
+        == [2, 2, 1, 7]
+    assert [K._wgrad_split(m, k, CPU) for m, k in [(4096, 4096), (4096, 14336)]] == [4, 3]
+    monkeypatch.setenv("FXFUSE_LORA_SPLITS", "fast")
+    with pytest.raises(ValueError, match="FXFUSE_LORA_SPLITS"):
+        K._skinny_split(4096, 4096, CPU)
+    sms(4)
+    monkeypatch.setattr(K, "_SKINNY_PLANS", {})
+    x, a = torch.randn(40, 8192, device=DEVICE), torch.randn(8, 8192, device=DEVICE)
+    splits = {}
+    for rule in ("fill", "legacy", "fill"):
+        monkeypatch.setenv("FXFUSE_LORA_SPLITS", rule)
+        got, out = _launched_splits(monkeypatch, False, lambda: K.skinny_matmul(x, a))
+        splits.setdefault(rule, []).extend(got)
+        assert rel(out, x.double() @ a.double().t()) < 1e-6
+    assert splits == {"fill": [8, 8], "legacy": [4]}

@@ -907,9 +907,23 @@ def _split_cap(split: int, deterministic: bool) -> int:
     return min(split, DETERMINISTIC_MAX_SPLIT) if deterministic else split
 
 
+# FXFUSE_LORA_SPLITS -> the least reduction length one split keeps: (skinny K, weight-grad rows)
+_SPLIT_RULES = {"fill": (1024, 512), "legacy": (2048, 1024)}
+
+
+def _split_rule() -> tuple:
+    """FXFUSE_LORA_SPLITS=fill (default) | legacy, read when a launcher plans a call shape (the plan
+    caches key it). legacy is the rule before 2026-12-02 (K/2048, M/1024), kept so that one process
+    can compare the two (bench/runtime_ab.py --toggle)."""
+    rule = os.environ.get("FXFUSE_LORA_SPLITS", "fill")
+    if rule not in _SPLIT_RULES:
+        raise ValueError(f"FXFUSE_LORA_SPLITS must be one of {sorted(_SPLIT_RULES)}, not {rule!r}")
+    return _SPLIT_RULES[rule]
+
+
 def _skinny_split(m: int, k: int, device: torch.device, deterministic: bool = False) -> int:
     """Split K when there are too few M blocks to fill the GPU (~2 programs per SM), each split
-    keeping at least 1024 of K (dB = dYᵀ·XA: M is out_features, K the token count). The old cap of
+    keeping at least 1024 of K (dB = dYᵀ·XA: M is out_features, K the token count). The legacy cap of
     K/2048 ran 16-64 programs on an H200's 132 SMs at the 8B layer's 4k shapes
     (bench/skinny_sweep.py); the sweep's best splits there ranged from 1 to 8 by product, so this
     is a rule of thumb, not each product's best. Deterministic mode caps it (`_split_cap`)."""
@@ -917,7 +931,7 @@ def _skinny_split(m: int, k: int, device: torch.device, deterministic: bool = Fa
     target = 2 * _num_sms(device)
     if m_blocks == 0 or m_blocks >= target:  # nothing to do, or enough row blocks
         return 1
-    split = max(1, min(cdiv(target, m_blocks), k // 1024))
+    split = max(1, min(cdiv(target, m_blocks), k // _split_rule()[0]))
     return _split_cap(split, deterministic)
 
 
@@ -992,12 +1006,13 @@ _PLANS_MAX = 4096  # per cache (a launcher's, a kernel's direct plans); past it 
 def _planned(cache: dict, make, x, y, scale, p, *rest):
     """make(x, y, scale, p, *rest) -> (reason, plan), remembered for later calls with the same shapes,
     strides, dtypes and devices of x and y, the same scale, p (values and types: True is not 1) and
-    rest, and the same FXFUSE_LORA_FP32_DOT: a launcher's checks and heuristics (~10 us of Python a
+    rest, and the same FXFUSE_LORA_FP32_DOT and FXFUSE_LORA_SPLITS: a launcher's checks and heuristics (~10 us of Python a
     launch) then run once per such call. Only supported calls are remembered: a bad one raises with
     its reason every time. Anything that is not a tensor goes straight to `make` (and its checks)."""
     try:
         key = (x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
-               type(scale), scale, type(p), p, *rest, *map(type, rest), os.environ.get("FXFUSE_LORA_FP32_DOT"))
+               type(scale), scale, type(p), p, *rest, *map(type, rest), os.environ.get("FXFUSE_LORA_FP32_DOT"),
+               os.environ.get("FXFUSE_LORA_SPLITS"))
         got = cache.get(key)  # hashing raises for unhashable values: their checks reject them
     except (AttributeError, TypeError):
         return make(x, y, scale, p, *rest)
@@ -1188,7 +1203,7 @@ def _wgrad_split(m: int, k: int, device: torch.device, deterministic: bool = Fal
     k_blocks = cdiv(k, 128)
     if k_blocks == 0:
         return 1
-    split = max(1, min(cdiv(2 * _num_sms(device), k_blocks), m // 512))
+    split = max(1, min(cdiv(2 * _num_sms(device), k_blocks), m // _split_rule()[1]))
     return _split_cap(split, deterministic)
 
 
