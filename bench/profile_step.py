@@ -90,7 +90,8 @@ med = statistics.median(times)
 label = a.variant + (" no-hf-breaks" if a.no_hf_breaks else "")
 print(f"PROFILE {label} seq={a.seq} layers={a.layers} step_ms={med * 1e3:.1f} first_s={first:.1f} "
       f"tok_s={a.seq / med:.0f}", flush=True)
-with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+with torch.profiler.profile(activities=activities) as prof:
     for _ in range(2):
         step()
     torch.cuda.synchronize()

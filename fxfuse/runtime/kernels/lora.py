@@ -1006,9 +1006,9 @@ _PLANS_MAX = 4096  # per cache (a launcher's, a kernel's direct plans); past it 
 def _planned(cache: dict, make, x, y, scale, p, *rest):
     """make(x, y, scale, p, *rest) -> (reason, plan), remembered for later calls with the same shapes,
     strides, dtypes and devices of x and y, the same scale, p (values and types: True is not 1) and
-    rest, and the same FXFUSE_LORA_FP32_DOT and FXFUSE_LORA_SPLITS: a launcher's checks and heuristics (~10 us of Python a
-    launch) then run once per such call. Only supported calls are remembered: a bad one raises with
-    its reason every time. Anything that is not a tensor goes straight to `make` (and its checks)."""
+    rest, and the same FXFUSE_LORA_FP32_DOT and FXFUSE_LORA_SPLITS: a launcher's checks and
+    heuristics (~10 us of Python a launch) then run once per such call. Only supported calls are
+    remembered: a bad one raises with its reason every time. Anything that is not a tensor goes straight to `make` (and its checks)."""
     try:
         key = (x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
                type(scale), scale, type(p), p, *rest, *map(type, rest), os.environ.get("FXFUSE_LORA_FP32_DOT"),
@@ -1062,8 +1062,9 @@ def skinny_matmul_group(xs, as_, scales, *, side_by_side: bool = False, split_k:
     comes last in the returned list. K is split (``skinny_matmul``'s heuristic over all problems'
     rows and the largest K; ``split_k`` overrides) when their M blocks are too few to fill the GPU;
     then every problem accumulates atomically (past 2 splits not bitwise deterministic; capped at 2
-    under torch.use_deterministic_algorithms), also one that alone would not have been split. Integer arguments below 2**31 (every LoRA shape) keep the branches
-    that pick a problem's values of one type."""
+    under torch.use_deterministic_algorithms), also one that alone would not have been split.
+    Integer arguments below 2**31 (every LoRA shape) keep the branches that pick a problem's values
+    of one type."""
     reason = check_skinny_matmul_group(xs, as_, scales)
     if reason is None and split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         reason = f"split_k {split_k!r} must be a positive int"
@@ -1220,9 +1221,9 @@ def lowrank_weight_grad(g: torch.Tensor, x: torch.Tensor, *, scale: float = 1.0,
 
     M (tokens) is split across programs whose partial sums are atomically
     added into a zeroed output (past 2 splits not bitwise deterministic; capped
-    at 2 under torch.use_deterministic_algorithms); ``split_m`` overrides the heuristic.  Dots keep ~fp32 accuracy unless both
-    operands share a 16-bit dtype, or ``allow_tf32``; ``split_fp32`` as in
-    :func:`skinny_matmul`."""
+    at 2 under torch.use_deterministic_algorithms); ``split_m`` overrides the
+    heuristic.  Dots keep ~fp32 accuracy unless both operands share a 16-bit
+    dtype, or ``allow_tf32``; ``split_fp32`` as in :func:`skinny_matmul`."""
     reason, plan = _planned(_WGRAD_PLANS, _wgrad_plan, g, x, scale, p, allow_tf32, split_m, split_fp32,
                             torch.are_deterministic_algorithms_enabled())
     if reason is None and not _seed_ok(seed):
