@@ -30,5 +30,8 @@ def _fresh_dynamo():
     from fxfuse.runtime import stats
     torch._dynamo.reset()
     stats.reset()
+    # torch's RNG starts from the same state in every test: unseeded tensors do not depend on which
+    # tests ran before in the same process (pytest-xdist deals tests to processes by timing)
+    torch.manual_seed(0)
     yield
     torch._dynamo.reset()
