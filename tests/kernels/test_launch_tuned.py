@@ -113,6 +113,7 @@ class JitTuner(Tuner):
 @pytest.fixture
 def fake_cuda(monkeypatch):
     monkeypatch.setattr(K.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(K, "_current_device", lambda: 0)  # the launchers' fast getter (CPU builds lack it)
     monkeypatch.setattr(K.torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
 
 

@@ -56,6 +56,7 @@ except Exception as exc:  # pragma: no cover - triton is a hard dependency
     tl = None
     _TRITON_IMPORT_ERROR = f"triton is not importable ({exc})"
 
+from .. import env
 from .host_math import cdiv, next_power_of_2
 
 __all__ = [
@@ -94,6 +95,9 @@ _MAX_SEED = 2**31
 # --------------------------------------------------------------------------
 
 _CUDA_READY = False  # set once CUDA was found usable: that does not change within a process
+# The current CUDA device without torch.cuda.current_device()'s lazy-init check (~2 us a call, twice a
+# launch): the launchers only ask with CUDA tensors in hand, so CUDA is initialised. CPU builds lack it.
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
@@ -187,7 +191,7 @@ def _fp32_dot_env() -> str:
     GPU-bound launch shapes (1.06-3.6x) and 5-12% slower on 2 (H200, bench/RESULTS.md); the 8B 4k
     training step was no slower (median 0.3497 s against 0.3537 s, 12 interleaved steps each in one
     process, lower in 2 of 3 rounds)."""
-    mode = os.environ.get("FXFUSE_LORA_FP32_DOT", "bf16x3")
+    mode = env.get("FXFUSE_LORA_FP32_DOT", "bf16x3")
     if mode not in ("bf16x3", "tf32x3"):
         raise ValueError(f"FXFUSE_LORA_FP32_DOT must be bf16x3 or tf32x3, not {mode!r}")
     return mode
@@ -234,7 +238,7 @@ class _on_device:
 
     def __init__(self, device: torch.device):
         # no device switch when it is current already (two CUDA calls a launch otherwise)
-        current = device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device()
+        current = device.type != "cuda" or device.index is None or device.index == _current_device()
         self.ctx = None if current else torch.cuda.device(device)
 
     def __enter__(self):
@@ -292,7 +296,7 @@ def _fast_launch_mode() -> str:
     tuned kernel's compiled binary straight (`_launch_direct`; Triton versions it was checked on,
     else "jit"); "jit" calls the JITFunction with the tuned config (`_launch_tuned`); "0" sends
     every launch through Triton's autotuner."""
-    mode = os.environ.get("FXFUSE_FAST_LAUNCH", "1")
+    mode = env.get("FXFUSE_FAST_LAUNCH", "1")
     if mode not in ("1", "jit", "0"):
         raise ValueError(f"FXFUSE_FAST_LAUNCH must be 1, jit or 0, not {mode!r}")
     return mode
@@ -388,7 +392,7 @@ def _launch_direct(kernel, grid, args, kwargs):
     autotuner the same config; anything else (a first call, a config with a pre-hook, a kernel with
     pre-run hooks) goes the JITFunction way and makes the plan. Launch hooks (profilers) still get
     their metadata."""
-    device = torch.cuda.current_device()
+    device = _current_device()
     plans = kernel.__dict__.get("_fxfuse_plans")
     if plans is None:
         return _plan_direct(kernel, grid, args, kwargs, None)
@@ -915,7 +919,7 @@ def _split_rule() -> tuple:
     """FXFUSE_LORA_SPLITS=fill (default) | legacy, read when a launcher plans a call shape (the plan
     caches key it). legacy is the rule before 2026-12-02 (K/2048, M/1024), kept so that one process
     can compare the two (bench/runtime_ab.py --toggle)."""
-    rule = os.environ.get("FXFUSE_LORA_SPLITS", "fill")
+    rule = env.get("FXFUSE_LORA_SPLITS", "fill")
     if rule not in _SPLIT_RULES:
         raise ValueError(f"FXFUSE_LORA_SPLITS must be one of {sorted(_SPLIT_RULES)}, not {rule!r}")
     return _SPLIT_RULES[rule]
@@ -1011,8 +1015,8 @@ def _planned(cache: dict, make, x, y, scale, p, *rest):
     remembered: a bad one raises with its reason every time. Anything that is not a tensor goes straight to `make` (and its checks)."""
     try:
         key = (x.shape, x.stride(), x.dtype, x.device, y.shape, y.stride(), y.dtype, y.device,
-               type(scale), scale, type(p), p, *rest, *map(type, rest), os.environ.get("FXFUSE_LORA_FP32_DOT"),
-               os.environ.get("FXFUSE_LORA_SPLITS"))
+               type(scale), scale, type(p), p, *rest, *map(type, rest), env.get("FXFUSE_LORA_FP32_DOT"),
+               env.get("FXFUSE_LORA_SPLITS"))
         got = cache.get(key)  # hashing raises for unhashable values: their checks reject them
     except (AttributeError, TypeError):
         return make(x, y, scale, p, *rest)

@@ -19,13 +19,12 @@ upcast (HF rounds the three softcap ops in the model dtype; see docs/numerics.md
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import stats
+from .. import env, stats
 from ..kernels import cross_entropy as K
 
 OP = "fxfuse::linear_cross_entropy"
@@ -37,7 +36,7 @@ CHUNK_BYTES = 256 << 20
 
 
 def chunk_bytes() -> int:
-    mib = os.environ.get("FXFUSE_CE_CHUNK_MIB")
+    mib = env.get("FXFUSE_CE_CHUNK_MIB")
     if mib is None:
         return CHUNK_BYTES
     if not mib.isdigit() or int(mib) < 1:

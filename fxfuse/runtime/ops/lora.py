@@ -44,6 +44,12 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; t itself when it is already (a no-op `.to` still costs ~2 us of argument parsing, and
+    the op's host time is the short-context step's limit)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _seed(seed: Optional[Tensor]) -> int:
     return int(seed.item()) if seed is not None else 0
 
@@ -54,7 +60,7 @@ def gemm_strategy(device: torch.device) -> str:
     shapes of the 8B model (by 5-45%) and lost 5 of 12 backward shapes by 1-12% (bench/RESULTS.md,
     LoRA GEMM table), so CUDA takes cuBLAS everywhere; the interpreter runs the fused kernel.
     FXFUSE_LORA_GEMM=triton|cublas overrides."""
-    forced = os.environ.get("FXFUSE_LORA_GEMM", "auto")
+    forced = env.get("FXFUSE_LORA_GEMM", "auto")
     if forced in ("triton", "cublas"):
         return forced
     if forced != "auto":
@@ -187,7 +193,7 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
         lows = _low_rank_terms(x, xa, biases, lora_bs, scalings, ranks)
         if lows is not None:
             # the low-rank term (and bias) is C of the base GEMM, accumulated in place (beta=1 epilogue)
-            return [y.addmm_(x2d, w.t()).to(out_dtype).reshape(*x.shape[:-1], w.shape[0])
+            return [_as(y.addmm_(x2d, w.t()), out_dtype).reshape(*x.shape[:-1], w.shape[0])
                     for y, w in zip(lows, weights)] + [xa]
     outs, off = [], 0
     for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
@@ -204,7 +210,7 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
                                                                                      dtype=x.dtype))
             xa_i = xa_low[:, off:off + r]
             y = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
-            y = y.addmm_(x2d, w.t()).to(out_dtype)
+            y = _as(y.addmm_(x2d, w.t()), out_dtype)
         off += r
         outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
     return outs + [xa]
@@ -220,7 +226,7 @@ def _g_and_db(dy2d, lora_bs, xa, scalings):
     offs = [sum(ranks[:i]) for i in range(n)]
     xa_t = [xa[:, o:o + r].t() for o, r in zip(offs, ranks)]
     b_t = [b.t() for b in lora_bs]
-    if os.environ.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1" and len({b.dtype for b in lora_bs}) == 1 and \
+    if env.get("FXFUSE_LORA_GROUPED_LAUNCH") == "1" and len({b.dtype for b in lora_bs}) == 1 and \
             K.check_skinny_matmul_group(dy2d[:K.GROUP_MAX], b_t[:K.GROUP_MAX], scalings[:K.GROUP_MAX]) is None:
         gs, bases, d_bs = [], [], []
         for c in range(0, n, K.GROUP_MAX):
@@ -234,7 +240,7 @@ def _g_and_db(dy2d, lora_bs, xa, scalings):
         gs = [K.skinny_matmul(d, bt, scale=s) for d, bt, s in zip(dy2d, b_t, scalings)]
         d_bs = [K.skinny_matmul(d.t(), xt, scale=s) for d, xt, s in zip(dy2d, xa_t, scalings)]
         g_all = torch.cat(gs, dim=1) if n > 1 else gs[0]
-    return gs, g_all, [d.to(b.dtype) for d, b in zip(d_bs, lora_bs)]
+    return gs, g_all, [_as(d, b.dtype) for d, b in zip(d_bs, lora_bs)]
 
 
 def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_ps, seed, need_dx):
@@ -242,7 +248,7 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
     m, k = x2d.shape
     seed_i = _seed(seed)
     seeds = [member_seed(seed_i, i) for i in range(len(weights))]
-    dy2d = [_flat(d).to(x.dtype) for d in dys]  # outputs may be in another dtype than x
+    dy2d = [_as(_flat(d), x.dtype) for d in dys]  # outputs may be in another dtype than x
     many = len(weights) > 1
     no_dropout = all(p == 0 for p in dropout_ps)
     gs, g_all, d_bs = _g_and_db(dy2d, lora_bs, xa, scalings)
@@ -282,7 +288,7 @@ def _backward_kernels(dys, x, weights, lora_as, lora_bs, xa, scalings, dropout_p
         dx = low  # accumulated in place: an out-of-place addmm would first copy `low`
         for dy, w in zip(dy2d, weights):
             dx.addmm_(dy, w)
-    out.append(dx.to(x.dtype).reshape(x.shape))
+    out.append(_as(dx, x.dtype).reshape(x.shape))
     return out
 
 
@@ -350,7 +356,7 @@ def split_lora_a_grads(d_a: Tensor, lora_as) -> List[Tensor]:
     """The backward op's stacked fp32 dA [Σr, K] as one gradient per member, in its adapter's dtype."""
     out, off = [], 0
     for a in lora_as:
-        out.append(d_a[off:off + a.shape[0]].to(a.dtype))
+        out.append(_as(d_a[off:off + a.shape[0]], a.dtype))
         off += a.shape[0]
     return out
 
