@@ -17,6 +17,7 @@ from ..passes.mlp_tiling import MlpTilingPass
 from ..passes.rms_norm import RmsNormPass
 from ..passes.recompute_lora_xa import RecomputeLoraXA
 from ..passes.sdpa_gqa import SdpaGqaPass
+from ..passes.sliding_window import SlidingWindowPass
 from ..passes.swiglu import SwigluPass
 from ..runtime import cache
 from ..runtime.kernels import lora as lora_kernels
@@ -29,6 +30,7 @@ PASSES = {
     "mlp_tiling": MlpTilingPass,
     "eager_attention": EagerAttentionPass,
     "causal_mask": CausalMaskPass,
+    "sliding_window": SlidingWindowPass,
     "sdpa_gqa": SdpaGqaPass,
     "rms_norm": RmsNormPass,
     "swiglu": SwigluPass,
@@ -42,6 +44,7 @@ PASSES = {
 # time at 4k (2-layer profile 35.3 -> 34.0 ms) and the k/v copies at long context.
 # eager_attention: models in eager attention get SDPA (O(T) memory instead of [B, H, T, T] scores);
 # on SDPA models it finds no candidate.
+# sliding_window is opt-in until it has run on a GPU (its backward recomputes in fp32 blocks).
 DEFAULT_PASSES = ("lora", "mlp_tiling", "eager_attention", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"
