@@ -8,6 +8,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from fxfuse.passes.causal_mask import Conj, SymCmp, Aff
+from fxfuse.passes.manager import PassManager
 from fxfuse.passes.pattern import Decline, count_ops
 from fxfuse.passes.sliding_window import SlidingWindowPass, band_window, window_of
 from test_causal_mask_pass import _pair, capture, capture_dynamic, square_bool_nodes
@@ -69,6 +70,31 @@ def test_symbolic_sizes_declined_with_the_reason():
     ids = tokens(seq=12)
     ref_loss, _ = loss_and_grads(ref, input_ids=ids, labels=ids)
     assert rel(results[0][0], ref_loss) < 1e-6
+
+
+def test_automatic_dynamic_graph_is_rewritten_too():
+    """torch.compile's default: a static graph first, then one with a symbolic length after the length
+    changes (the dropout stays a constant there). Both graphs get window attention; one graph serves
+    two more lengths with eager's loss and gradients."""
+    model = mistral()
+    ref = copy.deepcopy(model)
+    seen = []
+
+    def backend(gm, example_inputs):
+        stats = PassManager([SlidingWindowPass(chunk=5)]).run(gm)
+        if stats[0].candidates:
+            seen.append(stats[0])
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    for t in (16, 12, 21):
+        ids = tokens(seq=t)
+        loss, grads = loss_and_grads(compiled, input_ids=ids, labels=ids)
+        ref_loss, ref_grads = loss_and_grads(ref, input_ids=ids, labels=ids)
+        grads = {k.removeprefix("_orig_mod."): v for k, v in grads.items()}
+        assert rel(loss, ref_loss) < 1e-6
+        assert all(rel(grads[k], ref_grads[k]) < 1e-5 for k in ref_grads)
+    assert len(seen) == 2 and all(s.candidates == 2 and s.rewritten == 2 for s in seen), seen
 
 
 def test_window_terms():
