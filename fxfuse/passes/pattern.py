@@ -440,3 +440,48 @@ def _target_name(t: Any) -> str:
     if isinstance(t, torch._ops.OpOverloadPacket) or isinstance(t, torch._ops.OpOverload):
         return str(t)
     return getattr(t, "__name__", str(t))
+
+
+# ---------------------------------------------------------------- repeat_kv (GQA) as data
+
+_FULL = slice(None, None, None)
+# repeat_kv, as data: x[:, :, None, :, :] -> .expand(B, Hkv, n, T, D) -> .reshape(B, Hkv * n, T, D)
+REPEAT_KV = (
+    ("getitem", lambda n: n.op == "call_function" and n.target is operator.getitem
+     and n.args[1] == (_FULL, _FULL, None, _FULL, _FULL)),
+    ("expand", lambda n: n.op == "call_method" and n.target == "expand"),
+    ("reshape", lambda n: n.op == "call_method" and n.target in ("reshape", "view")),
+)
+
+
+def repeat_source(node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
+    """(kv, [getitem, expand, reshape]) when `node` is repeat_kv(kv), else None."""
+    chain = []
+    cur = node
+    for _, is_step in reversed(REPEAT_KV):
+        if not isinstance(cur, fx.Node) or not is_step(cur):
+            return None
+        chain.append(cur)
+        cur = cur.args[0]
+    return cur, chain[::-1]
+
+
+def same_size(a, b) -> bool:
+    """Sizes equal: ints by value, symbolic sizes by expression."""
+    return a == b if isinstance(a, int) and isinstance(b, int) else str(a) == str(b)
+
+
+def check_grouped_repeat(found: tuple, q: torch.Tensor) -> None:
+    """Declines a repeat_source() chain that is not the grouped interleave of [B, Hkv, T, D] kv heads up to
+    q's heads (query head h reads kv head h // n): the result must be [B, Hq, T, D] and the expand must grow
+    only the inserted axis."""
+    src_node, chain = found
+    src, rep, grown = example_value(src_node), example_value(chain[2]), example_value(chain[1])
+    if not all(isinstance(t, torch.Tensor) for t in (src, rep, grown)) or src.dim() != 4 or grown.dim() != 5:
+        raise Decline("repeat_kv without recorded 4-D values")
+    if not all(same_size(a, b) for a, b in zip(rep.shape, (src.shape[0], q.shape[1], src.shape[2], src.shape[3]))):
+        raise Decline(f"repeat {tuple(src.shape)} -> {tuple(rep.shape)} does not give the {q.shape[1]} query heads")
+    n = q.shape[1] // src.shape[1] if isinstance(q.shape[1], int) and isinstance(src.shape[1], int) else None
+    want = (src.shape[0], src.shape[1], n, src.shape[2], src.shape[3])
+    if not all(w is not None and same_size(g, w) for g, w in zip(grown.shape, want)):
+        raise Decline(f"expand to {tuple(grown.shape)} is not repeat_kv's (B, Hkv, n, T, D)")

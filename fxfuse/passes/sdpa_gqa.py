@@ -18,35 +18,15 @@ repeat on k and v are not candidates (plain multi-head attention).
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, canon, example_value, graphs_of, module_path, sdpa_params
+from .pattern import Decline, canon, check_grouped_repeat, example_value, graphs_of, module_path, repeat_source, \
+    same_size, sdpa_params
 
-_FULL = slice(None, None, None)
-# repeat_kv, as data: x[:, :, None, :, :] -> .expand(B, Hkv, n, T, D) -> .reshape(B, Hkv * n, T, D)
-REPEAT_KV = (
-    ("getitem", lambda n: n.op == "call_function" and n.target is operator.getitem
-     and n.args[1] == (_FULL, _FULL, None, _FULL, _FULL)),
-    ("expand", lambda n: n.op == "call_method" and n.target == "expand"),
-    ("reshape", lambda n: n.op == "call_method" and n.target in ("reshape", "view")),
-)
 _MAX_HEAD_DIM = 256  # flash attention's limit
-
-
-def repeat_source(node) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """(kv, [getitem, expand, reshape]) when `node` is repeat_kv(kv), else None."""
-    chain = []
-    cur = node
-    for _, is_step in reversed(REPEAT_KV):
-        if not isinstance(cur, fx.Node) or not is_step(cur):
-            return None
-        chain.append(cur)
-        cur = cur.args[0]
-    return cur, chain[::-1]
 
 
 def _dead_shape_queries(node: fx.Node) -> set:
@@ -61,10 +41,6 @@ def _dead_shape_queries(node: fx.Node) -> set:
                            for i in u.users):
             dead.add(u)
     return dead
-
-
-def _same(a, b) -> bool:
-    return a == b if isinstance(a, int) and isinstance(b, int) else str(a) == str(b)
 
 
 def check(params: dict, k_src, v_src) -> None:
@@ -84,23 +60,14 @@ def check(params: dict, k_src, v_src) -> None:
         raise Decline("q, k or v has no recorded value")
     if q.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
         raise Decline("not 4-D [batch, heads, tokens, head_dim] attention")
-    if not (_same(kv.shape[1], vv.shape[1]) and _same(kv.shape[2], vv.shape[2])):
+    if not (same_size(kv.shape[1], vv.shape[1]) and same_size(kv.shape[2], vv.shape[2])):
         raise Decline(f"k {tuple(kv.shape)} and v {tuple(vv.shape)} differ in heads or tokens")
-    for src, rep in ((kv, k_rep), (vv, v_rep)):  # the grouped interleave: [B, Hkv, T, D] -> [B, Hq, T, D]
-        if not all(_same(a, b) for a, b in zip(rep.shape, (src.shape[0], q.shape[1], src.shape[2], src.shape[3]))):
-            raise Decline(f"repeat {tuple(src.shape)} -> {tuple(rep.shape)} does not give the {q.shape[1]} query heads")
-    for src, (_, chain) in ((kv, k_src), (vv, v_src)):  # only the inserted axis grows: (B, Hkv, n, T, D)
-        grown = example_value(chain[1])
-        want = (src.shape[0], src.shape[1], q.shape[1] // src.shape[1] if isinstance(q.shape[1], int)
-                and isinstance(src.shape[1], int) else None, src.shape[2], src.shape[3])
-        if not isinstance(grown, torch.Tensor) or grown.dim() != 5 or \
-                not all(w is not None and _same(g, w) for g, w in zip(grown.shape, want)):
-            raise Decline(f"expand to {tuple(grown.shape) if isinstance(grown, torch.Tensor) else '?'} is not "
-                          f"repeat_kv's (B, Hkv, n, T, D)")
+    for src in (k_src, v_src):
+        check_grouped_repeat(src, q)
     n_kv, n_q = kv.shape[1], q.shape[1]
     if not (isinstance(n_kv, int) and isinstance(n_q, int) and n_q % n_kv == 0 and n_q > n_kv):
         raise Decline(f"{n_q} query heads over {n_kv} kv heads is not grouped-query attention")
-    if not (_same(q.shape[-1], kv.shape[-1]) and _same(kv.shape[-1], vv.shape[-1])):
+    if not (same_size(q.shape[-1], kv.shape[-1]) and same_size(kv.shape[-1], vv.shape[-1])):
         raise Decline(f"head dims differ (q {q.shape[-1]}, k {kv.shape[-1]}, v {vv.shape[-1]})")
     if isinstance(kv.shape[-1], int) and kv.shape[-1] > _MAX_HEAD_DIM:
         raise Decline(f"head dim {kv.shape[-1]} > {_MAX_HEAD_DIM}: no fused kernel, SDPA would run the math kernel")

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..runtime.ops import window_attention as W  # noqa: F401  (registers the op)
-from .causal_mask import SDPA, Aff, Conj, MaskEval, Pair, SymCmp, _drop_unused_masks, _rows, _size_eq, _sym, \
-    _top_level, additive_mask_source, classify
-from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, canon, example_value, graphs_of, match_at, module_path, sdpa_params
-from .sdpa_gqa import repeat_source
+from ..runtime.ops import window_attention as window_ops
+from .manager import GraphPass, PassStats
+from .mask_analysis import SDPA, Conj, Pair, SymCmp, classify, drop_unused_masks, mask_verdict, masked_sdpa_sites, \
+    rows, size_eq, sym
+from .pattern import Decline, check_grouped_repeat, example_value, match_at, repeat_source, sdpa_params
 
 
 def band_window(term: torch.Tensor, mask_shape: tuple) -> int:
@@ -41,7 +40,7 @@ def band_window(term: torch.Tensor, mask_shape: tuple) -> int:
     if len(masked) == 0:
         raise Decline("evaluated mask keeps the whole first column: no window")
     w = int(masked[0])
-    if w < 1 or not torch.equal(full, W.band(0, t, 0, w, "cpu").expand(mask_shape)):
+    if w < 1 or not torch.equal(full, window_ops.band(0, t, 0, w, "cpu").expand(mask_shape)):
         raise Decline("evaluated mask is not a causal sliding-window band")
     return w
 
@@ -49,9 +48,11 @@ def band_window(term: torch.Tensor, mask_shape: tuple) -> int:
 def _pair_window(term: Pair, mask_shape: tuple) -> int:
     """W for `q_side < kv_side` (or <=) with q_side = idx - W (- 1) and kv_side = idx, idx consecutive."""
     b = mask_shape[0]
-    q, kv = _rows(term.q_side, 2, b), _rows(term.kv_side, 3, b)
+    q, kv = rows(term.q_side, 2, b), rows(term.kv_side, 3, b)
     if term.op not in ("lt", "le") or q.shape != kv.shape or q.shape[-1] < 2:
         raise Decline(f"mask term q {term.op} kv is not a sliding window")
+    if q.is_floating_point() or kv.is_floating_point():  # a fractional gap would be rounded to a wrong width
+        raise Decline(f"mask term q {term.op} kv compares floating-point positions")
     if not bool((kv[:, 1:] - kv[:, :-1] == 1).all()):
         raise Decline("window over positions that are not consecutive (packed sequences?)")
     gap = kv - q
@@ -108,8 +109,7 @@ def _is_window_cmp(term: SymCmp) -> bool:
 
 class SlidingWindowPass(GraphPass):
     name = "sliding_window"
-    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.causal_mask", "fxfuse.passes.sdpa_gqa",
-                  "fxfuse.runtime.ops.window_attention")
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.mask_analysis", "fxfuse.runtime.ops.window_attention")
 
     def __init__(self, chunk: int = 1024, eval_limit: int = 1 << 20):
         if type(chunk) is not int or chunk < 1:
@@ -120,32 +120,27 @@ class SlidingWindowPass(GraphPass):
     def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
         verdicts: dict[fx.Node, Any] = {}
         cones: dict[fx.Node, set] = {}
-        for gname, sub in graphs_of(gm):
-            for node in list(sub.graph.nodes):
-                if canon(node) is None or canon(node).kind != "sdpa" or canon(node).operands[3] is None:
-                    continue
-                site = Site(self.name, module_path(node), node.name, gname, False)
-                stats.sites.append(site)
-                try:
-                    match_at(SDPA, SDPA, node)
-                    window = self._verdict(gm, sub, node, verdicts, cones)
-                    q, k, v, scale = self._operands(node)
-                except Decline as e:
-                    site.reason = str(e)
-                    continue
-                with sub.graph.inserting_before(node):
-                    new = sub.graph.call_function(torch.ops.fxfuse.window_attention.default,
-                                                  (q, k, v, window, scale, self.chunk))
-                new.meta.update({key: node.meta[key] for key in ("example_value", "val", "stack_trace",
-                                                                 "nn_module_stack") if key in node.meta})
-                node.replace_all_uses_with(new)
-                old_kv = [node.args[i] if i < len(node.args) else None for i in (1, 2)]
-                sub.graph.erase_node(node)
-                for chain_end in old_kv:
-                    _erase_dead_chain(sub.graph, chain_end)
-                site.rewritten, site.group = True, f"{new.name}:window {window}"
+        for sub, node, site in masked_sdpa_sites(gm, stats, self.name):
+            try:
+                match_at(SDPA, SDPA, node)
+                window = self._verdict(gm, sub, node, verdicts, cones)
+                q, k, v, scale = self._operands(node)
+            except Decline as e:
+                site.reason = str(e)
+                continue
+            with sub.graph.inserting_before(node):
+                new = sub.graph.call_function(torch.ops.fxfuse.window_attention.default,
+                                              (q, k, v, window, scale, self.chunk))
+            new.meta.update({key: node.meta[key] for key in ("example_value", "val", "stack_trace",
+                                                             "nn_module_stack") if key in node.meta})
+            node.replace_all_uses_with(new)
+            old_kv = [node.args[i] if i < len(node.args) else None for i in (1, 2)]
+            sub.graph.erase_node(node)
+            for chain_end in old_kv:
+                _erase_dead_chain(sub.graph, chain_end)
+            site.rewritten, site.group = True, f"{new.name}:window {window}"
         proven = {top: cones[top] for top, v in verdicts.items() if not isinstance(v, Decline)}
-        _drop_unused_masks(gm, proven)
+        drop_unused_masks(gm, proven)
 
     def _operands(self, node: fx.Node):
         params = sdpa_params(node)
@@ -157,7 +152,7 @@ class SlidingWindowPass(GraphPass):
         qv, kv_, vv = (example_value(n) for n in (q, k, v))
         if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (qv, kv_, vv)):
             raise Decline("q, k, v are not 4-D tensors")
-        if not _size_eq(_sym(qv.shape[-2]), _sym(kv_.shape[-2])):
+        if not size_eq(sym(qv.shape[-2]), sym(kv_.shape[-2])):
             raise Decline("Tq != Tkv (the window is aligned for equal lengths only)")
         d = qv.shape[-1]
         if not isinstance(d, int):
@@ -166,10 +161,15 @@ class SlidingWindowPass(GraphPass):
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         if not isinstance(scale, (int, float)):
             raise Decline(f"scale {scale!r} is not a constant")
-        # k and v as the kv heads themselves when both are repeat_kv copies of the same factor
+        # k and v as the kv heads themselves when both are repeat_kv's grouped copies
         rk, rv = repeat_source(k), repeat_source(v)
-        if rk and rv and example_value(rk[0]).shape[1] == example_value(rv[0]).shape[1]:
-            k, v = rk[0], rv[0]
+        if rk and rv:
+            try:
+                check_grouped_repeat(rk, qv)
+                check_grouped_repeat(rv, qv)
+                k, v = rk[0], rv[0]
+            except Decline:
+                pass  # another expand: the op reads k and v as they are
         hq, hk = example_value(q).shape[1], example_value(k).shape[1]
         if not (isinstance(hq, int) and isinstance(hk, int)) or hk == 0 or hq % hk:
             raise Decline(f"{hq} query heads are not a multiple of {hk} kv heads")
@@ -178,28 +178,7 @@ class SlidingWindowPass(GraphPass):
         return q, k, v, float(scale)
 
     def _verdict(self, gm, sub, node, verdicts, cones) -> int:
-        mask = canon(node).operands[3]
-        ev = example_value(mask)
-        if not isinstance(ev, torch.Tensor) or ev.dim() != 4:
-            raise Decline("mask is not a 4-D tensor")
-        if ev.dtype != torch.bool and not ev.is_floating_point():
-            raise Decline(f"mask dtype {ev.dtype} is neither boolean nor additive float")
-        top = _top_level(gm, sub, mask)
-        if top not in verdicts:
-            evaluator, extra = MaskEval(self.eval_limit), set()
-            try:
-                source = top
-                if ev.dtype != torch.bool:
-                    source, extra = additive_mask_source(top)
-                verdicts[top] = window_of(evaluator.value(source), tuple(example_value(source).shape))
-            except Decline as e:
-                verdicts[top] = e
-            except Exception as e:  # an op we could not evaluate: decline, never guess
-                verdicts[top] = Decline(f"mask evaluation failed: {type(e).__name__}: {e}")
-            cones[top] = evaluator.cone | extra
-        if isinstance(verdicts[top], Decline):
-            raise verdicts[top]
-        return verdicts[top]
+        return mask_verdict(gm, sub, node, verdicts, cones, self.eval_limit, window_of)
 
 
 def _erase_dead_chain(graph: fx.Graph, end) -> None:

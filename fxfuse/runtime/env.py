@@ -5,23 +5,25 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-# os.environ.get encodes the name and decodes the value on every call (~2-4 us; the launchers read
-# ~3800 switches a 1k training step, 14 ms of its host time profiled: bench/RESULTS.md). On POSIX
-# os.environ keeps its bytes in `_data`, which every os.environ write (monkeypatch.setenv too)
-# updates, so a lookup there sees the same values. Elsewhere (Windows keeps str keys) os.environ.get.
-_DATA = getattr(os.environ, "_data", None)
-_RAW = isinstance(_DATA, dict) and os.name == "posix" and all(type(k) is bytes for k in list(_DATA)[:8])
+# os.environ.get encodes the name and decodes the value on every call (~1.3-1.5 us for an unset name on
+# the CI machine, against ~0.2 us here; the launchers read ~3800 switches a 1k training step:
+# bench/RESULTS.md). On POSIX os.environ keeps its bytes in `_data`, which every os.environ write
+# (monkeypatch.setenv too) updates, so a lookup there sees the same values. `_data` is looked up per
+# call, so a replaced os.environ (mock.patch("os.environ", {...})) is still what is read; anything
+# that is not the POSIX mapping of bytes, or a name that is not a str, goes to os.environ.get.
+_POSIX = os.name == "posix"
 _KEYS: dict = {}
 
 
 def get(name: str, default: Optional[str] = None) -> Optional[str]:
     """os.environ.get(name, default), without its per-call encoding."""
-    if not _RAW:
+    data = getattr(os.environ, "_data", None)
+    if not _POSIX or type(data) is not dict or type(name) is not str:
         return os.environ.get(name, default)
     key = _KEYS.get(name)
     if key is None:
         key = _KEYS[name] = os.fsencode(name)
-    value = _DATA.get(key)
+    value = data.get(key)
     return default if value is None else os.fsdecode(value)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from fxfuse.passes.causal_mask import CausalMaskPass, Pair, classify
+from fxfuse.passes.causal_mask import CausalMaskPass
+from fxfuse.passes.mask_analysis import Pair, classify
 from fxfuse.passes.manager import PassManager
 from fxfuse.passes.pattern import Decline, canon, graphs_of
 from tiny import SIZES, loss_and_grads, rel, tiny_model, tokens

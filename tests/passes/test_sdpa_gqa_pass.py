@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fxfuse.passes.manager import PassManager
 from fxfuse.passes.pattern import Decline, count_ops, graphs_of
-from fxfuse.passes.sdpa_gqa import SdpaGqaPass, check, repeat_source
+from fxfuse.passes.pattern import repeat_source
+from fxfuse.passes.sdpa_gqa import SdpaGqaPass, check
 from tiny import clone, loss_and_grads, rel, tiny_model, tokens
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from fxfuse.passes.causal_mask import Conj, SymCmp, Aff
+from fxfuse.passes.mask_analysis import Aff, Conj, Pair, SymCmp
 from fxfuse.passes.manager import PassManager
 from fxfuse.passes.pattern import Decline, count_ops
 from fxfuse.passes.sliding_window import SlidingWindowPass, band_window, window_of
@@ -44,7 +44,7 @@ def test_mistral_window_becomes_window_attention(eval_limit, chunk):
 
 def test_window_longer_than_the_sequence_is_left_to_causal_mask():
     _, _, stats, _, _ = capture(mistral(window=64), SlidingWindowPass())
-    assert stats.rewritten == 0 and all("no window" in s.reason or "no sliding-window" in s.reason
+    assert stats.candidates == 2 and stats.rewritten == 0 and all("no window" in s.reason or "no sliding-window" in s.reason
                                         for s in stats.sites), stats.sites
 
 
@@ -54,7 +54,7 @@ def test_padding_mask_declined():
     attention_mask[0, :3] = 0
     _, _, stats, _, _ = capture(mistral(), SlidingWindowPass(), input_ids=ids, labels=ids,
                                 attention_mask=attention_mask)
-    assert stats.rewritten == 0 and all("attention_mask" in s.reason or "graph input" in s.reason
+    assert stats.candidates == 2 and stats.rewritten == 0 and all("attention_mask" in s.reason or "graph input" in s.reason
                                         for s in stats.sites), stats.sites
 
 
@@ -112,6 +112,9 @@ def test_window_terms():
     with pytest.raises(Decline, match="not consecutive"):
         odd = [0, 2, 4, 6, 8, 10]
         window_of(Conj([_pair("ge", odd, odd), _pair("lt", [a - 3 for a in odd], odd)]), shape)
+    with pytest.raises(Decline, match="floating-point"):  # q - 2.5 < kv: width 3, not int(2.5)
+        window_of(Conj([causal, Pair("lt", torch.tensor([a - 2.5 for a in ar])[None, None, :, None],
+                                     torch.tensor(ar, dtype=torch.float)[None, None, None, :])]), shape)
     with pytest.raises(Decline, match="constant width"):
         window_of(Conj([causal, _pair("lt", [0, 0, 0, 1, 2, 3], ar)]), shape)
     with pytest.raises(Decline, match="no sliding-window term"):

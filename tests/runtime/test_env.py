@@ -1,6 +1,7 @@
 """fxfuse.runtime.env reads switches without os.environ.get's per-call encoding: it must see exactly
 what os.environ holds, whoever wrote it."""
 import os
+from unittest import mock
 
 import pytest
 
@@ -31,6 +32,20 @@ def test_flag_validates(monkeypatch):
         env.flag(NAME, False)
 
 
-def test_the_fast_path_is_taken_where_it_can_be():
-    # on POSIX os.environ keeps bytes in _data: the point of the module (elsewhere it falls back)
-    assert env._RAW == (os.name == "posix")
+def test_a_replaced_environ_is_what_is_read():
+    with mock.patch("os.environ", {NAME: "1"}):  # a plain dict: no _data
+        assert env.get(NAME) == "1" and env.flag(NAME, False) is True
+    with mock.patch.dict(os.environ, {NAME: "fill"}):
+        assert env.get(NAME) == "fill"
+    assert env.get(NAME) is None
+
+
+def test_the_fast_path_reads_the_bytes_mapping():
+    """On POSIX, a value only in os.environ._data (where os.environ's own reads look) is seen: the
+    lookup goes there, not through os.environ.get."""
+    if os.name != "posix":
+        pytest.skip("os.environ keeps str keys here: env.get is os.environ.get")
+    with mock.patch.dict(os.environ._data, {os.fsencode(NAME): b"raw"}):
+        assert os.environ.get(NAME) == "raw"
+        with mock.patch.object(os.environ, "get", side_effect=AssertionError("took os.environ.get")):
+            assert env.get(NAME) == "raw" and env.get(NAME + "_UNSET", "d") == "d"

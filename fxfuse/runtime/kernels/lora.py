@@ -57,6 +57,7 @@ except Exception as exc:  # pragma: no cover - triton is a hard dependency
     _TRITON_IMPORT_ERROR = f"triton is not importable ({exc})"
 
 from .. import env
+from ..cuda_fast import current_device as _current_device
 from .host_math import cdiv, next_power_of_2
 
 __all__ = [
@@ -95,9 +96,6 @@ _MAX_SEED = 2**31
 # --------------------------------------------------------------------------
 
 _CUDA_READY = False  # set once CUDA was found usable: that does not change within a process
-# The current CUDA device without torch.cuda.current_device()'s lazy-init check (~2 us a call, twice a
-# launch): the launchers only ask with CUDA tensors in hand, so CUDA is initialised. CPU builds lack it.
-_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
 def triton_available(device: Union[torch.device, str, None]) -> Optional[str]:
@@ -225,7 +223,7 @@ _SMS: dict = {}
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device.index if device.index is not None else _current_device()
         if index not in _SMS:
             _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
         return _SMS[index]

@@ -22,7 +22,6 @@ dtype, one rounding per member, as eager autograd does.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch

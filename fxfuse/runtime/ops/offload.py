@@ -43,58 +43,16 @@ import torch
 from torch import Tensor
 
 from .. import env, host_memory
+from ..cuda_fast import current_device, current_stream, on_stream
 
 OFFLOAD = "fxfuse::offload"
 RELOAD = "fxfuse::reload"
 RELOAD_WAIT = "fxfuse::reload_wait"
 
 _side_streams: dict = {}
-# torch.cuda.current_stream() and `with torch.cuda.stream(s)` cost ~5-10 us each in Python (lazy-init
-# checks, device-index parsing, a new Stream object per call), and a 1k training step makes ~800 such
-# calls in these ops (bench/RESULTS.md, host profile). The C getters and setter they wrap are used
-# where this torch has them; Stream objects are kept per stream id (ids of PyTorch's pool streams are
-# fixed for the process; the cache is bounded for external streams).
-_get_stream = getattr(torch._C, "_cuda_getCurrentStream", None)
-_set_stream = getattr(torch._C, "_cuda_setStream", None)
-_get_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
-_stream_objs: dict = {}
-
-
-def _current_stream(device: torch.device) -> "torch.cuda.Stream":
-    if _get_stream is None:
-        return torch.cuda.current_stream(device)
-    data = _get_stream(device.index if device.index is not None else _get_device())
-    stream = _stream_objs.get(data)
-    if stream is None:
-        if len(_stream_objs) >= 64:
-            _stream_objs.clear()
-        stream = _stream_objs[data] = torch.cuda.Stream(stream_id=data[0], device_index=data[1],
-                                                       device_type=data[2])
-    return stream
-
-
-class _on_stream:
-    """`with torch.cuda.stream(stream)` for a stream of the current device (the side stream of the
-    tensor's device, which the compiled graph runs on), restoring the stream that was current."""
-
-    def __init__(self, stream: "torch.cuda.Stream", current: "torch.cuda.Stream"):
-        self.stream, self.current = stream, current
-        self.ctx = None if _set_stream is not None and stream.device_index == _get_device() \
-            else torch.cuda.stream(stream)
-
-    def __enter__(self):
-        if self.ctx is not None:
-            return self.ctx.__enter__()
-        _set_stream(self.stream.stream_id, self.stream.device_index, self.stream.device_type)
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        _set_stream(self.current.stream_id, self.current.device_index, self.current.device_type)
-
 
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else current_device()
     if index not in _side_streams:
         _side_streams[index] = torch.cuda.Stream(device=index)
     return _side_streams[index]
@@ -223,7 +181,7 @@ host_pools: dict[int, HostPool] = {}
 
 
 def host_pool(device: torch.device) -> HostPool:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else current_device()
     return host_pools.setdefault(index, HostPool())
 
 
@@ -255,7 +213,7 @@ def _wait_for(compute, flight: list, done: list[Tensor]) -> None:
 def offload(x: Tensor, done: list[Tensor], prev_host: Optional[Tensor], sync: bool) -> Tensor:
     if x.device.type != "cuda":
         return x.clone()  # already on the host (CPU tests): a copy, as the device path makes
-    compute = _current_stream(x.device)
+    compute = current_stream(x.device)
     side = side_stream(x.device)
     flight = _in_flight.setdefault(side.device_index, [])
     if prev_host is None and flight:  # a graph's first offload: an earlier run stopped midway
@@ -264,7 +222,7 @@ def offload(x: Tensor, done: list[Tensor], prev_host: Optional[Tensor], sync: bo
     if done:
         _wait_for(compute, flight, done)  # their storage may be reused after this call
     side.wait_stream(compute)  # x is computed
-    with _on_stream(side, compute):
+    with on_stream(side):
         host = host_pool(x.device).take(x)
         host.copy_(x, non_blocking=True)
         event = torch.cuda.Event()
@@ -298,9 +256,9 @@ _pending_reloads: dict[int, dict[int, "torch.cuda.Event"]] = {}
 def reload(x: Tensor, device: torch.device, wait: bool = True) -> Tensor:
     if device.type != "cuda":
         return x.clone()
-    compute = _current_stream(device)
+    compute = current_stream(device)
     side = side_stream(device)
-    with _on_stream(side, compute):
+    with on_stream(side):
         out = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=device)
         out.copy_(x, non_blocking=True)
         if not wait:
@@ -325,7 +283,7 @@ def reload_wait(x: Tensor) -> None:
     mutated (it is not written) so that the compiler orders every later reader of x after this."""
     if x.device.type != "cuda":
         return
-    compute = _current_stream(x.device)
+    compute = current_stream(x.device)
     side = side_stream(x.device)
     event = _pending_reloads.get(side.device_index, {}).pop(x.data_ptr(), None)
     if event is None:  # not issued by reload(wait=False), or a 0-byte tensor (data_ptr 0): wait for every copy

@@ -23,14 +23,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 OP = "fxfuse::window_attention"
-BACKWARD_ROWS = 256  # query rows per backward block: [B, H, 256, 256 + window] fp32 scores at a time
+BACKWARD_ROWS = 256  # query rows per backward block: [B, H, 256, 255 + window] fp32 scores at a time
 
 
 def chunks(t: int, window: int, chunk: int):
-    """(query start, query end, first key) of each query chunk."""
-    size = max(window, chunk)
-    for s in range(0, t, size):
-        yield s, min(s + size, t), max(0, s - window + 1)
+    """(query start, query end, first key) of each forward query chunk: max(window, chunk) rows, so
+    that a key is read by at most two chunks."""
+    yield from row_blocks(t, window, max(window, chunk))
+
+
+def row_blocks(t: int, window: int, rows: int):
+    """(query start, query end, first key) of each block of `rows` query rows: the keys from the first
+    query's earliest (start - window + 1) to the last query."""
+    for s in range(0, t, rows):
+        yield s, min(s + rows, t), max(0, s - window + 1)
 
 
 def band(s: int, e: int, ks: int, window: int, device) -> Tensor:
@@ -107,7 +113,7 @@ def window_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, win
     dq = _bthd(q, q.shape[-1])
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    for s, e, ks in chunks(t, window, BACKWARD_ROWS):
+    for s, e, ks in row_blocks(t, window, BACKWARD_ROWS):
         qb, gb = q[:, :, s:e].float(), grad[:, :, s:e].float()
         kb, vb = _heads(k[:, :, ks:e], hq).float(), _heads(v[:, :, ks:e], hq).float()
         scores = (qb @ kb.transpose(-1, -2)) * scale
