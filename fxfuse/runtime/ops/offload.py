@@ -51,6 +51,7 @@ RELOAD_WAIT = "fxfuse::reload_wait"
 
 _side_streams: dict = {}
 
+
 def side_stream(device: torch.device) -> "torch.cuda.Stream":
     index = device.index if device.index is not None else current_device()
     if index not in _side_streams:
