@@ -170,7 +170,7 @@ class SlidingWindowPass(GraphPass):
                 k, v = rk[0], rv[0]
             except Decline:
                 pass  # another expand: the op reads k and v as they are
-        hq, hk = example_value(q).shape[1], example_value(k).shape[1]
+        hq, hk = qv.shape[1], example_value(k).shape[1]
         if not (isinstance(hq, int) and isinstance(hk, int)) or hk == 0 or hq % hk:
             raise Decline(f"{hq} query heads are not a multiple of {hk} kv heads")
         if hq != hk and not params.get("enable_gqa") and (k is params["key"]):

@@ -45,6 +45,18 @@ def band(s: int, e: int, ks: int, window: int, device) -> Tensor:
     return (d >= 0) & (d < window)
 
 
+def _band_for(masks: dict, s: int, e: int, ks: int, window: int, device, keep: bool = True) -> Tensor:
+    """band(s, e, ks, ...) (or its complement, keep=False) built once per call: it depends on the
+    block only through its sizes e - s and e - ks (their difference is the offset s - ks), which
+    every interior block shares."""
+    key = (e - s, e - ks, keep)
+    mask = masks.get(key)
+    if mask is None:
+        mask = band(s, e, ks, window, device)
+        mask = masks[key] = mask if keep else ~mask
+    return mask
+
+
 def _heads(kv: Tensor, hq: int) -> Tensor:
     """kv heads repeated to the query heads (query head h reads kv head h // (hq / hkv), as repeat_kv)."""
     hk = kv.shape[-3]
@@ -87,11 +99,11 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float,
     if reason:
         raise ValueError(f"{OP}: {reason}")
     out = _out(q, v)
-    hq = q.shape[1]
+    hq, masks = q.shape[1], {}
     for s, e, ks in chunks(q.shape[-2], window, chunk):
         kk, vv = _heads(k[:, :, ks:e], hq), _heads(v[:, :, ks:e], hq)
         causal_only = ks == 0 and e <= window  # the band is the causal triangle
-        mask = None if causal_only else band(s, e, ks, window, q.device)
+        mask = None if causal_only else _band_for(masks, s, e, ks, window, q.device)
         out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], kk, vv, attn_mask=mask,
                                                         is_causal=causal_only, scale=scale)
     return out
@@ -113,11 +125,12 @@ def window_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, win
     dq = _bthd(q, q.shape[-1])
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    masks: dict = {}
     for s, e, ks in row_blocks(t, window, BACKWARD_ROWS):
         qb, gb = q[:, :, s:e].float(), grad[:, :, s:e].float()
         kb, vb = _heads(k[:, :, ks:e], hq).float(), _heads(v[:, :, ks:e], hq).float()
         scores = (qb @ kb.transpose(-1, -2)) * scale
-        scores.masked_fill_(~band(s, e, ks, window, q.device), float("-inf"))
+        scores.masked_fill_(_band_for(masks, s, e, ks, window, q.device, keep=False), float("-inf"))
         p = torch.softmax(scores, dim=-1)
         del scores
         dp = gb @ vb.transpose(-1, -2)
