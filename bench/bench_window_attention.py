@@ -33,6 +33,8 @@ args = ap.parse_args()
 
 
 def hf(q, k, v, w, scale):
+    # The mask is built inside the timed region (HF builds it once per forward, for all layers): a few
+    # elementwise passes over T x T bools, small against the masked SDPA; it counts in HF's peak.
     t = q.shape[2]
     i = torch.arange(t, device=q.device)
     d = i[:, None] - i[None, :]
