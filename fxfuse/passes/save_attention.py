@@ -18,19 +18,27 @@ tensor; a multi-output op such as the grouped LoRA op is marked whole, since min
 only some of its outputs while recomputing it). Min-cut then saves those tensors; the offload moves
 them to the host.
 
-Declined with a reason: attention outside checkpointed regions (already saved), an input that is a
-graph input or not computed by an op, a tensor the offload could not move (a view, not dense, on a
-device type it does not handle: saved on the device it would cost memory for nothing), a q/k/v
-producer that also computes large outputs attention does not read (a parallel block's grouped
-q/k/v + MLP op), and what would not fit the host memory the offload may pin
-(its `host_fraction`, less the layer inputs checkpointing saves anyway, times `margin` = 0.5: at
-320k tokens on the 8B shape the layer inputs alone take ~80 GiB, and a saved tensor the offload
-cannot place stays on the GPU; with host_fraction 0.7 on a 124 GiB host that leaves ~3.4 GiB, less
-than one layer's ~6.3 GiB block, so 320k runs as measured before this policy).
+Two tiers under a host budget: the budget is the host memory the offload may pin (its
+`host_fraction`), less the layer inputs checkpointing saves anyway, times `margin` (0.9: the size
+counted is what the backward reads, and a saved tensor the offload cannot place stays on the GPU).
+First every layer's output and lse (the attention forward, O(T²), is what costs most to recompute),
+then, where the rest allows, its q/k/v too (their producer, a GEMM, is ~20x cheaper to recompute at
+64k tokens). At 64k on the 8B shape that is ~0.5 + ~0.75 GiB per layer; with the earlier one-tier
+rule (whole blocks, margin 0.5, counting items the backward does not read) only 12 of 32 layers
+fitted at 64k and 4 at 128k, and the rest recomputed their attention forward (~64 ms per layer at
+64k, ~280 ms at 128k on the H200).
+
+Declined with a reason: attention outside checkpointed regions (already saved), an output the
+offload could not move (a view, not dense, on a device type it does not handle: saved on the device
+it would cost memory for nothing), an output that does not fit the budget. Kept to output and lse,
+with the reason: a q/k/v that is a graph input or not computed by an op, a q/k/v producer that also
+computes large outputs attention does not read (a parallel block's grouped q/k/v + MLP op), q/k/v
+beyond the budget.
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -55,6 +63,23 @@ def _recomputed(node: fx.Node) -> bool:
     return node.meta.get("recompute") in (CheckpointPolicy.PREFER_RECOMPUTE, CheckpointPolicy.MUST_RECOMPUTE)
 
 
+def _backward_nodes(joint: fx.GraphModule) -> set:
+    """The joint graph's backward: what depends on a tangent (an output's incoming gradient)."""
+    backward = set()
+    for n in joint.graph.nodes:  # in topological order
+        if (n.op == "placeholder" and n.name.startswith("tangents")) or any(a in backward for a in n.all_input_nodes):
+            backward.add(n)
+    return backward
+
+
+def _bytes_read_back(marks: list[fx.Node], backward: set) -> int:
+    """Bytes of the marked tensors the backward reads: what min-cut will save. A multi-output op
+    is marked whole, but its items only the forward reads (a LoRA op's pre-RoPE q/k) are not saved."""
+    def read(n: fx.Node) -> bool:  # directly, or through views (the joint detaches what it saves)
+        return any(u in backward or (_is_view(u) and read(u)) for u in n.users)
+    return sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor) and read(n))
+
+
 def _ancestors(node: fx.Node, depth: int) -> set:
     seen, frontier = set(), [node]
     for _ in range(depth):
@@ -63,10 +88,22 @@ def _ancestors(node: fx.Node, depth: int) -> set:
     return seen
 
 
+@dataclass
+class _Plan:
+    """What the policy saves of one attention op: its outputs (or why not: `why`), and the ops that
+    produce its q/k/v (or why not: `why_not_inputs`); `size` is the bytes saved."""
+    attn: fx.Node
+    outputs: Optional[list] = None
+    inputs: Optional[list] = None
+    why: Optional[str] = None
+    why_not_inputs: Optional[str] = None
+    size: int = 0
+
+
 class SaveAttention:
     name = "save_attention"
 
-    def __init__(self, host_fraction: float = 0.5, margin: float = 0.5, devices: tuple[str, ...] = ("cuda",)):
+    def __init__(self, host_fraction: float = 0.5, margin: float = 0.9, devices: tuple[str, ...] = ("cuda",)):
         """host_fraction: the offload's share of the host's available memory; what the layer inputs
         (the checkpointed regions' boundaries) take of it comes first. margin: the share of the
         rest this policy may plan for. The boundary sum is an estimate made before min-cut, and a
@@ -82,37 +119,69 @@ class SaveAttention:
 
     def run(self, joint: fx.GraphModule, stats: PassStats) -> None:
         ops = _attention_ops()
-        sites = [n for n in joint.graph.nodes if n.op == "call_function" and n.target in ops]
-        if not sites:
+        plans = [_Plan(n) for n in joint.graph.nodes if n.op == "call_function" and n.target in ops]
+        if not plans:
             return
         left = self._host_budget(joint)
-        for attn in sites:
-            if not _recomputed(attn):
-                stats.sites.append(self._site(attn, False, "not in a checkpointed region: the forward saves it already"))
+        backward = _backward_nodes(joint)
+        for plan in plans:
+            if not _recomputed(plan.attn):
+                plan.why = "not in a checkpointed region: the forward saves it already"
                 continue
-            marks, why = self._marks(attn)
-            size = sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor))
-            if why is None and left is not None:
-                if size > left:
-                    why = (f"host memory: its {size >> 20} MiB would not fit in the {left >> 20} MiB the offload "
-                           "has left after the layer inputs")
-                else:
-                    left -= size
-            if why is not None:
-                stats.sites.append(self._site(attn, False, why))
+            outputs, plan.why = self._output_marks(plan.attn)
+            if plan.why is None:
+                plan.outputs = outputs
+                plan.inputs, plan.why_not_inputs = self._input_marks(plan.attn)
+
+        # Two tiers, so a tight host budget goes where it saves the most time per byte: first every
+        # layer's attention output and lse (at 64k tokens on the 8B shape ~0.5 GiB per layer, and
+        # the O(T²) attention forward is not recomputed), then q/k/v as well (~0.75 GiB more, and
+        # the q/k/v projection, a ~20x cheaper GEMM, is not recomputed either).
+        for plan in plans:
+            if plan.outputs is None:
                 continue
-            for n in marks:
+            size = _bytes_read_back(plan.outputs, backward)
+            if left is not None and size > left:
+                plan.why = (f"host memory: its output and lse ({size >> 20} MiB) would not fit in the "
+                            f"{left >> 20} MiB the offload has left after the layer inputs")
+                plan.outputs = None
+                continue
+            left = None if left is None else left - size
+            plan.size = size
+        for plan in plans:
+            if plan.outputs is None or plan.inputs is None:
+                continue
+            size = _bytes_read_back([n for n in plan.inputs if n not in plan.outputs], backward)
+            if left is not None and size > left:
+                plan.why_not_inputs = (f"host memory: its q/k/v ({size >> 20} MiB) would not fit in the "
+                                       f"{left >> 20} MiB left after every layer's output and lse")
+                plan.inputs = None
+                continue
+            left = None if left is None else left - size
+            plan.size += size
+
+        for plan in plans:
+            if plan.outputs is None:
+                stats.sites.append(self._site(plan.attn, False, plan.why))
+                continue
+            for n in plan.outputs + (plan.inputs or []):
                 n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
                 n.meta[SAVED_BY] = self.name  # the offload places these after the layer inputs
-            stats.sites.append(self._site(attn, True, group=attn.name))
-            stats.add("MiB saved", size / 2**20)
+            note = "" if plan.inputs else f"output and lse saved; q/k/v recomputed: {plan.why_not_inputs}"
+            stats.sites.append(self._site(plan.attn, True, note, group=plan.attn.name))
+            stats.add("MiB saved", plan.size / 2**20)
+            stats.add("q/k/v saved too", plan.inputs is not None)
 
-    def _marks(self, attn: fx.Node) -> tuple[list[fx.Node], Optional[str]]:
-        """The nodes to mark MUST_SAVE (the attention op, its tensor outputs, the producers of its
-        q/k/v), or why not. Every tensor marked must be one the offload can move: a tensor saved
-        on the GPU instead of recomputed would cost memory for nothing."""
+    def _output_marks(self, attn: fx.Node) -> tuple[list[fx.Node], Optional[str]]:
+        """The attention op and its tensor outputs (output, lse), or why they cannot be saved."""
         marks = [attn] + [u for u in attn.users
                           if u.target is operator.getitem and isinstance(u.meta.get("val"), torch.Tensor)]
+        return marks, self._unmovable(marks)
+
+    def _input_marks(self, attn: fx.Node) -> tuple[Optional[list[fx.Node]], Optional[str]]:
+        """The ops that produce the attention's q/k/v, to mark as well, or why not (then only the
+        output and lse are saved, and the backward recomputes q/k/v from the layer input)."""
+        marks = []
         bases = []
         for name, arg in zip("qkv", attn.args[:3]):
             base = arg
@@ -126,10 +195,10 @@ class SaveAttention:
                 else:
                     break
             if not isinstance(base, fx.Node) or base.op != "call_function":
-                return [], f"its {name} is not computed by an op in the graph"
+                return None, f"its {name} is not computed by an op in the graph"
             if base.target is operator.getitem and not isinstance(getattr(base.args[0], "target", None),
                                                                   torch._ops.OpOverload):
-                return [], f"its {name} is an item of {base.args[0].target}, not of an op"
+                return None, f"its {name} is an item of {base.args[0].target}, not of an op"
             if _recomputed(base):
                 bases.append(base)
         near = _ancestors(attn, depth=24)
@@ -145,20 +214,26 @@ class SaveAttention:
             other = sum(_nbytes(u.meta["val"]) or 0 for u in items
                         if u not in near and isinstance(u.meta.get("val"), torch.Tensor))
             if other > qkv_bytes:  # a LoRA op's xa is ~1% of q/k/v; a parallel block's MLP is ~5x
-                return [], (f"{producer.name} also computes {other >> 20} MiB attention does not read (e.g. a "
-                            "parallel block's MLP): saving it whole would save that too")
+                return None, (f"{producer.name} also computes {other >> 20} MiB attention does not read (e.g. a "
+                              "parallel block's MLP): saving it whole would save that too")
             marks += [producer] + items
         marks = list(dict.fromkeys(marks))
+        why = self._unmovable(marks)
+        return (None, why) if why is not None else (marks, None)
+
+    def _unmovable(self, marks: list[fx.Node]) -> Optional[str]:
+        """Why a marked tensor could not be offloaded, if one could not: saved on the GPU instead of
+        recomputed it would cost memory for nothing."""
         for n in marks:
             val = n.meta.get("val")
             # scalars (the attention's RNG seed/offset, on whatever device) cost nothing where they are
             if not isinstance(val, torch.Tensor) or (_nbytes(val) or 0) <= 256:
                 continue
             if val.device.type not in self.config["devices"]:
-                return [], f"on {val.device.type}, which the offload does not move ({self.config['devices']})"
+                return f"on {val.device.type}, which the offload does not move ({self.config['devices']})"
             if _is_alias(n) or not _dense(val):
-                return [], f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
-        return marks, None
+                return f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
+        return None
 
     def _host_budget(self, joint: fx.GraphModule) -> Optional[int]:
         """Host bytes this policy may plan for: the offload's share less the checkpointed regions'

@@ -581,7 +581,7 @@ def parallel_block(x, w, wm, heads=2):
     return x + o.transpose(1, 2).reshape(b, t, d) + torch.nn.functional.silu(m)[..., :d]
 
 
-def test_a_producer_that_also_computes_a_large_mlp_output_is_declined():
+def test_a_producer_that_also_computes_a_large_mlp_output_keeps_q_k_v_recomputed():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16, requires_grad=True)
     ws = [((torch.randn(16, 48) / 4).requires_grad_(), (torch.randn(16, 128) / 4).requires_grad_()) for _ in range(2)]
@@ -594,5 +594,8 @@ def test_a_producer_that_also_computes_a_large_mlp_output_is_declined():
     graphs, stats = {}, []
     offloaded_grads_match_eager(fn, [x, *flat], graphs, stats)
     (sa,) = [s for s in stats if s.name == "save_attention"]
-    assert sa.candidates == 2 and sa.rewritten == 0, [(s.node, s.reason) for s in sa.sites]
-    assert all("also computes" in s.reason and "attention does not read" in s.reason for s in sa.sites)
+    # the output and lse are saved; q/k/v are recomputed, as their producer's MLP output would be saved too
+    assert sa.candidates == 2 and sa.rewritten == 2, [(s.node, s.reason) for s in sa.sites]
+    assert sa.columns["q/k/v saved too"] == 0
+    assert all(s.reason.startswith("output and lse saved; q/k/v recomputed: ") and "also computes" in s.reason
+               and "attention does not read" in s.reason for s in sa.sites)
