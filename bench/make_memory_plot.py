@@ -4,7 +4,7 @@ One LoRA training step, Llama-3.1-8B shape, r=16 on all 7 linears, bf16, batch 1
 checkpointing, AdamW; peak = torch.cuda.max_memory_allocated (GiB), which does not depend on the
 card. Every point is a measurement: the peers' from the team lead's H100 table
 (shared/README.md, 2026-11-24) and bench/RESULTS.md (same-call H100 rows, 2026-11-25); fxfuse's
-from bench/logs (H100 2026-11-25, H200 2026-12-01, incl. 32k/64k/320k capped at 79.1 GiB). Missing points were not measured or ran out
+from bench/logs (H100 2026-11-25, H200 2026-12-01 and 2026-12-03, 32k-320k capped at 79.1 GiB). Missing points were not measured or ran out
 of memory (listed in the legend). Standard library only: `python bench/make_memory_plot.py [OUT]`.
 """
 from __future__ import annotations
@@ -21,8 +21,9 @@ SERIES = [
     ("Unsloth 2026.10.9", "#e45756", {1024: 15.9, 4096: 16.7, 16384: 19.7, 32768: 23.9, 65536: 32.3,
                                       131072: 49.1}, ""),
     ("fxfuse, no offload", "#72b7b2", {1024: 16.01, 4096: 17.59, 16384: 23.14}, ""),
-    ("fxfuse defaults (offload)", "#4c78a8", {4096: 16.67, 16384: 19.81, 32768: 23.98, 65536: 32.32},
-     "H200 2026-12-01 (second session)"),
+    ("fxfuse defaults (offload)", "#4c78a8", {4096: 16.41, 16384: 18.49, 32768: 21.35, 65536: 27.06,
+                                              131072: 44.88},
+     "H200 2026-12-03 (fourteenth session), 79.1 GiB cap"),
     ("fxfuse, third session", "#1f3b73", {4096: 16.69, 16384: 18.49, 327680: 62.47},
      "320k: before save_attention, 79.1 GiB cap"),
 ]
