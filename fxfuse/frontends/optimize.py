@@ -18,6 +18,7 @@ from ..passes.rms_norm import RmsNormPass
 from ..passes.recompute_lora_xa import RecomputeLoraXA
 from ..passes.sdpa_gqa import SdpaGqaPass
 from ..passes.sliding_window import SlidingWindowPass
+from ..passes.sink_attention import SinkAttentionPass
 from ..passes.softcap_attention import SoftcapAttentionPass
 from ..passes.swiglu import SwigluPass
 from ..runtime import cache
@@ -31,6 +32,7 @@ PASSES = {
     "mlp_tiling": MlpTilingPass,
     "eager_attention": EagerAttentionPass,
     "softcap_attention": SoftcapAttentionPass,
+    "sink_attention": SinkAttentionPass,
     "causal_mask": CausalMaskPass,
     "sliding_window": SlidingWindowPass,
     "sdpa_gqa": SdpaGqaPass,
@@ -48,8 +50,8 @@ PASSES = {
 # on SDPA models it finds no candidate.
 # sliding_window is opt-in: its op ran 2.6-5.9x slower than the masked SDPA it replaces at 4k-16k
 # tokens on an H200 (its backward recomputes in fp32 blocks); it saves memory only from ~16k.
-# softcap_attention is opt-in: its op (eager math in fp32 row blocks) removes Gemma 2's O(T²) saved
-# tensors but is not measured on a GPU yet.
+# softcap_attention and sink_attention are opt-in: their op (eager math in fp32 row blocks) removes
+# Gemma 2's and gpt-oss's O(T²) saved tensors but is not measured on a GPU yet.
 DEFAULT_PASSES = ("lora", "mlp_tiling", "eager_attention", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"

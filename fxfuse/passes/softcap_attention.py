@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import chunked_attention as ops
-from .eager_attention import _number, _scale_value, check as eager_check
+from .eager_scores import check as eager_check, is_number, scale_value
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Op, Opt, Var, canon, check_grouped_repeat, example_value, graphs_of, match_at, \
     module_path, repeat_source
@@ -36,11 +36,11 @@ from .pattern import Decline, Op, Opt, Var, canon, check_grouped_repeat, example
 def _rule(scale_kind, masked: bool) -> tuple:
     scores = Op("matmul", (Var("q"), Op("transpose", (Var("k"),), name="kt")), name="qk")
     if scale_kind is not None:
-        scale = Var("scale", where=_number, label="scale (a number)")
+        scale = Var("scale", where=is_number, label="scale (a number)")
         scores = Op(scale_kind, (scores, scale), name="scaled", commutative=scale_kind == "mul")
-    cap_in = Var("cap_in", where=_number, label="softcap (a number)")
+    cap_in = Var("cap_in", where=is_number, label="softcap (a number)")
     anchor = Op("tanh", (Op("div", (scores, cap_in), name="cap_div"),), name="tanh")
-    capped = Op("mul", (anchor, Var("cap_out", where=_number, label="softcap (a number)")), name="capped",
+    capped = Op("mul", (anchor, Var("cap_out", where=is_number, label="softcap (a number)")), name="capped",
                 commutative=True)
     if masked:
         capped = Op("add", (capped, Var("mask")), name="masked", commutative=True)
@@ -67,7 +67,7 @@ def _pick_rule(tanh: fx.Node) -> tuple:
 
 class SoftcapAttentionPass(GraphPass):
     name = "softcap_attention"
-    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.eager_attention", "fxfuse.runtime.ops.chunked_attention")
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.eager_scores", "fxfuse.runtime.ops.chunked_attention")
 
     def __init__(self, rows: int = ops.ROWS):
         if type(rows) is not int or rows < 1:
@@ -129,7 +129,7 @@ class SoftcapAttentionPass(GraphPass):
         for name in ("softmax", "capped", "tanh", "cap_div"):
             if len(m[name].users) != 1:
                 raise Decline(f"the {name} values are read elsewhere too (output_attentions=True?)")
-        cap_in, cap_out = _scale_value(m["cap_in"]), _scale_value(m["cap_out"])
+        cap_in, cap_out = scale_value(m["cap_in"]), scale_value(m["cap_out"])
         if cap_in != cap_out or not cap_in or cap_in < 0:
             raise Decline(f"scores / {cap_in} then * {cap_out}: not one positive softcap")
         kwargs = eager_check(m)  # shapes, dtypes, softmax over the keys, no dropout in training, the mask
