@@ -107,9 +107,10 @@ def _scores_chain_reason(softmax: fx.Node, depth: int = 6) -> str:
             seen.add(n)
             c = canon(n)
             if c is not None and c.kind == "tanh":
-                return "logit softcapping (tanh) before the softmax: SDPA has no softcap"
+                return "logit softcapping (tanh) before the softmax: SDPA has no softcap (opt-in pass softcap_attention takes it)"
             if n.op == "call_function" and n.target in (torch.cat, torch.concat) and _cats_scores(n):
-                return "the softmax runs over extra columns (attention sinks?): SDPA cannot add them"
+                return ("the softmax runs over extra columns (attention sinks?): SDPA cannot add them (opt-in pass "
+                        "sink_attention takes sinks)")
             if c is None or c.kind != "matmul":
                 nxt.extend(n.all_input_nodes)
         level = nxt

@@ -96,7 +96,7 @@ def test_scores_beyond_fp16_max_are_capped_not_overflowed(dtype):
 
 def test_without_softcap_or_sinks_it_is_sdpa():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 33, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, 33, 8, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(3))
     m = _mask("causal", 2, 33, 33, torch.float64, gen)
     out, _ = torch.ops.fxfuse.chunked_attention(q, k, v, m, None, 0.3, 0.0, 7)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.3)
