@@ -6,10 +6,12 @@ their common ground.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
-from .pattern import Decline, canon, example_value
+from .pattern import Decline, canon, check_grouped_repeat, example_value, repeat_source
 
 
 def is_number(v) -> bool:
@@ -61,16 +63,7 @@ def check(m) -> dict:
         d = canon(m["drop"]).attrs
         if d["inplace"] or (d["p"] != 0 and d["training"] is not False):
             raise Decline(f"attention dropout p={d['p']} in training: SDPA would draw another mask than eager")
-    kwargs = {"dropout_p": 0.0, "is_causal": False}
-    if "scaled" in m:
-        s = scale_value(m["scale"])
-        if canon(m["scaled"]).kind == "div":
-            if s == 0:
-                raise Decline("scores divided by 0")
-            s = 1.0 / s
-        kwargs["scale"] = s
-    else:
-        kwargs["scale"] = 1.0  # SDPA's default would be 1/sqrt(d)
+    kwargs = {"dropout_p": 0.0, "is_causal": False, "scale": scale_of(m)}
     mask = m.get("mask")
     if mask is not None:
         mv = example_value(mask)
@@ -87,3 +80,52 @@ def check(m) -> dict:
             raise Decline(f"mask {tuple(mv.shape)} does not broadcast to the scores {scores}") from None
         kwargs["attn_mask"] = mask
     return kwargs
+
+
+def scale_of(m) -> float:
+    """The scores' scale from a match's `scaled` (x * scale or x / scale) and `scale`; 1.0 without
+    one (SDPA's default would be 1/sqrt(d))."""
+    if "scaled" not in m:
+        return 1.0
+    s = scale_value(m["scale"])
+    if canon(m["scaled"]).kind == "div":
+        if s == 0:
+            raise Decline("scores divided by 0")
+        s = 1.0 / s
+    return float(s)
+
+
+def kv_heads(k, v, q: torch.Tensor) -> tuple:
+    """(k, v) as the kv heads themselves when both are repeat_kv's grouped copies for q's heads (an
+    op that handles GQA then reads no copy), else as they are."""
+    rk, rv = repeat_source(k), repeat_source(v)
+    if rk and rv:
+        try:
+            check_grouped_repeat(rk, q)
+            check_grouped_repeat(rv, q)
+            return rk[0], rv[0]
+        except Decline:
+            pass  # another expand: read k and v as they are
+    return k, v
+
+
+def replace_attention(g: fx.Graph, root: fx.Node, target, args: tuple, matched: list, kv_ends: tuple) -> fx.Node:
+    """Put `target(*args)[0]` (an op returning (output, ...)) in place of the eager attention's final
+    matmul `root`; erase the matched nodes and repeat_kv copies left without readers. Returns the op."""
+    with g.inserting_before(root):
+        op = g.call_function(target, args)
+        out = g.call_function(operator.getitem, (op, 0))
+    out.meta.update({key: root.meta[key] for key in ("example_value", "val", "stack_trace", "nn_module_stack")
+                     if key in root.meta})
+    op.meta.update({key: root.meta[key] for key in ("stack_trace", "nn_module_stack") if key in root.meta})
+    root.replace_all_uses_with(out)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for n in sorted({root, *matched}, key=order.__getitem__, reverse=True):
+        if not n.users:
+            g.erase_node(n)
+    for end in kv_ends:
+        chain = repeat_source(end) if isinstance(end, fx.Node) else None
+        for n in reversed(chain[1] if chain else []):
+            if not n.users:
+                g.erase_node(n)
+    return op

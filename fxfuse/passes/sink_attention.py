@@ -25,10 +25,9 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import chunked_attention as ops
-from .eager_scores import is_number, last_two, scale_value
+from .eager_scores import is_number, kv_heads, last_two, replace_attention, scale_of
 from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, Match, Op, Var, canon, check_grouped_repeat, example_value, graphs_of, match_pat, \
-    module_path, repeat_source
+from .pattern import Decline, Match, Op, Var, canon, example_value, graphs_of, match_pat, module_path
 
 
 def _scores(scale_kind, masked: bool):
@@ -127,25 +126,8 @@ class SinkAttentionPass(GraphPass):
         except Decline as e:
             site.reason = str(e)
             return site
-        g = gm.graph
-        with g.inserting_before(root):
-            op = g.call_function(torch.ops.fxfuse.chunked_attention.default,
-                                 (q, k, v, mask, sinks, scale, 0.0, self.rows))
-            out = g.call_function(operator.getitem, (op, 0))
-        out.meta.update({key: root.meta[key] for key in ("example_value", "val", "stack_trace", "nn_module_stack")
-                         if key in root.meta})
-        op.meta.update({key: root.meta[key] for key in ("stack_trace", "nn_module_stack") if key in root.meta})
-        root.replace_all_uses_with(out)
-        dead = [root] + m.nodes
-        order = {n: i for i, n in enumerate(g.nodes)}
-        for n in sorted(set(dead), key=order.__getitem__, reverse=True):
-            if not n.users:
-                g.erase_node(n)
-        for end in (m["k"], m["v"]):
-            chain = repeat_source(end) if isinstance(end, fx.Node) else None
-            for n in reversed(chain[1] if chain else []):
-                if not n.users:
-                    g.erase_node(n)
+        op = replace_attention(gm.graph, root, torch.ops.fxfuse.chunked_attention.default,
+                               (q, k, v, mask, sinks, scale, 0.0, self.rows), m.nodes, (m["k"], m["v"]))
         site.rewritten, site.group = True, f"{op.name}:sinks"
         return site
 
@@ -217,21 +199,9 @@ class SinkAttentionPass(GraphPass):
             raise Decline(f"sinks {tuple(sv.shape)}: one logit per query head ([H]) expected")
         if getattr(mv, "requires_grad", False):
             raise Decline("the mask requires grad (the op does not differentiate it)")
-        scale = 1.0
-        if "scaled" in m:
-            scale = scale_value(m["scale"])
-            if canon(m["scaled"]).kind == "div":
-                if scale == 0:
-                    raise Decline("scores divided by 0")
-                scale = 1.0 / scale
-        rk, rv = repeat_source(k), repeat_source(v)
-        if rk and rv:
-            try:
-                check_grouped_repeat(rk, qv)
-                check_grouped_repeat(rv, qv)
-                k, v, kv_, vv = rk[0], rv[0], example_value(rk[0]), example_value(rv[0])
-            except Decline:
-                pass  # another expand: the op reads k and v as they are
+        scale = scale_of(m)
+        k, v = kv_heads(k, v, qv)
+        kv_, vv = example_value(k), example_value(v)
         reason = ops.check(qv, kv_, vv, mv, sv, float(scale), 0.0, self.rows)
         if reason:
             raise Decline(reason)

@@ -21,16 +21,13 @@ a memory option: it removes the O(T²) tensors, not the O(T²) work.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
 from ..runtime.ops import chunked_attention as ops
-from .eager_scores import check as eager_check, is_number, scale_value
+from .eager_scores import check as eager_check, is_number, kv_heads, replace_attention, scale_value
 from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, Op, Opt, Var, canon, check_grouped_repeat, example_value, graphs_of, match_at, \
-    module_path, repeat_source
+from .pattern import Decline, Op, Opt, Var, canon, example_value, graphs_of, match_at, module_path
 
 
 def _rule(scale_kind, masked: bool) -> tuple:
@@ -102,25 +99,8 @@ class SoftcapAttentionPass(GraphPass):
         except Decline as e:
             site.reason = str(e)
             return site
-        g = gm.graph
-        with g.inserting_before(m.root):
-            op = g.call_function(torch.ops.fxfuse.chunked_attention.default,
-                                 (q, k, v, mask, None, scale, cap, self.rows))
-            out = g.call_function(operator.getitem, (op, 0))
-        out.meta.update({key: m.root.meta[key] for key in ("example_value", "val", "stack_trace", "nn_module_stack")
-                         if key in m.root.meta})
-        op.meta.update({key: m.root.meta[key] for key in ("stack_trace", "nn_module_stack") if key in m.root.meta})
-        m.root.replace_all_uses_with(out)
-        order = {n: i for i, n in enumerate(g.nodes)}
-        old_kv = [m["k"], m["v"]]
-        for n in sorted(set(m.nodes), key=order.__getitem__, reverse=True):
-            if not n.users:
-                g.erase_node(n)
-        for end in old_kv:
-            chain = repeat_source(end) if isinstance(end, fx.Node) else None
-            for n in reversed(chain[1] if chain else []):
-                if not n.users:
-                    g.erase_node(n)
+        op = replace_attention(gm.graph, m.root, torch.ops.fxfuse.chunked_attention.default,
+                               (q, k, v, mask, None, scale, cap, self.rows), m.nodes, (m["k"], m["v"]))
         site.rewritten, site.group = True, f"{op.name}:softcap {cap:g}"
         return site
 
@@ -134,15 +114,9 @@ class SoftcapAttentionPass(GraphPass):
             raise Decline(f"scores / {cap_in} then * {cap_out}: not one positive softcap")
         kwargs = eager_check(m)  # shapes, dtypes, softmax over the keys, no dropout in training, the mask
         q, k, v, mask = m["q"], m["k"], m["v"], m.get("mask")
-        qv, kv_, vv = (example_value(n) for n in (q, k, v))
-        rk, rv = repeat_source(k), repeat_source(v)
-        if rk and rv:
-            try:
-                check_grouped_repeat(rk, qv)
-                check_grouped_repeat(rv, qv)
-                k, v, kv_, vv = rk[0], rv[0], example_value(rk[0]), example_value(rv[0])
-            except Decline:
-                pass  # another expand: the op reads k and v as they are
+        qv = example_value(q)
+        k, v = kv_heads(k, v, qv)
+        kv_, vv = example_value(k), example_value(v)
         mv = example_value(mask) if mask is not None else None
         if mv is not None and getattr(mv, "requires_grad", False):
             raise Decline("the mask requires grad (the op does not differentiate it)")
