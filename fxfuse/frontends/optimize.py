@@ -51,7 +51,7 @@ PASSES = {
 # sliding_window is opt-in: its op ran 2.6-5.9x slower than the masked SDPA it replaces at 4k-16k
 # tokens on an H200 (its backward recomputes in fp32 blocks); it saves memory only from ~16k.
 # softcap_attention and sink_attention are opt-in: their op (eager math in fp32 row blocks) removes
-# Gemma 2's and gpt-oss's O(T²) saved tensors but is not measured on a GPU yet.
+# Gemma 2's and gpt-oss's O(T²) saved tensors, but ran 3.2-5.1x slower than eager on an H200.
 DEFAULT_PASSES = ("lora", "mlp_tiling", "eager_attention", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"

@@ -121,6 +121,9 @@ class Report:
                          + "".join(f" {_num(columns[name].get(c, '-')):>{max(len(c), 6)}}" for c in extra))
             for reason, n in s["declined"].items():
                 lines.append(f"  declined x{n}: {reason}")
+            # rewritten with a caveat (save_attention: output saved, q/k/v recomputed, and why)
+            for note, n in Counter(x.reason for x in self.sites(name) if x.rewritten and x.reason).items():
+                lines.append(f"  note x{n}: {note}")
         snap = runtime_stats.snapshot()
         lines.append(f"run-time: kernel calls {sum(snap['kernel_calls'].values())}, "
                      f"fallbacks to reference {self.runtime_fallbacks}")
@@ -131,7 +134,7 @@ class Report:
             lines.append(f"{'pass':<{pw}} {'status':<10} {'module':<{width}} {'node / reason'}")
             for s in self.sites():
                 status = "rewritten" if s.rewritten else "declined"
-                detail = f"{s.node} -> {s.group}" if s.rewritten else s.reason
+                detail = (f"{s.node} -> {s.group}" + (f" ({s.reason})" if s.reason else "")) if s.rewritten else s.reason
                 lines.append(f"{s.pass_name:<{pw}} {status:<10} {s.module:<{width}} {detail}")
         return "\n".join(lines)
 

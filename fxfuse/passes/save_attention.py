@@ -76,7 +76,8 @@ def _bytes_read_back(marks: list[fx.Node], backward: set) -> int:
     """Bytes of the marked tensors the backward reads: what min-cut will save. A multi-output op
     is marked whole, but its items only the forward reads (a LoRA op's pre-RoPE q/k) are not saved."""
     def read(n: fx.Node) -> bool:  # directly, or through views (the joint detaches what it saves)
-        return any(u in backward or (_is_view(u) and read(u)) for u in n.users)
+        # and the items of split/unbind (a fused q/k/v projection's parts)
+        return any(u in backward or ((_is_view(u) or _views_item(u)) and read(u)) for u in n.users)
     return sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor) and read(n))
 
 
@@ -167,7 +168,7 @@ class SaveAttention:
             for n in plan.outputs + (plan.inputs or []):
                 n.meta["recompute"] = CheckpointPolicy.MUST_SAVE
                 n.meta[SAVED_BY] = self.name  # the offload places these after the layer inputs
-            note = "" if plan.inputs else f"output and lse saved; q/k/v recomputed: {plan.why_not_inputs}"
+            note = "" if plan.inputs is not None else f"output and lse saved; q/k/v recomputed: {plan.why_not_inputs}"
             stats.sites.append(self._site(plan.attn, True, note, group=plan.attn.name))
             stats.add("MiB saved", plan.size / 2**20)
             stats.add("q/k/v saved too", plan.inputs is not None)

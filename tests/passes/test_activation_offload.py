@@ -503,7 +503,11 @@ def attention_block(x, w, heads=2):
     return x + o.transpose(1, 2).reshape(b, t, d)
 
 
-def test_fused_qkv_split_by_unbind_is_saved_whole_and_offloaded():
+def test_fused_qkv_split_by_unbind_is_saved_whole_and_offloaded(monkeypatch):
+    from fxfuse.passes import save_attention as policy
+    counted = []
+    real = policy._bytes_read_back
+    monkeypatch.setattr(policy, "_bytes_read_back", lambda marks, bw: counted.append(real(marks, bw)) or counted[-1])
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16, requires_grad=True)
     ws = [(torch.randn(16, 48) / 4).requires_grad_() for _ in range(3)]
@@ -516,6 +520,9 @@ def test_fused_qkv_split_by_unbind_is_saved_whole_and_offloaded():
     offloaded_grads_match_eager(fn, [x, *ws], graphs, stats)
     (sa,) = [s for s in stats if s.name == "save_attention"]
     assert sa.rewritten == 3, [(s.node, s.reason) for s in sa.sites]
+    # the budget counts the fused projection, read by the backward through unbind's items: its
+    # [2, 8, 48] fp32 bytes per layer (the three layers' outputs first, then their q/k/v)
+    assert counted[-3:] == [2 * 8 * 48 * 4] * 3, counted
     (off,) = [s for s in stats if s.name == "activation_offload"]
     assert not any("view" in s.reason for s in off.declined), [(s.node, s.reason) for s in off.declined]
     fw_mms = count(graphs["fw"], torch.ops.aten.mm.default)

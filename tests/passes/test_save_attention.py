@@ -143,6 +143,7 @@ def test_a_tight_host_budget_saves_outputs_first_then_q_k_v(monkeypatch, room):
     if room.startswith("outputs"):
         assert [s.rewritten for s in sites] == [True, True]
         assert sites[0].reason == "" and sites[1].reason.startswith("output and lse saved; q/k/v recomputed: host memory")
+        assert "  note x1: output and lse saved; q/k/v recomputed: host memory" in fxfuse.report(tight).table()
         assert columns["q/k/v saved too"] == 1
         assert columns["MiB saved"] * 2**20 == pytest.approx(sum(out) + qkv[0])
         # layer 0: q, k, v, xa, output, lse; layer 1: output, lse (its q/k/v op runs again)
@@ -154,6 +155,7 @@ def test_a_tight_host_budget_saves_outputs_first_then_q_k_v(monkeypatch, room):
         assert sites[1].reason.startswith("host memory: its output and lse ")
         assert columns["q/k/v saved too"] == 0
         assert _count(bw_on, lora) == _count(bw_off, lora)
+        assert _count(bw_on, reload) == _count(bw_off, reload) + 2  # layer 0's output and lse
     assert _count(bw_on, ATTENTION) == 0
     assert torch.equal(loss_on, loss_off)
     for name in grads_on:

@@ -126,6 +126,36 @@ def test_dropout_in_training_is_declined():
     assert s["rewritten"] == 0 and any("dropout p=0.1 in training" in r for r in s["declined"]), s
 
 
+def test_keyword_spellings_are_matched_not_crashed_on():
+    """torch.cat(tensors=..., dim=...), torch.max(input=..., ...) and torch.amax: the pass reads
+    operands by position or keyword (a crash in a pass would cost the graph every pass)."""
+    def f(q, k, v, sk, use_amax):
+        s = torch.matmul(q, k.transpose(2, 3)) * 0.25
+        column = sk.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        logits = torch.cat(tensors=[s, column], dim=-1)
+        top = torch.amax(input=logits, dim=-1, keepdim=True) if use_amax else \
+            torch.max(input=logits, dim=-1, keepdim=True).values
+        w = torch.softmax(logits - top, dim=-1)[..., :-1]
+        return torch.matmul(w, v)
+    q, k, v, sinks = qkvs(hk=4)
+    for use_amax in (False, True):
+        out, s, counts = run_pass(lambda q, k, v, sk: f(q, k, v, sk, use_amax), q, k, v, sinks)
+        assert s["rewritten"] == 1, s
+        want = C.reference(q.double(), k.double(), v.double(), None, sinks.double(), 0.25, 0.0)
+        assert rel(out, want) < 1e-5
+
+
+def test_another_stabiliser_is_declined_with_the_reason():
+    def f(q, k, v, sk):
+        s = torch.matmul(q, k.transpose(2, 3))
+        logits = torch.cat([s, sk.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)], dim=-1)
+        w = torch.softmax(logits - logits.mean(dim=-1, keepdim=True), dim=-1)[..., :-1]
+        return torch.matmul(w, v)
+    _, s, _ = run_pass(f, *qkvs(hk=4))
+    assert s["candidates"] == 1 and s["rewritten"] == 0, s
+    assert any("other than the row max" in r for r in s["declined"]), s
+
+
 def test_sinks_that_are_not_one_per_head_are_declined():
     q, k, v, _ = qkvs(hk=4)
     sinks = torch.zeros(2, 2, requires_grad=True)  # 4 logits, but [2, 2]

@@ -154,6 +154,7 @@ def _(grad, q, k, v, lse, mask, sinks, scale, softcap, rows):
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, sinks, scale, softcap, rows = inputs
     ctx.save_for_backward(q, k, v, output[1], mask, sinks)
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is the backward's, not a result
     ctx.scale, ctx.softcap, ctx.rows = scale, softcap, rows
 
 
