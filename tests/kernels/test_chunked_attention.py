@@ -42,7 +42,20 @@ def _run(q, k, v, mask, sinks, scale, softcap, rows, gen):
     ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
     ref = C.reference(*ref_leaves[:3], mask, ref_leaves[3] if sinks is not None else None, scale, softcap)
     ref.backward(grad.double())
-    assert out.shape == ref.shape and out.dtype == q.dtype and not lse.isnan().any()
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    # the log-sum-exp the backward reads: over the capped, masked scores and the sink, against float64
+    with torch.no_grad():
+        q64, k64 = (x.detach().double() for x in (q, k))
+        z = (q64 @ C._heads(k64, q.shape[1]).transpose(-1, -2)) * scale
+        z = torch.tanh(z / softcap) * softcap if softcap else z
+        z = z + mask.double() if mask is not None else z
+        if sinks is not None:
+            z = torch.cat([z, sinks.double().view(1, -1, 1, 1).expand(*z.shape[:-1], 1)], dim=-1)
+        want_lse = torch.logsumexp(z, dim=-1)
+    assert lse.shape == want_lse.shape and not lse.isnan().any()
+    spread = z.amax(dim=-1).abs().clamp_min(1.0)  # fp32 rounds a logit of size |z| by ~|z| * 6e-8
+    lse_tol = 1e-12 if q.dtype == torch.float64 else 1e-5
+    assert ((lse.double() - want_lse).abs() / spread).max().item() < lse_tol
     rms = {n: x.double().pow(2).mean().sqrt().item() for n, x in zip("qkvg", (q, k, v, grad))}
     d_p = rms["g"] * rms["v"] * q.shape[-1] ** 0.5  # a score gradient's scale
     natural = {"out": rms["v"], "q": scale * d_p * rms["k"], "k": scale * d_p * rms["q"], "v": rms["g"],
