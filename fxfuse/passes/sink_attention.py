@@ -28,7 +28,7 @@ import torch.fx as fx
 from ..runtime.ops import chunked_attention as ops
 from .eager_scores import is_number, kv_heads, last_two, replace_attention, scale_of
 from .manager import GraphPass, PassStats, Site
-from .pattern import Decline, Match, Op, Var, canon, example_value, graphs_of, match_pat, module_path
+from .pattern import Decline, Match, Op, Var, _arg, canon, example_value, graphs_of, match_pat, module_path
 
 
 def _scores(scale_kind, masked: bool):
@@ -50,11 +50,6 @@ def _is(node, fns: set, methods: tuple = ()) -> bool:
                                           or (node.op == "call_method" and node.target in methods))
 
 
-def _operand(node: fx.Node, pos: int, name: str, default=None):
-    """An argument given by position or keyword (dynamo keeps both spellings)."""
-    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
-
-
 def _stabiliser(n):
     """`x - max(x, dim=-1, keepdim=True).values` (or `amax`): returns x, or None when n is not that."""
     if not (_is(n, {operator.sub, torch.sub}, ("sub",)) and len(n.args) == 2 and not n.kwargs):
@@ -65,17 +60,17 @@ def _stabiliser(n):
     elif not _is(mx, {torch.amax}, ("amax",)):
         return None
     src = mx.args[0] if mx.op == "call_method" or mx.args else mx.kwargs.get("input")
-    dim = _operand(mx, 1, "dim")
-    keep = _operand(mx, 2, "keepdim", False)
+    dim = _arg(mx, 1, "dim")
+    keep = _arg(mx, 2, "keepdim", False)
     return x if src is x and dim in (-1, 3, [-1], (-1,), [3], (3,)) and keep is True else None
 
 
 def _sink_column(n) -> tuple:
     """(scores, sinks [H] node, its [1, H, 1, 1] view) of `cat([scores, expand(view(sinks))], -1)`."""
-    pieces = _operand(n, 0, "tensors") if _is(n, {torch.cat, torch.concat}) else None
+    pieces = _arg(n, 0, "tensors") if _is(n, {torch.cat, torch.concat}) else None
     if not (isinstance(pieces, (list, tuple)) and len(pieces) == 2):
         raise Decline(f"expected cat([scores, sinks], dim=-1), found {n}")
-    dim = _operand(n, 1, "dim", 0)
+    dim = _arg(n, 1, "dim", 0)
     if dim not in (-1, 3):
         raise Decline(f"cat over dim {dim}, not the key dim")
     scores, column = pieces
@@ -151,7 +146,7 @@ class SinkAttentionPass(GraphPass):
             steps += [x, x.args[1]] + ([x.args[1].args[0]] if _is(x.args[1], {operator.getitem}) else [])
             x = stable
         scores, sinks, view = _sink_column(x)
-        column = _operand(x, 0, "tensors")[1]  # the expand, when there is one
+        column = _arg(x, 0, "tensors")[1]  # the expand, when there is one
         steps += [x, view] + ([column] if column is not view else [])
         for n in steps[1:]:  # each read only inside the pattern (the stabiliser's max reads the cat too)
             if any(u not in steps for u in n.users):
