@@ -23,6 +23,25 @@ from .report import Report
 COMPILERS = ("inductor", "aot_eager", "eager")
 
 
+def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> bool:
+    """Give the rewritten copy what deepcopy drops and AOTAutograd reads to tell a parameter from a
+    per-call input: the module's `_param_name_to_source` and each placeholder's `_dynamo_source`.
+    Without them AOTAutograd sees no static inputs, so CUDA graphs copy every weight into their own
+    buffers each replay (a second copy of the model in memory) and Inductor checks every weight's
+    alignment on every call. False when the placeholders no longer match (then nothing is carried)."""
+    if not hasattr(src, "_param_name_to_source"):
+        return True  # not a dynamo graph (export, tests): nothing to carry
+    old = list(src.graph.find_nodes(op="placeholder"))
+    new = list(dst.graph.find_nodes(op="placeholder"))
+    if [n.target for n in old] != [n.target for n in new]:
+        return False
+    dst._param_name_to_source = src._param_name_to_source
+    for o, n in zip(old, new):
+        if hasattr(o, "_dynamo_source"):
+            n._dynamo_source = o._dynamo_source
+    return True
+
+
 def _node_count(gm: fx.GraphModule) -> int:
     return sum(len(g.graph.nodes) for _, g in graphs_of(gm))
 
@@ -136,6 +155,8 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
         work = copy.deepcopy(gm)  # a pass that fails midway must not leave a half-rewritten graph
         try:
             stats = manager.run(work)
+            if not _carry_dynamo_metadata(gm, work):
+                raise RuntimeError("a pass changed the graph's inputs")
             gm = work
         except Exception as e:  # a bug in a pass: compile the untouched graph, and say so
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
