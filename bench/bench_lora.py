@@ -94,6 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--passes", default=None, help="fxfuse variants: comma-separated passes (default: the variant's)")
     ap.add_argument("--host-fraction", type=float, default=None,
                     help="fxfuse-offload: share of the host's available memory offloads may pin (default: fxfuse's)")
+    ap.add_argument("--trace-step", type=int, default=None,
+                    help="record the allocator during this step (0-based) and print what is alive at its peak")
     ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
     return ap.parse_args(argv)
 
@@ -268,8 +270,11 @@ def main(argv=None) -> int:
         times, losses, out, phase, host, phase_peaks = [], [], None, "setup", [], []
         row = dict(base, seq=seq, seq_index=index)
         try:
-            for _ in range(args.steps):
+            for step in range(args.steps):
                 dev.sync()
+                if dev.cuda and step == args.trace_step:
+                    import memory_trace
+                    baseline = memory_trace.start()
                 t = time.perf_counter()
                 phase = "forward"  # named in an OOM row
                 out = fwd(input_ids=x, labels=x)
@@ -290,6 +295,8 @@ def main(argv=None) -> int:
                 times.append(time.perf_counter() - t)
                 host[-1].append(_pinned_blocks())
                 losses.append(out.loss.item())
+                if dev.cuda and step == args.trace_step:
+                    print("\n".join(memory_trace.report(baseline)), file=sys.stderr, flush=True)
             tail = sorted(times[2:]) if len(times) > 2 else sorted(times)
             med = tail[len(tail) // 2]
             flops = step_flops(model, cfg, seq, use_gc)

@@ -1,0 +1,49 @@
+"""What is alive on the GPU at the peak of one step: replays the allocator's trace (alloc / free
+events recorded by torch.cuda.memory._record_memory_history) to the moment the allocated total was
+highest, then groups the live blocks by where they were allocated. Used by bench_lora.py --trace-step.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+_SKIP = ("torch/", "contextlib.py", "<frozen", "threading.py", "site-packages/triton/")
+
+
+def start():
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+    return torch.cuda.memory_allocated()
+
+
+def _where(frames, depth=3):
+    mine = [f for f in frames if not any(s in f["filename"] for s in _SKIP)] or frames
+    return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in mine[:depth])
+
+
+def report(baseline: int, top: int = 25) -> list[str]:
+    """Stop recording; the lines to print (GiB). baseline: memory allocated when recording began."""
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for t in snap["device_traces"] for e in t if e["action"] in ("alloc", "free_completed")]
+    total, peak, at = 0, 0, -1
+    for i, e in enumerate(events):
+        total += e["size"] if e["action"] == "alloc" else -e["size"]
+        if total > peak:
+            peak, at = total, i
+    live = {}
+    for e in events[:at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+    by = defaultdict(lambda: [0, 0])
+    for e in live.values():
+        w = by[_where(e["frames"])]
+        w[0] += e["size"]
+        w[1] += 1
+    lines = [f"PEAKLIVE baseline {baseline / 2**30:.3f} GiB + {peak / 2**30:.3f} GiB allocated in the step "
+             f"(event {at} of {len(events)}; frees of blocks allocated before the step count negative)"]
+    for where, (size, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"PEAKLIVE {size / 2**20:10.1f} MiB {n:5d} blocks  {where}")
+    return lines
