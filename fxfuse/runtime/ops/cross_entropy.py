@@ -92,9 +92,12 @@ def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, target: Tensor,
     scale = 1.0 / n_valid if reduction == "mean" else torch.ones((), device=hidden.device)
     grad = hidden.new_empty((tokens, h) if with_grad else (0, h))
     wt = weight.t()
+    # One chunk buffer, reused: the peak is one chunk whatever the allocator does with a freed block
+    # (while a CUDA graph is recorded it need not hand it back to the next chunk).
+    buf = hidden.new_empty((min(rows_per_chunk, tokens), weight.shape[0]))
     for start in range(0, tokens, rows_per_chunk):
         end = min(tokens, start + rows_per_chunk)
-        logits = torch.mm(hidden[start:end], wt)
+        logits = torch.mm(hidden[start:end], wt, out=buf[:end - start])
         K.cross_entropy_rows(logits, target[start:end], losses[start:end], scale, ignore_index=ignore_index,
                              softcap=softcap, with_grad=with_grad)
         if with_grad:
