@@ -31,10 +31,19 @@ class Report:
     cache_dir: str = ""
     errors: list[str] = field(default_factory=list)  # passes that failed; their graph ran unchanged
     forward_calls: int = 0  # calls of the optimized model's forward (optimize() counts them)
+    cudagraphs: bool = False  # optimize(cudagraphs=True) asked for them
     _breaks_at_start: Counter = field(default_factory=Counter)
+    _cudagraph_skips_at_start: int = 0
 
     def start(self) -> None:
         self._breaks_at_start = Counter(_graph_break_counter())
+        self._cudagraph_skips_at_start = _cudagraph_skip_counter()
+
+    @property
+    def cudagraph_skips(self) -> int:
+        """Compiled graphs Inductor ran without CUDA graphs since optimize() (process-wide, as graph
+        breaks): on the CPU, or for a reason torch's own warning gives (TORCH_LOGS=cudagraphs)."""
+        return _cudagraph_skip_counter() - self._cudagraph_skips_at_start if self.cudagraphs else 0
 
     def add_graph(self, before: int, after: int, passes: list[PassStats]) -> None:
         cid = torch._guards.CompileContext.current_compile_id()
@@ -88,6 +97,8 @@ class Report:
             "graph_breaks": sum(self.graph_breaks.values()),
             "graph_break_reasons": dict(self.graph_breaks),
             "recompiles": self.recompiles,
+            "cudagraphs": self.cudagraphs,
+            "cudagraph_skips": self.cudagraph_skips,
             "passes": self.summary(),
             "pass_columns": self.columns(),
             "sites": [s.__dict__ for s in self.sites()],
@@ -111,6 +122,10 @@ class Report:
                          "model eagerly, nothing was rewritten (its recompile limit, "
                          "torch._dynamo.config.recompile_limit, reached by models compiled earlier in this "
                          "process? TORCH_LOGS=recompiles shows why)")
+        if self.cudagraph_skips:
+            lines.append(f"  WARNING: cudagraphs=True, but Inductor ran {self.cudagraph_skips} compiled graph(s) "
+                         "without CUDA graphs (a graph on the CPU, or the reason in torch's 'skipping "
+                         "cudagraphs due to' warning)")
         columns = self.columns()
         extra = list(dict.fromkeys(c for cols in columns.values() for c in cols))
         pw = max([len(n) for n in self.pass_names] + [8])  # pass-name column
@@ -143,6 +158,11 @@ class Report:
 
 def _num(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _cudagraph_skip_counter() -> int:
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def _graph_break_counter() -> Counter:
