@@ -1,7 +1,8 @@
 """What cudagraphs=True depends on and what it reports. The rewritten graph keeps what tells
 AOTAutograd which inputs are the model's parameters: deepcopy (the backend rewrites a copy) drops
 them, and without them CUDA graphs copy every weight into their own buffers on each replay (a second
-copy of the model in memory: +14 GiB on the 8B). Graphs that Inductor runs without CUDA graphs are
+copy of the model in memory, consistent with the +14 GiB measured on the 8B in the second session).
+Graphs that Inductor runs without CUDA graphs are
 reported."""
 import torch
 import torch._functorch.aot_autograd as aot
