@@ -2,8 +2,7 @@
 AOTAutograd which inputs are the model's parameters: deepcopy (the backend rewrites a copy) drops
 them, and without them CUDA graphs copy every weight into their own buffers on each replay (a second
 copy of the model in memory, consistent with the +14 GiB measured on the 8B in the second session).
-Graphs that Inductor runs without CUDA graphs are
-reported."""
+Graphs that Inductor runs without CUDA graphs are reported."""
 import torch
 import torch._functorch.aot_autograd as aot
 
