@@ -95,7 +95,7 @@ def parse_args(argv=None):
     ap.add_argument("--host-fraction", type=float, default=None,
                     help="fxfuse-offload: share of the host's available memory offloads may pin (default: fxfuse's)")
     ap.add_argument("--trace-step", type=int, default=None,
-                    help="record the allocator during this step (0-based) and print what is alive at its peak")
+                    help="record the allocator during this step (0-based) and print what is alive at its peak (slows that step; the row says which)")
     ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
     return ap.parse_args(argv)
 
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
         graphs_before = len(rep.graphs) if rep is not None else 0
         sites_before = len(rep.sites("lora")) if rep is not None else 0
         times, losses, out, phase, host, phase_peaks = [], [], None, "setup", [], []
-        row = dict(base, seq=seq, seq_index=index)
+        row = dict(base, seq=seq, seq_index=index, traced_step=args.trace_step)
         try:
             for step in range(args.steps):
                 dev.sync()

@@ -40,7 +40,7 @@ def inputs(t):
     return mk(args.heads), mk(args.kv_heads), mk(args.kv_heads), mk(args.heads)
 
 
-def run(q, k, v, grad, gqa):
+def run(q, k, v, gqa):
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     if gqa:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -57,7 +57,7 @@ def timed(q, k, v, grad, gqa):
         if cuda:
             e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             e[0].record()
-        qq, kk, vv, out = run(q, k, v, grad, gqa)
+        qq, kk, vv, out = run(q, k, v, gqa)
         if cuda:
             e[1].record()
         out.backward(grad)

@@ -1,6 +1,5 @@
-"""Peak memory of the lm_head + cross-entropy op while a CUDA graph records it, with fresh chunk
-logits per chunk (the loop before the fifteenth session) against one reused chunk buffer (the op
-now). Device call; prints one JSON line per (variant, chunk MiB): MiB allocated above the inputs at
+"""Peak memory of the lm_head + cross-entropy op while a CUDA graph records it, with a fresh logits
+tensor per chunk against one reused chunk buffer (what the op does). Device call; prints one JSON line per (variant, chunk MiB): MiB allocated above the inputs at
 the peak of an eager call and of a recorded one.
 
     python bench/ce_capture_memory.py [--tokens 1024] [--vocab 128256] [--hidden 4096]
@@ -20,7 +19,7 @@ ap.add_argument("--hidden", type=int, default=4096)
 args = ap.parse_args()
 
 
-def fresh_chunks(hidden, weight, target, rows):  # the op's loop as it was: a new logits tensor per chunk
+def fresh_chunks(hidden, weight, target, rows):  # a new logits tensor per chunk
     tokens, h = hidden.shape
     losses = torch.empty(tokens, device=hidden.device)
     scale = 1.0 / (target != -100).sum().to(torch.float32)

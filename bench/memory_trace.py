@@ -8,7 +8,7 @@ from collections import defaultdict
 
 import torch
 
-_SKIP = ("torch/", "contextlib.py", "<frozen", "threading.py", "site-packages/triton/")
+_SKIP = ("site-packages/torch/", "contextlib.py", "<frozen", "threading.py", "site-packages/triton/")
 
 
 def start():

@@ -146,6 +146,7 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
     if offload is not None and compiler == "eager":
         raise ValueError("activation offload needs AOTAutograd: compiler 'inductor' or 'aot_eager'")
     policies = PartitionPolicies(recompute_xa if compiler != "eager" else None, offload)
+    report.cudagraphs = cudagraphs
 
     def record(stats):
         report.graphs[-1].passes.append(stats)

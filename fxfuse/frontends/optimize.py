@@ -129,8 +129,7 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     recompute_xa = RecomputeLoraXA() if lora is not None and lora.config["recompute_xa"] and compiler != "eager" else None
     policies = PartitionPolicies(recompute_xa, offload).policies
     uuid = "-".join([manager.uuid()] + [p.uuid() for p in policies])
-    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + [p.name for p in policies],
-                    cudagraphs=cudagraphs)
+    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + [p.name for p in policies])
     if compiler == "inductor":
         report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
     report.start()

@@ -41,9 +41,12 @@ class Report:
 
     @property
     def cudagraph_skips(self) -> int:
-        """Compiled graphs Inductor ran without CUDA graphs since optimize() (process-wide, as graph
-        breaks): on the CPU, or for a reason torch's own warning gives (TORCH_LOGS=cudagraphs)."""
-        return _cudagraph_skip_counter() - self._cudagraph_skips_at_start if self.cudagraphs else 0
+        """Forward/backward graphs Inductor compiled (or loaded) without CUDA graphs since optimize():
+        on the CPU, or for the reason torch's own warning gives. Process-wide, like the graph breaks:
+        models compiled later in the process count too."""
+        if not self.cudagraphs:
+            return 0
+        return max(0, _cudagraph_skip_counter() - self._cudagraph_skips_at_start)  # counters.clear() resets
 
     def add_graph(self, before: int, after: int, passes: list[PassStats]) -> None:
         cid = torch._guards.CompileContext.current_compile_id()
@@ -123,9 +126,9 @@ class Report:
                          "torch._dynamo.config.recompile_limit, reached by models compiled earlier in this "
                          "process? TORCH_LOGS=recompiles shows why)")
         if self.cudagraph_skips:
-            lines.append(f"  WARNING: cudagraphs=True, but Inductor ran {self.cudagraph_skips} compiled graph(s) "
-                         "without CUDA graphs (a graph on the CPU, or the reason in torch's 'skipping "
-                         "cudagraphs due to' warning)")
+            lines.append(f"  WARNING: cudagraphs=True, but Inductor compiled {self.cudagraph_skips} forward/backward "
+                         "graph(s) without CUDA graphs (process-wide count; a graph on the CPU, or the reason in "
+                         "torch's 'skipping cudagraphs due to' warning)")
         columns = self.columns()
         extra = list(dict.fromkeys(c for cols in columns.values() for c in cols))
         pw = max([len(n) for n in self.pass_names] + [8])  # pass-name column

@@ -92,8 +92,8 @@ def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, target: Tensor,
     scale = 1.0 / n_valid if reduction == "mean" else torch.ones((), device=hidden.device)
     grad = hidden.new_empty((tokens, h) if with_grad else (0, h))
     wt = weight.t()
-    # One chunk buffer, reused: the peak is one chunk whatever the allocator does with a freed block
-    # (while a CUDA graph is recorded it need not hand it back to the next chunk).
+    # One chunk buffer, reused: the peak is one chunk of logits by construction, not by the allocator
+    # handing a freed chunk's block to the next (also while a CUDA graph records the op).
     buf = hidden.new_empty((min(rows_per_chunk, tokens), weight.shape[0]))
     for start in range(0, tokens, rows_per_chunk):
         end = min(tokens, start + rows_per_chunk)
