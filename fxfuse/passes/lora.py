@@ -22,19 +22,28 @@ from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of
 
 
 def _narrow(t) -> bool:
-    """A weight that projects down (rank < in_features): what makes a linear chain low-rank.
-    Chains without such a down-projection are not LoRA candidates and are not reported."""
+    """A weight that projects down (rank < in_features): what makes a linear chain low-rank."""
     v = example_value(t)
     return isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[0] < v.shape[1]
 
 
-LOW_RANK = Op("linear", (Op("linear", (Opt("dropout", Opt("to", Var("x")), name="dropout"),
-                                       Var("lora_A", where=_narrow, label="low-rank weight"), None),
-                           name="down", label="lora_A linear"),
-                         Var("lora_B"), Var("lora_B_bias")), name="up", label="lora_B linear")
-PATTERN = Opt("to", Op("add", (Op("linear", (Var("x"), Var("weight"), Var("bias")), name="base", label="base linear"),
-                              Op("mul", (LOW_RANK, Lit("scaling")), commutative=True, label="scaled low-rank term")),
-                      commutative=True, name="sum", label="base + low-rank sum"))
+def _patterns(narrow: bool):
+    """(anchor, pattern). narrow=False: the same structure with any lora_A width, to report a LoRA
+    linear whose rank is not below its in_features (declined: not low-rank) instead of skipping it.
+    A bare two-linear chain that does not sit in that structure is no candidate either way."""
+    low_rank = Op("linear", (Op("linear", (Opt("dropout", Opt("to", Var("x")), name="dropout"),
+                                           Var("lora_A", where=_narrow if narrow else None, label="low-rank weight"),
+                                           None),
+                                name="down", label="lora_A linear"),
+                             Var("lora_B"), Var("lora_B_bias")), name="up", label="lora_B linear")
+    pattern = Opt("to", Op("add", (Op("linear", (Var("x"), Var("weight"), Var("bias")), name="base", label="base linear"),
+                                   Op("mul", (low_rank, Lit("scaling")), commutative=True, label="scaled low-rank term")),
+                           commutative=True, name="sum", label="base + low-rank sum"))
+    return low_rank, pattern
+
+
+LOW_RANK, PATTERN = _patterns(narrow=True)
+_ANY_RANK, _ANY_RANK_PATTERN = _patterns(narrow=False)
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
@@ -108,11 +117,28 @@ class LoraPass(GraphPass):
         for gname, sub in graphs_of(gm):
             self._run_graph(gname, sub, stats)
 
+    def _report_full_rank(self, gname: str, node: fx.Node, stats: PassStats) -> None:
+        """A LoRA linear whose lora_A does not project down (r >= in_features, e.g. r=64 on a
+        64-wide input): the whole structure matches, only the rank does not; declined, with why."""
+        if not is_anchor(_ANY_RANK, node):
+            return
+        try:
+            m = match_at(_ANY_RANK_PATTERN, _ANY_RANK, node)
+        except Decline:
+            return
+        a = example_value(m["lora_A"])
+        shape = "x".join(map(str, a.shape)) if isinstance(a, torch.Tensor) else "?"
+        module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
+        stats.sites.append(Site(self.name, module, node.name, gname, False,
+                                f"lora_A [{shape}] does not project down (rank >= in_features): not a low-rank "
+                                "update: the pass fuses only low-rank ones", check="pattern"))
+
     def _run_graph(self, gname: str, gm: fx.GraphModule, stats: PassStats) -> None:
         anchor = LOW_RANK
         sites = []
         for node in list(gm.graph.nodes):
             if not is_anchor(anchor, node):
+                self._report_full_rank(gname, node, stats)
                 continue
             module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
             step = "pattern"

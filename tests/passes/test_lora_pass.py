@@ -118,6 +118,36 @@ def test_dora_is_declined_with_reason():
     assert all("expected base + low-rank sum" in s.reason for s in sites), sites[0].reason
 
 
+def test_full_rank_adapter_is_declined_not_skipped():
+    """r=64 on the 64-wide hidden size: lora_A does not project down on q/k/v/o/gate/up, so those
+    are declined with the reason (they used to be no candidates at all, missing from the report);
+    down_proj (96 wide) stays low-rank and is rewritten. Eager math runs for the declined ones."""
+    before, after, stats = capture(tiny_model(r=64, lora_alpha=7))
+    assert stats.candidates == 14 and stats.rewritten == 2
+    declined = stats.declined
+    assert len(declined) == 12 and all("lora_A [64x64] does not project down" in s.reason for s in declined)
+    assert {s.module.rsplit(".", 1)[-1] for s in declined} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj"}
+    assert count_ops(after).get(LORA_OP, 0) == 2
+
+
+def test_a_plain_two_linear_chain_is_no_candidate():
+    """A bare linear(linear(x)) that is not added to a base linear of the same input is not a LoRA
+    linear of any rank: not reported."""
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(self.a(x)) * 2.0
+
+    seen = []
+    torch.compile(Chain(), backend=lambda gm, ex: seen.append(PassManager([LoraPass()]).run(gm)[0]) or gm.forward)(
+        torch.randn(3, 8))
+    assert seen and not any(st.candidates for st in seen)
+
+
 def test_trainable_base_bias_is_declined():
     _, _, stats = capture(tiny_model("qwen2", bias="all"))
     declined = [s for s in stats.declined]
