@@ -143,7 +143,10 @@ class SinkAttentionPass(GraphPass):
         if stable is None and _is(x, {operator.sub, torch.sub}, ("sub",)):
             raise Decline(f"{x.name} subtracts something other than the row max (keepdim) from the logits")
         if stable is not None:
-            steps += [x, x.args[1]] + ([x.args[1].args[0]] if _is(x.args[1], {operator.getitem}) else [])
+            steps += [x, x.args[1]]
+            if _is(x.args[1], {operator.getitem}):  # max(...).values; a traced-but-unread .indices goes too
+                mx = x.args[1].args[0]
+                steps += [mx] + [u for u in mx.users if u is not x.args[1] and _is(u, {operator.getitem}) and not u.users]
             x = stable
         scores, sinks, view = _sink_column(x)
         column = _arg(x, 0, "tensors")[1]  # the expand, when there is one
