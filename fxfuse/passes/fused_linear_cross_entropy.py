@@ -3,8 +3,10 @@ which never materialises the [T, vocab] logits.
 
 transformers' ForCausalLMLoss traces (dynamo) as
     loss = cross_entropy(view(to(softcap?(linear(hidden, W))), -1, V), target, ignore_index, reduction)
-with softcap(x) = tanh(x / c) * c (gemma2's final_logit_softcapping). Every cross_entropy node is a
-candidate. The label shift/pad that computes `target` stays in the graph, and so does the division
+with softcap(x) = tanh(x / c) * c (gemma2's final_logit_softcapping), or with the logits scaled by a
+constant instead (`* s`: cohere's logit_scale; `/ d`: granite's logits_scaling), which the op gets by
+scaling the hidden states (x W^T s = (x s) W^T; autograd carries the factor into their gradient).
+Every cross_entropy node is a candidate. The label shift/pad that computes `target` stays in the graph, and so does the division
 by `num_items_in_batch` that follows a 'sum' reduction.
 
 HF also returns the logits, so they are a graph output. When the loss will be backpropagated and
@@ -30,6 +32,8 @@ from .pattern import Decline, Lit, Match, Op, Opt, Var, _show, canon, example_va
 LINEAR = Op("linear", (Var("hidden"), Var("weight"), Var("bias")), name="head", label="lm_head linear")
 SOFTCAPPED = Op("mul", (Op("tanh", (Op("div", (LINEAR, Lit("cap_in"))),)), Lit("cap_out")),
                 commutative=True, name="softcap", label="softcap tanh(x / c) * c")
+SCALED = Op("mul", (LINEAR, Lit("scale")), commutative=True, name="scaled", label="logits * constant")
+DIVIDED = Op("div", (LINEAR, Lit("divisor")), name="divided", label="logits / constant")
 
 
 def _loss_of(logits) -> Op:
@@ -47,7 +51,7 @@ def _is_lora_output(node) -> bool:
 
 
 # Tried in order: the first that matches is rewritten.
-PATTERNS = (_loss_of(SOFTCAPPED), _loss_of(LINEAR))
+PATTERNS = (_loss_of(SOFTCAPPED), _loss_of(SCALED), _loss_of(DIVIDED), _loss_of(LINEAR))
 # Never rewritten: matched only to name the decline of a LoRA-adapted lm_head.
 LORA_HEAD = _loss_of(Var("adapted", where=_is_lora_output))
 
@@ -127,7 +131,14 @@ def check(m: Match) -> dict:
         if cap != float(m["cap_out"]) or not (cap > 0 and math.isfinite(cap)):
             raise Decline(f"softcap divides by {m['cap_in']} and multiplies by {m['cap_out']}: not tanh(x / c) * c "
                           "with one positive c")
-    return {"reduction": attrs["reduction"], "ignore_index": attrs["ignore_index"], "softcap": cap,
+    scale = None  # (operator, constant) applied to the hidden states
+    for key, op in (("scale", operator.mul), ("divisor", operator.truediv)):
+        if m.get(key) is not None:
+            c = m[key]
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c == 0:
+                raise Decline(f"the logits are scaled by {c!r}: not a finite non-zero number")
+            scale = (op, c)
+    return {"reduction": attrs["reduction"], "ignore_index": attrs["ignore_index"], "softcap": cap, "scale": scale,
             "with_grad": bool(hidden.requires_grad), "loss_grad": bool(loss.requires_grad)}
 
 
@@ -171,15 +182,22 @@ def _replace(gm: fx.GraphModule, m: Match, info: dict, outputs: list[fx.Node]) -
     last = max((m[k] for k in ("hidden", "weight", "target")), key=order.__getitem__)
     hidden_v, weight_v = example_value(m["hidden"]), example_value(m["weight"])
     mode = getattr(hidden_v, "fake_mode", None)
+    hidden = m["hidden"]
+    if info["scale"] is not None:  # x W^T * s == (x * s) W^T, and the same for / d
+        with g.inserting_after(last):
+            hidden = last = g.call_function(info["scale"][0], (m["hidden"], info["scale"][1]))
+        if mode is not None:
+            with mode:
+                hidden.meta["example_value"] = info["scale"][0](hidden_v, info["scale"][1])
     with g.inserting_after(last):
-        flat = g.call_method("reshape", (m["hidden"], -1, hidden_v.shape[-1]))
+        flat = g.call_method("reshape", (hidden, -1, hidden_v.shape[-1]))
     with g.inserting_after(flat):
         fused = g.call_function(torch.ops.fxfuse.linear_cross_entropy.default,
                                 (flat, m["weight"], m["target"], info["reduction"], info["softcap"],
                                  info["ignore_index"], info["with_grad"]))
     with g.inserting_after(fused):
         loss = g.call_function(operator.getitem, (fused, 0))
-    for n in (flat, fused, loss):
+    for n in {hidden, flat, fused, loss} - {m["hidden"]}:
         n.meta["nn_module_stack"] = dict(m.root.meta.get("nn_module_stack", {}))
     if mode is not None:
         with mode:

@@ -20,6 +20,10 @@ ARCHS = {  # model_type: (config overrides (dropout off so eager and compiled se
                  max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
                  activation_dropout=0.0), True),
     "phi3": (dict(DENSE, pad_token_id=0), True),
+    # logits scaled before the loss (granite: / logits_scaling, cohere: * logit_scale, tied embeddings)
+    "granite": (dict(DENSE, embedding_multiplier=12.0, logits_scaling=4.0, residual_multiplier=0.5,
+                     attention_multiplier=0.1), True),
+    "cohere": (dict(DENSE), True),
     "gemma2": (dict(DENSE, head_dim=16), True),
     "qwen3": (dict(DENSE, head_dim=16), True),
     "gpt_neox": (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -63,6 +67,8 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes
     assert not report.errors, report.errors
     for name, s in report.summary().items():
         assert all(reason for reason in s["declined"]), (name, s)  # every decline says why
+    if arch in ("granite", "cohere"):  # the scaled logits' head and loss are fused too
+        assert report.summary()["fused_linear_cross_entropy"]["rewritten"] == 1, report.table()
     summary = report.summary()["lora"]
     assert summary["candidates"] > 0
     if all_rewritten:

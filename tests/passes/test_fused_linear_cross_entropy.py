@@ -88,13 +88,17 @@ def test_declines_lora_and_trained_lm_head():
 class Head(torch.nn.Module):
     """An lm_head + loss written by hand, to reach what HF models never trace."""
 
-    def __init__(self, bias=False, softcap=None, dtype=torch.float32, **ce_kwargs):
+    def __init__(self, bias=False, softcap=None, dtype=torch.float32, scale=None, divisor=None, **ce_kwargs):
         super().__init__()
         self.lm_head = torch.nn.Linear(24, 77, bias=bias, dtype=dtype).requires_grad_(False)
-        self.softcap, self.ce_kwargs = softcap, ce_kwargs
+        self.softcap, self.scale, self.divisor, self.ce_kwargs = softcap, scale, divisor, ce_kwargs
 
     def forward(self, hidden, labels):
         logits = self.lm_head(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.cross_entropy(logits.float().view(-1, 77), labels.view(-1), **self.ce_kwargs)
@@ -151,3 +155,32 @@ def test_softcap_is_fused_and_matches_eager(dtype):
     assert abs(got.item() - want.item()) <= tol * abs(want.item())
     g_ref, g_opt = inputs["hidden"].grad.double(), inputs2["hidden"].grad.double()
     assert ((g_opt - g_ref).norm() / g_ref.norm()).item() < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", [dict(scale=0.0625), dict(scale=0.3), dict(divisor=4.0), dict(divisor=3.0)])
+def test_scaled_logits_are_fused_and_match_eager(how, dtype):
+    """cohere's `logits * logit_scale`, granite's `logits / logits_scaling`: the op reads the hidden
+    states scaled instead (exact in any dtype for powers of two, one rounding otherwise)."""
+    import fxfuse
+    ref = Head(dtype=dtype, **how)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(8)  # logits of a few units: the factor moves the loss
+    opt = fxfuse.optimize(copy.deepcopy(ref), compiler="aot_eager", verbose=False)
+    inputs, inputs2 = head_inputs(dtype), head_inputs(dtype)
+    want, got = ref(**inputs), opt(**inputs2)
+    want.backward()
+    got.backward()
+    assert fxfuse.report(opt).summary()["fused_linear_cross_entropy"]["rewritten"] == 1
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(got.item() - want.item()) <= tol * abs(want.item())
+    g_ref, g_opt = inputs["hidden"].grad.double(), inputs2["hidden"].grad.double()
+    assert ((g_opt - g_ref).norm() / g_ref.norm()).item() < (1e-5 if dtype == torch.float32 else 3e-2)
+    unscaled = Head(dtype=dtype)  # the premise: the factor changes the loss, so a dropped one fails
+    unscaled.load_state_dict(ref.state_dict())
+    assert abs(unscaled(**head_inputs(dtype)).item() - want.item()) > 10 * tol * abs(want.item())
+
+
+def test_zero_scale_is_declined():
+    _, _, stats = capture(Head(scale=0.0), **head_inputs())
+    assert stats.rewritten == 0 and "scaled by 0.0: not a finite non-zero number" in reason(stats)
