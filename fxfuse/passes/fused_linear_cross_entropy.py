@@ -52,8 +52,10 @@ def _is_lora_output(node) -> bool:
 
 # Tried in order: the first that matches is rewritten.
 PATTERNS = (_loss_of(SOFTCAPPED), _loss_of(SCALED), _loss_of(DIVIDED), _loss_of(LINEAR))
-# Never rewritten: matched only to name the decline of a LoRA-adapted lm_head.
-LORA_HEAD = _loss_of(Var("adapted", where=_is_lora_output))
+# Never rewritten: matched only to name the decline of a LoRA-adapted lm_head (scaled logits too).
+_ADAPTED = Var("adapted", where=_is_lora_output)
+LORA_HEADS = (_loss_of(_ADAPTED), _loss_of(Op("mul", (_ADAPTED, Lit("scale")), commutative=True)),
+              _loss_of(Op("div", (_ADAPTED, Lit("divisor")))))
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,11 +70,13 @@ def match(node: fx.Node) -> Match:
             return m
         except Decline as e:
             reason = str(e)  # the plain head's reason (last) is the one to show
-    try:
-        match_pat(LORA_HEAD, node, Match())
-    except Decline:
-        raise Decline(reason) from None
-    raise Decline("lm_head is a LoRA target (its adapters train): the op computes no weight gradient")
+    for head in LORA_HEADS:
+        try:
+            match_pat(head, node, Match())
+        except Decline:
+            continue
+        raise Decline("lm_head is a LoRA target (its adapters train): the op computes no weight gradient")
+    raise Decline(reason)
 
 
 def escaping(m: Match) -> list[fx.Node]:
@@ -135,7 +139,11 @@ def check(m: Match) -> dict:
     for key, op in (("scale", operator.mul), ("divisor", operator.truediv)):
         if m.get(key) is not None:
             c = m[key]
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c == 0:
+            try:
+                ok = not isinstance(c, bool) and isinstance(c, (int, float)) and math.isfinite(c) and c != 0
+            except OverflowError:  # an int beyond float's range
+                ok = False
+            if not ok:
                 raise Decline(f"the logits are scaled by {c!r}: not a finite non-zero number")
             scale = (op, c)
     return {"reduction": attrs["reduction"], "ignore_index": attrs["ignore_index"], "softcap": cap, "scale": scale,

@@ -118,20 +118,27 @@ class LoraPass(GraphPass):
             self._run_graph(gname, sub, stats)
 
     def _report_full_rank(self, gname: str, node: fx.Node, stats: PassStats) -> None:
-        """A LoRA linear whose lora_A does not project down (r >= in_features, e.g. r=64 on a
-        64-wide input): the whole structure matches, only the rank does not; declined, with why."""
+        """A chain whose lora_A does not project down (r >= in_features, e.g. r=64 on a 64-wide
+        input) is a candidate, declined with why, when it sits in the LoRA structure (base + scaled
+        chain on one input) or in a PEFT LoRA module (then with what else fails); a bare chain
+        elsewhere is none."""
         if not is_anchor(_ANY_RANK, node):
             return
+        path = module_path(node)
+        module = path.removesuffix(".lora_B.default").removesuffix(".lora_B")
         try:
             m = match_at(_ANY_RANK_PATTERN, _ANY_RANK, node)
-        except Decline:
+        except Decline as e:
+            if module != path:  # PEFT's lora_B: a LoRA linear, whatever else is wrong with it
+                stats.sites.append(Site(self.name, module, node.name, gname, False, str(e), check="pattern"))
             return
         a = example_value(m["lora_A"])
-        shape = "x".join(map(str, a.shape)) if isinstance(a, torch.Tensor) else "?"
-        module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
-        stats.sites.append(Site(self.name, module, node.name, gname, False,
-                                f"lora_A [{shape}] does not project down (rank >= in_features): not a low-rank "
-                                "update: the pass fuses only low-rank ones", check="pattern"))
+        if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] >= a.shape[1]:
+            reason = (f"lora_A [{a.shape[0]}x{a.shape[1]}] does not project down (rank >= in_features): not a "
+                      "low-rank update: the pass fuses only low-rank ones")
+        else:
+            reason = "lora_A has no recorded 2-D tensor value"
+        stats.sites.append(Site(self.name, module, node.name, gname, False, reason, check="pattern"))
 
     def _run_graph(self, gname: str, gm: fx.GraphModule, stats: PassStats) -> None:
         anchor = LOW_RANK

@@ -181,6 +181,18 @@ def test_scaled_logits_are_fused_and_match_eager(how, dtype):
     assert abs(unscaled(**head_inputs(dtype)).item() - want.item()) > 10 * tol * abs(want.item())
 
 
-def test_zero_scale_is_declined():
+def test_zero_or_tensor_scale_is_declined():
     _, _, stats = capture(Head(scale=0.0), **head_inputs())
     assert stats.rewritten == 0 and "scaled by 0.0: not a finite non-zero number" in reason(stats)
+    head = Head()
+    head.scale = torch.tensor(0.5)  # a tensor, not a constant of the graph
+    _, _, stats = capture(head, **head_inputs())
+    assert stats.rewritten == 0 and stats.candidates == 1 and reason(stats)
+
+
+@pytest.mark.parametrize("how", [dict(scale=0.5), dict(divisor=4.0)])
+def test_scaled_lora_head_is_declined_as_a_lora_target(how):
+    from peft import LoraConfig, inject_adapter_in_model
+    head = inject_adapter_in_model(LoraConfig(r=4, target_modules=["lm_head"]), Head(**how))
+    _, _, stats = capture(head, **head_inputs())
+    assert stats.rewritten == 0 and "lm_head is a LoRA target" in reason(stats)

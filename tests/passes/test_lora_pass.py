@@ -131,21 +131,29 @@ def test_full_rank_adapter_is_declined_not_skipped():
     assert count_ops(after).get(LORA_OP, 0) == 2
 
 
-def test_a_plain_two_linear_chain_is_no_candidate():
-    """A bare linear(linear(x)) that is not added to a base linear of the same input is not a LoRA
-    linear of any rank: not reported."""
+@pytest.mark.parametrize("with_base", [False, True])
+def test_a_plain_two_linear_chain_is_no_candidate(with_base):
+    """A bare bias-free linear(linear(x)) * 2 is not a LoRA linear of any rank: not reported. Added
+    to a base linear of the same input it has LoRA's structure, and an 8-wide "lora_A" on an
+    8-wide input is then a declined candidate."""
     class Chain(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.w = torch.nn.Linear(8, 8)
+            self.a, self.b = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
 
         def forward(self, x):
-            return self.b(self.a(x)) * 2.0
+            chain = self.b(self.a(x)) * 2.0
+            return self.w(x) + chain if with_base else chain
 
     seen = []
     torch.compile(Chain(), backend=lambda gm, ex: seen.append(PassManager([LoraPass()]).run(gm)[0]) or gm.forward)(
         torch.randn(3, 8))
-    assert seen and not any(st.candidates for st in seen)
+    sites = [s for st in seen for s in st.sites]
+    if with_base:
+        assert len(sites) == 1 and "lora_A [8x8] does not project down" in sites[0].reason
+    else:
+        assert sites == []
 
 
 def test_trainable_base_bias_is_declined():
