@@ -98,11 +98,13 @@ with torch.profiler.profile(activities=activities) as prof:
 print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=70))
 
 # Kernel families, first match wins: where a layer's GPU time goes, and how much of the step the GPU waits.
-FAMILIES = [("memcpy/offload", ("memcpy", "Memcpy", "copy_kernel", "CatArrayBatched")),
+# Inductor's kernels (triton_poi_/triton_red_/...) come first: their names carry the ops they fuse
+# ("triton_poi_fused_lora_linear_backward_mul_silu_..."), which counted them as fxfuse's LoRA kernels.
+FAMILIES = [("inductor fused", ("triton_",)),
+            ("memcpy/offload", ("memcpy", "Memcpy", "copy_kernel", "CatArrayBatched")),
             ("flash attention", ("flash", "fmha", "attention")),
             ("fxfuse lora triton", ("_skinny", "_lowrank", "_lora", "_weight_grad")),
             ("fxfuse ce triton", ("_ce_", "cross_entropy", "_logsumexp")),
-            ("inductor fused", ("triton_",)),
             ("gemm (cuBLAS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "Kernel2")),
             ("adamw/foreach", ("foreach", "multi_tensor", "adam")),
             ("other", ("",))]

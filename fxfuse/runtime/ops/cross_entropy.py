@@ -44,13 +44,23 @@ def chunk_bytes() -> int:
     return int(mib) << 20
 
 
+# Fewest rows a chunk is cut to so that the logits are not all alive at once (below, see chunk_rows).
+MIN_SPLIT_ROWS = 512
+
+
 def chunk_rows(tokens: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
     """Rows per chunk: as many as fit `budget` bytes of logits, a multiple of 256 when more than
-    256 fit (whole GEMM tiles), never more than the tokens."""
+    256 fit (whole GEMM tiles), never more than the tokens. When all the tokens fit one chunk but
+    halves of at least MIN_SPLIT_ROWS rows do not, rows are halved (rounded up to 256): one chunk
+    would hold every token's logits, which the op exists to avoid. At 1k tokens on the 8B shape that
+    is 125 instead of 250 MiB of logits, 0.07 GiB off the step's peak with CUDA graphs (H200,
+    bench/RESULTS.md); GEMMs of 512 rows still run near cuBLAS's ceiling."""
     per_row = vocab * torch.empty((), dtype=dtype).element_size()
     rows = max(1, (chunk_bytes() if budget is None else budget) // per_row)
     if rows > 256:
         rows -= rows % 256
+    if rows >= tokens >= 2 * MIN_SPLIT_ROWS:
+        rows = -(-tokens // 512) * 256  # half the tokens, rounded up to whole 256-row tiles
     return max(1, min(rows, tokens))
 
 
