@@ -21,7 +21,7 @@ SERIES = [
     ("Unsloth 2026.10.9", "#e45756", {1024: 15.9, 4096: 16.7, 16384: 19.7, 32768: 23.9, 65536: 32.3,
                                       131072: 49.1}, ""),
     ("fxfuse, no offload", "#72b7b2", {1024: 16.01, 4096: 17.59, 16384: 23.14}, ""),
-    ("fxfuse cudagraphs=True", "#f58518", {1024: 15.98}, "H200 2026-12-03 (fifteenth session), 79.1 GiB cap"),
+    ("fxfuse cudagraphs=True", "#f58518", {1024: 15.91}, "H200 2026-12-03 (sixteenth session), 79.1 GiB cap"),
     ("fxfuse defaults (offload)", "#4c78a8", {1024: 15.83, 4096: 16.41, 16384: 18.49, 32768: 21.35, 65536: 27.06,
                                               131072: 44.88},
      "H200 2026-12-03 (1k: fifteenth session, others fourteenth), 79.1 GiB cap"),
