@@ -166,6 +166,19 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
             report.errors.append(reason)
             stats = []
         report.add_graph(before, _node_count(gm), stats)
+        try:
+            return compile_rewritten(gm, example_inputs)
+        except Exception as e:
+            # dynamo runs this code without fxfuse (a graph break or eager), so the sites of this
+            # graph did not happen: drop its record, and say why
+            record = report.graphs.pop()
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            report.compile_errors.append(f"graph {record.index} ({record.nodes_before} nodes): {reason}")
+            print(f"fxfuse: warning: compiling graph {record.index} failed, dynamo runs its code without "
+                  f"fxfuse: {reason}", file=sys.stderr)
+            raise
+
+    def compile_rewritten(gm: fx.GraphModule, example_inputs):
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if cudagraphs else {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from typing import Iterable, Optional
 
 import torch
@@ -24,7 +25,7 @@ from ..passes.swiglu import SwigluPass
 from ..runtime import cache
 from ..runtime.kernels import lora as lora_kernels
 from .backend import PartitionPolicies, make_backend
-from .report import Report
+from .report import Report, adapter_layers
 
 # Passes in the order they run. Each entry builds a fresh pass.
 PASSES = {
@@ -129,7 +130,8 @@ def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, 
     recompute_xa = RecomputeLoraXA() if lora is not None and lora.config["recompute_xa"] and compiler != "eager" else None
     policies = PartitionPolicies(recompute_xa, offload).policies
     uuid = "-".join([manager.uuid()] + [p.uuid() for p in policies])
-    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + [p.name for p in policies])
+    report = Report(manager_uuid=uuid, pass_names=[p.name for p in manager.passes] + [p.name for p in policies],
+                    adapter_layers=adapter_layers(model), _model=weakref.ref(model))
     if compiler == "inductor":
         report.cache_dir = cache.use_cache_dir(report.manager_uuid, cache_dir)
     report.start()

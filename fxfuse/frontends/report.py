@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,6 +31,11 @@ class Report:
     graph_breaks: Counter = field(default_factory=Counter)
     cache_dir: str = ""
     errors: list[str] = field(default_factory=list)  # passes that failed; their graph ran unchanged
+    # graphs the compiler failed on after the passes ran: dynamo ran their code without fxfuse
+    compile_errors: list[str] = field(default_factory=list)
+    # PEFT adapter layers of the model (optimize() fills it): full module name -> kind ("lora.Linear")
+    adapter_layers: dict = field(default_factory=dict)
+    _model: Any = None  # weakref to the optimized model (optimize() sets it): its adapters' weights
     forward_calls: int = 0  # calls of the optimized model's forward (optimize() counts them)
     cudagraphs: bool = False  # optimize(cudagraphs=True) asked for them
     _breaks_at_start: Counter = field(default_factory=Counter)
@@ -87,6 +93,29 @@ class Report:
         """The forward ran and no graph reached fxfuse: dynamo ran it eagerly, nothing was rewritten."""
         return self.forward_calls > 0 and not self.graphs
 
+    def unseen_adapters(self) -> dict[str, list[str]]:
+        """Adapter layers that ran unfused, by kind: LoRA layers whose A weights never went through
+        fxfuse's LoRA op (declined, run outside the compiled graphs after a graph break or a compile
+        error, or in a form the lora pass does not match), and every layer of the adapter kinds no
+        pass handles (LoHa, IA3, ...). Checked at run time, not by module path: a path in a graph is
+        relative to the frame dynamo compiled, and one compiled frame may run several layers. Empty
+        before the first forward call."""
+        model = self._model() if self._model is not None else None
+        if not self.forward_calls or model is None:
+            return {}
+        out: dict[str, list[str]] = {}
+        for name, kind in self.adapter_layers.items():
+            if kind.startswith("lora."):
+                try:
+                    a_weights = list(model.get_submodule(name).lora_A.parameters())
+                except AttributeError:  # removed since (merge_and_unload), or no lora_A
+                    continue
+                if "lora" not in self.pass_names or any(
+                        w.data_ptr() in runtime_stats.lora_weights_run for w in a_weights):
+                    continue
+            out.setdefault(kind, []).append(name)
+        return out
+
     @property
     def runtime_fallbacks(self) -> int:
         return sum(runtime_stats.fallbacks.values())
@@ -108,6 +137,9 @@ class Report:
             "runtime": runtime_stats.snapshot(),
             "cache_dir": self.cache_dir,
             "pass_errors": self.errors,
+            "compile_errors": self.compile_errors,
+            "adapter_layers": len(self.adapter_layers),
+            "unseen_adapters": self.unseen_adapters(),
         }
 
     def to_json(self) -> str:
@@ -120,6 +152,18 @@ class Report:
             lines.append(f"  graph break x{n}: {reason}")
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
+        for err in self.compile_errors:
+            lines.append(f"  COMPILE ERROR (dynamo ran this graph's code without fxfuse): {err}")
+        for kind, names in self.unseen_adapters().items():
+            example = ", ".join(_short(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+            if kind.startswith("lora."):
+                lines.append(f"  WARNING: {len(names)} of {sum(k == kind for k in self.adapter_layers.values())} "
+                             f"{kind} adapter layer(s) never ran through fxfuse's LoRA op: declined (reasons "
+                             f"below), run outside the compiled graphs (graph breaks, compile errors above) or "
+                             f"not matched by the lora pass; unfused ({example})")
+            else:
+                lines.append(f"  note: {len(names)} {kind} adapter layer(s): no fxfuse pass handles this adapter "
+                             f"kind, they run as traced, unfused ({example})")
         if self.nothing_compiled:
             lines.append(f"  WARNING: {self.forward_calls} forward call(s) and no graph compiled: dynamo ran the "
                          "model eagerly, nothing was rewritten (its recompile limit, "
@@ -157,6 +201,29 @@ class Report:
         return "\n".join(lines)
 
     __str__ = table
+
+
+def _short(name: str) -> str:
+    """A module name without PEFT's wrapper prefix."""
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def adapter_layers(model: torch.nn.Module) -> dict:
+    """PEFT tuner layers of `model` (outermost only: a wrapped base layer is part of its wrapper),
+    full module name -> "<tuner>.<class>" (e.g. "lora.Linear", "loha.Linear"); {} without peft."""
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return {}
+    out: dict = {}
+    for name, mod in model.named_modules():  # parents come before their children
+        if isinstance(mod, BaseTunerLayer) and not any(name.startswith(p + ".") for p in out):
+            parts = type(mod).__module__.split(".")  # peft.tuners.<tuner>.layer
+            tuner = "lora" if isinstance(mod, LoraLayer) else \
+                (parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1])
+            out[name] = f"{tuner}.{type(mod).__name__}"
+    return out
 
 
 def _num(v) -> str:

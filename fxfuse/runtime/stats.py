@@ -6,6 +6,9 @@ from collections import Counter
 
 kernel_calls: Counter = Counter()
 fallbacks: Counter = Counter()  # key: (op name, reason)
+# data_ptr() of every LoRA A weight that went through fxfuse's LoRA op: the report checks the model's
+# LoRA layers against it (a layer that never did ran unfused: declined, or outside the compiled graphs)
+lora_weights_run: set = set()
 
 
 def record_kernel(op: str) -> None:
@@ -14,6 +17,11 @@ def record_kernel(op: str) -> None:
 
 def record_fallback(op: str, reason: str) -> None:
     fallbacks[(op, reason)] += 1
+
+
+def record_lora_weights(lora_as) -> None:
+    for a in lora_as:
+        lora_weights_run.add(a.data_ptr())
 
 
 def dispatch(op: str, device, kernels, reference, args):
@@ -32,6 +40,7 @@ def dispatch(op: str, device, kernels, reference, args):
 def reset() -> None:
     kernel_calls.clear()
     fallbacks.clear()
+    lora_weights_run.clear()
 
 
 def snapshot() -> dict:
