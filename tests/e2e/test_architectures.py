@@ -73,5 +73,32 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes
     assert summary["candidates"] > 0
     if all_rewritten:
         assert summary["rewritten"] == summary["candidates"], summary
+        # every LoRA linear ran through the op; LoRA on MoE expert weights (PEFT's ParamWrapper,
+        # mixtral) is not fused, and the report says so
+        unseen = report.unseen_adapters()
+        assert set(unseen) == ({"lora.ParamWrapper"} if arch == "mixtral" else set()), report.table()
     else:
         assert summary["rewritten"] == 0 and all(reason for reason in summary["declined"]), summary
+
+
+def test_moe_layers_dynamo_runs_eagerly_under_checkpointing_are_a_warning():
+    """mixtral under checkpointing: dynamo breaks the graph inside its checkpointed MoE layers and
+    runs them eagerly (see above); the results are eager's, and the report says which LoRA layers
+    never ran through fxfuse's op, instead of a bare 0 candidates."""
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("mixtral", **dict(DENSE, num_local_experts=4, num_experts_per_tok=2))
+    model = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    ref = copy.deepcopy(model)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False)
+    ids = tokens(2, 12)
+    l_ref, _ = loss_and_grads(ref, input_ids=ids, labels=ids)
+    l_opt, _ = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert rel(l_opt, l_ref) < 1e-5
+    report = fxfuse.report(opt)
+    unseen = report.unseen_adapters().get("lora.Linear", [])
+    assert len(report.adapter_layers) == 8
+    assert len(unseen) == 8 - report.summary()["lora"]["rewritten"] > 0, report.table()
+    assert f"WARNING: {len(unseen)} of 8 lora.Linear adapter layer(s) never ran" in report.table()
