@@ -99,7 +99,7 @@ print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows
 
 # Kernel families, first match wins: where a layer's GPU time goes, and how much of the step the GPU waits.
 # Inductor's kernels (triton_poi_/triton_red_/...) come first: their names carry the ops they fuse
-# ("triton_poi_fused_lora_linear_backward_mul_silu_..."), which counted them as fxfuse's LoRA kernels.
+# ("triton_poi_fused_lora_linear_backward_mul_silu_..."), which would match fxfuse's LoRA family.
 FAMILIES = [("inductor fused", ("triton_",)),
             ("memcpy/offload", ("memcpy", "Memcpy", "copy_kernel", "CatArrayBatched")),
             ("flash attention", ("flash", "fmha", "attention")),

@@ -17,6 +17,7 @@ from ..passes.manager import PassManager, PassStats, source_uuid
 from ..passes.pattern import graphs_of
 from ..passes.recompute_lora_xa import RecomputeLoraXA
 from ..passes.save_attention import SaveAttention
+from ..runtime import stats as runtime_stats
 from ..runtime.ops import twins
 from .report import Report
 
@@ -40,6 +41,31 @@ def _carry_dynamo_metadata(src: fx.GraphModule, dst: fx.GraphModule) -> bool:
         if hasattr(o, "_dynamo_source"):
             n._dynamo_source = o._dynamo_source
     return True
+
+
+def _noting_lora_inputs(compiled: Callable, example_inputs, report: Report) -> Callable:
+    """`compiled`, noting at each call which PEFT LoRA A weights it runs with (the report's check of
+    which layers ran outside the compiled graphs). The inputs at the positions where this graph's
+    example inputs are LoRA A weights: a compiled frame reused for another layer gets that layer's."""
+    layers = report.lora_weight_layers()
+    positions = [i for i, t in enumerate(example_inputs)
+                 if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
+                 and runtime_stats.weight_key(t) in layers]
+    report.graphs[-1].lora_layers = len({layers[runtime_stats.weight_key(example_inputs[i])] for i in positions})
+    if not positions:
+        return compiled
+    note = runtime_stats.record_lora_weights
+
+    def run(*args):
+        # called with the inputs, or (boxed calling convention) with one list of them, which the
+        # callee may clear: noted first. A graph's inputs are tensors and ints, never one list.
+        inputs = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        note([inputs[i] for i in positions])
+        return compiled(*args)
+
+    if hasattr(compiled, "_boxed_call"):
+        run._boxed_call = compiled._boxed_call
+    return run
 
 
 def _node_count(gm: fx.GraphModule) -> int:
@@ -167,16 +193,21 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
             stats = []
         report.add_graph(before, _node_count(gm), stats)
         try:
-            return compile_rewritten(gm, example_inputs)
+            compiled = compile_rewritten(gm, example_inputs)
         except Exception as e:
-            # dynamo runs this code without fxfuse (a graph break or eager), so the sites of this
-            # graph did not happen: drop its record, and say why
+            # this graph will not run as compiled, so its sites did not happen: drop its record
             record = report.graphs.pop()
+            if isinstance(e, torch._dynamo.exc.RestartAnalysis):  # dynamo traces again and retries
+                raise
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            report.compile_errors.append(f"graph {record.index} ({record.nodes_before} nodes): {reason}")
-            print(f"fxfuse: warning: compiling graph {record.index} failed, dynamo runs its code without "
-                  f"fxfuse: {reason}", file=sys.stderr)
+            falls_back = torch._dynamo.config.suppress_errors or isinstance(
+                e, getattr(torch._dynamo.exc, "exceptions_allowed_to_be_fallback", ()))
+            outcome = ("dynamo runs its code without fxfuse (a graph break, or eagerly)" if falls_back
+                       else "the error stops the call")
+            report.compile_errors.append(f"graph {record.index} ({record.nodes_before} nodes): {reason}; {outcome}")
+            print(f"fxfuse: warning: compiling graph {record.index} failed: {reason}; {outcome}", file=sys.stderr)
             raise
+        return _noting_lora_inputs(compiled, example_inputs, report)
 
     def compile_rewritten(gm: fx.GraphModule, example_inputs):
         if compiler == "inductor":

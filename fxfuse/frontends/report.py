@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -21,6 +21,7 @@ class GraphRecord:
     nodes_after: int
     passes: list[PassStats]
     compile_id: str = ""  # dynamo's "frame/attempt"; attempt > 0 is a recompile of that frame
+    lora_layers: int = 0  # PEFT LoRA layers whose A weights are inputs of this graph
 
 
 @dataclass
@@ -31,14 +32,14 @@ class Report:
     graph_breaks: Counter = field(default_factory=Counter)
     cache_dir: str = ""
     errors: list[str] = field(default_factory=list)  # passes that failed; their graph ran unchanged
-    # graphs the compiler failed on after the passes ran: dynamo ran their code without fxfuse
+    # graphs the compiler failed on after the passes ran (not compiled: their sites are dropped)
     compile_errors: list[str] = field(default_factory=list)
     # PEFT adapter layers of the model (optimize() fills it): full module name -> kind ("lora.Linear")
     adapter_layers: dict = field(default_factory=dict)
     _model: Any = None  # weakref to the optimized model (optimize() sets it): its adapters' weights
     forward_calls: int = 0  # calls of the optimized model's forward (optimize() counts them)
     cudagraphs: bool = False  # optimize(cudagraphs=True) asked for them
-    _breaks_at_start: Counter = field(default_factory=Counter)
+    _breaks_at_start: Optional[Counter] = None  # dynamo's graph-break counter when start() ran
     _cudagraph_skips_at_start: int = 0
 
     def start(self) -> None:
@@ -57,7 +58,7 @@ class Report:
     def add_graph(self, before: int, after: int, passes: list[PassStats]) -> None:
         cid = torch._guards.CompileContext.current_compile_id()
         self.graphs.append(GraphRecord(len(self.graphs), before, after, passes, str(cid) if cid else ""))
-        self.graph_breaks = Counter(_graph_break_counter()) - self._breaks_at_start
+        self._refresh_breaks()
 
     def sites(self, pass_name: str | None = None) -> list[Site]:
         return [s for g in self.graphs for p in g.passes for s in p.sites
@@ -93,27 +94,44 @@ class Report:
         """The forward ran and no graph reached fxfuse: dynamo ran it eagerly, nothing was rewritten."""
         return self.forward_calls > 0 and not self.graphs
 
-    def unseen_adapters(self) -> dict[str, list[str]]:
-        """Adapter layers that ran unfused, by kind: LoRA layers whose A weights never went through
-        fxfuse's LoRA op (declined, run outside the compiled graphs after a graph break or a compile
-        error, or in a form the lora pass does not match), and every layer of the adapter kinds no
-        pass handles (LoHa, IA3, ...). Checked at run time, not by module path: a path in a graph is
-        relative to the frame dynamo compiled, and one compiled frame may run several layers. Empty
-        before the first forward call."""
+    def lora_weight_layers(self) -> dict:
+        """(device, data_ptr) of each A weight of the model's PEFT LoRA layers -> the layer's name."""
         model = self._model() if self._model is not None else None
-        if not self.forward_calls or model is None:
-            return {}
-        out: dict[str, list[str]] = {}
-        for name, kind in self.adapter_layers.items():
+        out: dict = {}
+        for name, kind in self.adapter_layers.items() if model is not None else ():
             if kind.startswith("lora."):
                 try:
-                    a_weights = list(model.get_submodule(name).lora_A.parameters())
+                    weights = list(model.get_submodule(name).lora_A.parameters())
                 except AttributeError:  # removed since (merge_and_unload), or no lora_A
                     continue
-                if "lora" not in self.pass_names or any(
-                        w.data_ptr() in runtime_stats.lora_weights_run for w in a_weights):
-                    continue
+                out.update((runtime_stats.weight_key(w), name) for w in weights)
+        return out
+
+    def unseen_adapters(self) -> dict[str, list[str]]:
+        """Adapter layers that ran unfused, by kind: LoRA layers whose A weights no graph fxfuse
+        compiled ran with (they ran outside them: a graph break, a compile error), and every layer
+        of the adapter kinds no pass handles (LoHa, IA3, ...). Checked on the graphs' run-time
+        inputs, not by module path: a path in a graph is relative to the frame dynamo compiled, and
+        one compiled frame may run several layers. Empty before the first forward call."""
+        if not self.forward_calls or self._model is None or self._model() is None:
+            return {}
+        ran = {name for key, name in self.lora_weight_layers().items() if key in runtime_stats.lora_weights_run}
+        known = set(self.lora_weight_layers().values())
+        out: dict[str, list[str]] = {}
+        for name, kind in self.adapter_layers.items():
+            if kind.startswith("lora.") and (name in ran or name not in known or "lora" not in self.pass_names):
+                continue
             out.setdefault(kind, []).append(name)
+        return out
+
+    def unmatched_lora(self) -> list[tuple[int, int, int]]:
+        """(graph index, LoRA layers among its inputs, lora-pass sites in it) where the pass has
+        fewer sites than layers: some ran inside the graph in a form the pass does not match."""
+        out = []
+        for g in self.graphs:
+            sites = sum(len(p.sites) for p in g.passes if p.name == "lora")
+            if g.lora_layers > sites:
+                out.append((g.index, g.lora_layers, sites))
         return out
 
     @property
@@ -121,6 +139,7 @@ class Report:
         return sum(runtime_stats.fallbacks.values())
 
     def to_dict(self) -> dict:
+        self._refresh_breaks()
         return {
             "manager_uuid": self.manager_uuid,
             "graphs_compiled": len(self.graphs),
@@ -138,14 +157,21 @@ class Report:
             "cache_dir": self.cache_dir,
             "pass_errors": self.errors,
             "compile_errors": self.compile_errors,
-            "adapter_layers": len(self.adapter_layers),
+            "adapter_layer_count": len(self.adapter_layers),
             "unseen_adapters": self.unseen_adapters(),
+            "unmatched_lora": self.unmatched_lora(),
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    def _refresh_breaks(self) -> None:
+        """Graph breaks since start(): read again, a fallback after the last graph adds one."""
+        if self._breaks_at_start is not None:
+            self.graph_breaks = Counter(_graph_break_counter()) - self._breaks_at_start
+
     def table(self, sites: bool = False) -> str:
+        self._refresh_breaks()
         lines = [f"fxfuse report (passes uuid {self.manager_uuid}): {len(self.graphs)} graph(s) compiled, "
                  f"{sum(self.graph_breaks.values())} graph break(s), {self.recompiles} recompile(s)"]
         for reason, n in self.graph_breaks.items():
@@ -153,17 +179,19 @@ class Report:
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
         for err in self.compile_errors:
-            lines.append(f"  COMPILE ERROR (dynamo ran this graph's code without fxfuse): {err}")
+            lines.append(f"  COMPILE ERROR: {err}")
         for kind, names in self.unseen_adapters().items():
             example = ", ".join(_short(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
             if kind.startswith("lora."):
                 lines.append(f"  WARNING: {len(names)} of {sum(k == kind for k in self.adapter_layers.values())} "
-                             f"{kind} adapter layer(s) never ran through fxfuse's LoRA op: declined (reasons "
-                             f"below), run outside the compiled graphs (graph breaks, compile errors above) or "
-                             f"not matched by the lora pass; unfused ({example})")
+                             f"{kind} adapter layer(s) ran outside the graphs fxfuse compiled (graph breaks, "
+                             f"compile errors above), unfused ({example})")
             else:
                 lines.append(f"  note: {len(names)} {kind} adapter layer(s): no fxfuse pass handles this adapter "
                              f"kind, they run as traced, unfused ({example})")
+        for index, layers, sites in self.unmatched_lora():
+            lines.append(f"  WARNING: graph {index} runs {layers} LoRA layer(s) and the lora pass found {sites} "
+                         f"site(s) there: {layers - sites} in a form it does not match, unfused, no reason")
         if self.nothing_compiled:
             lines.append(f"  WARNING: {self.forward_calls} forward call(s) and no graph compiled: dynamo ran the "
                          "model eagerly, nothing was rewritten (its recompile limit, "
@@ -218,7 +246,8 @@ def adapter_layers(model: torch.nn.Module) -> dict:
         return {}
     out: dict = {}
     for name, mod in model.named_modules():  # parents come before their children
-        if isinstance(mod, BaseTunerLayer) and not any(name.startswith(p + ".") for p in out):
+        ancestors = {name[:i] for i, c in enumerate(name) if c == "."}
+        if isinstance(mod, BaseTunerLayer) and not ancestors & out.keys():
             parts = type(mod).__module__.split(".")  # peft.tuners.<tuner>.layer
             tuner = "lora" if isinstance(mod, LoraLayer) else \
                 (parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1])

@@ -6,8 +6,9 @@ from collections import Counter
 
 kernel_calls: Counter = Counter()
 fallbacks: Counter = Counter()  # key: (op name, reason)
-# data_ptr() of every LoRA A weight that went through fxfuse's LoRA op: the report checks the model's
-# LoRA layers against it (a layer that never did ran unfused: declined, or outside the compiled graphs)
+# (device, data_ptr) of every LoRA A weight a graph fxfuse compiled ran with (backend.py records the
+# graphs' inputs): the report checks the model's LoRA layers against it. A layer never seen there ran
+# outside the compiled graphs (a graph break, a compile error), unfused.
 lora_weights_run: set = set()
 
 
@@ -19,9 +20,13 @@ def record_fallback(op: str, reason: str) -> None:
     fallbacks[(op, reason)] += 1
 
 
-def record_lora_weights(lora_as) -> None:
-    for a in lora_as:
-        lora_weights_run.add(a.data_ptr())
+def weight_key(t) -> tuple:
+    return (str(t.device), t.data_ptr())
+
+
+def record_lora_weights(tensors) -> None:
+    for t in tensors:
+        lora_weights_run.add(weight_key(t))
 
 
 def dispatch(op: str, device, kernels, reference, args):

@@ -199,31 +199,36 @@ def test_chunk_rows_respects_the_budget(monkeypatch):
     assert ops.chunk_rows(10, 1 << 40, F32) == 1
 
 
-def test_chunk_rows_never_holds_every_token_when_halves_are_big_enough():
-    # all 1024 tokens fit 256 MiB, but then every token's logits would be alive at once: halves
+def test_chunk_rows_never_holds_every_token_on_the_default_budget(monkeypatch):
+    # all 1024 tokens fit 256 MiB, but then every token's logits would be alive at once: two chunks
     assert ops.chunk_rows(1024, 128256, BF16) == 512
-    assert ops.chunk_rows(1100, 128256, BF16, budget=1 << 30) == 768  # half, rounded up to 256 rows
-    assert ops.chunk_rows(4096, 128256, BF16, budget=1 << 30) == 2048
-    # halves below MIN_SPLIT_ROWS would be slow GEMMs: one chunk
-    assert ops.chunk_rows(2 * ops.MIN_SPLIT_ROWS - 1, 128256, BF16) == 2 * ops.MIN_SPLIT_ROWS - 1
-    # already more than one chunk: the budget decides
+    assert ops.chunk_rows(1025, 128256, BF16) == 1024  # more than one chunk already: the budget decides
+    assert ops.chunk_rows(1100, 1000, BF16) == 768  # half the tokens rounded up to 256 rows: 768 + 332
+    assert ops.chunk_rows(ops.SPLIT_FROM_TOKENS - 1, 1000, BF16) == ops.SPLIT_FROM_TOKENS - 1  # too few
     assert ops.chunk_rows(2048, 128256, BF16) == 1024
-    assert ops.chunk_rows(1025, 128256, BF16) == 1024
+    # an explicit budget is taken as is (A/B runs, ce_capture_memory.py)
+    assert ops.chunk_rows(1024, 128256, BF16, budget=256 << 20) == 1024
+    monkeypatch.setenv("FXFUSE_CE_CHUNK_MIB", "256")
+    assert ops.chunk_rows(1024, 128256, BF16) == 1024
 
 
-def test_op_split_in_halves_matches_the_reference():
-    """1024 tokens of a small vocab fit one chunk; the op runs them as two of 512, both written
-    (the only other tensor holding these values is alive, so a stale block cannot pass)."""
+def test_op_split_in_halves_matches_the_reference(monkeypatch):
+    """1024 tokens of a small vocab fit one chunk; the op runs them as two of 512 and matches the
+    reference over every row."""
     gen = torch.Generator().manual_seed(1)
     h = torch.randn(1024, 8, generator=gen).to(DEVICE)
     w = torch.randn(24, 8, generator=gen).to(DEVICE)
     target = torch.randint(0, 24, (1024,), generator=gen).to(DEVICE)
     target[::7] = -100
     assert ops.chunk_rows(1024, 24, F32) == 512
-    loss, grad = ops.linear_cross_entropy_chunked(h, w, target, "mean", 0.0, -100, True, 512)
+    rows_used, chunked = [], ops.linear_cross_entropy_chunked
+
+    def spy(*args):
+        rows_used.append(args[-1])
+        return chunked(*args)
+
+    monkeypatch.setattr(ops, "linear_cross_entropy_chunked", spy)
+    loss, grad = torch.ops.fxfuse.linear_cross_entropy(h, w, target, "mean", 0.0, -100, True)
+    assert rows_used == [512] and stats.kernel_calls[ops.OP] == 1 and not stats.fallbacks
     ref_loss, ref_grad = ops.linear_cross_entropy_reference(h, w, target, "mean", 0.0, -100, True)
     assert rel(loss, ref_loss) < 1e-6 and rel(grad, ref_grad) < 1e-5
-    stats.reset()
-    loss2, grad2 = torch.ops.fxfuse.linear_cross_entropy(h, w, target, "mean", 0.0, -100, True)
-    assert stats.kernel_calls[ops.OP] == 1 and not stats.fallbacks
-    assert torch.equal(loss2, loss) and torch.equal(grad2, grad)

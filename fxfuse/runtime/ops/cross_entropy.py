@@ -44,23 +44,28 @@ def chunk_bytes() -> int:
     return int(mib) << 20
 
 
-# Fewest rows a chunk is cut to so that the logits are not all alive at once (below, see chunk_rows).
-MIN_SPLIT_ROWS = 512
+# Whole GEMM tiles: chunk rows are multiples of this when more than one tile fits
+TILE_ROWS = 256
+# Tokens from which all-in-one-chunk logits are split in two (each part then has >= TILE_ROWS + 1 rows)
+SPLIT_FROM_TOKENS = 4 * TILE_ROWS
 
 
 def chunk_rows(tokens: int, vocab: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
-    """Rows per chunk: as many as fit `budget` bytes of logits, a multiple of 256 when more than
-    256 fit (whole GEMM tiles), never more than the tokens. When all the tokens fit one chunk but
-    halves of at least MIN_SPLIT_ROWS rows do not, rows are halved (rounded up to 256): one chunk
-    would hold every token's logits, which the op exists to avoid. At 1k tokens on the 8B shape that
-    is 125 instead of 250 MiB of logits, 0.07 GiB off the step's peak with CUDA graphs (H200,
-    bench/RESULTS.md); GEMMs of 512 rows still run near cuBLAS's ceiling."""
+    """Rows per chunk: as many as fit `budget` bytes of logits (default: CHUNK_BYTES, or
+    FXFUSE_CE_CHUNK_MIB), a multiple of TILE_ROWS when more than one tile fits, never more than the
+    tokens. On the default budget, when every token fits one chunk and there are at least
+    SPLIT_FROM_TOKENS of them, the first chunk takes half the tokens rounded up to whole tiles and
+    the second the rest: one chunk would hold every token's logits, which the op exists to avoid.
+    At 1k tokens on the 8B shape that is 125 instead of 250 MiB of logits, and the cudagraphs=True
+    step's peak went from 15.98 to 15.91 GiB (H200, bench/RESULTS.md); GEMMs of 512 rows still run
+    near cuBLAS's ceiling. An explicit budget (A/B runs, bench/ce_capture_memory.py) is taken as is."""
+    explicit = budget is not None or env.get("FXFUSE_CE_CHUNK_MIB") is not None
     per_row = vocab * torch.empty((), dtype=dtype).element_size()
     rows = max(1, (chunk_bytes() if budget is None else budget) // per_row)
-    if rows > 256:
-        rows -= rows % 256
-    if rows >= tokens >= 2 * MIN_SPLIT_ROWS:
-        rows = -(-tokens // 512) * 256  # half the tokens, rounded up to whole 256-row tiles
+    if rows > TILE_ROWS:
+        rows -= rows % TILE_ROWS
+    if not explicit and rows >= tokens >= SPLIT_FROM_TOKENS:
+        rows = -(-tokens // (2 * TILE_ROWS)) * TILE_ROWS  # half the tokens, rounded up to whole tiles
     return max(1, min(rows, tokens))
 
 

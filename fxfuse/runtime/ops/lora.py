@@ -299,7 +299,6 @@ def lora_linear(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]]
                 lora_bs: List[Tensor], scalings: List[float], dropout_ps: List[float], seed: Optional[Tensor],
                 out_dtype: torch.dtype) -> List[Tensor]:
     args = (x, weights, biases, lora_as, lora_bs, scalings, dropout_ps, seed, out_dtype)
-    stats.record_lora_weights(lora_as)
     return stats.dispatch(OP, x.device, _forward_kernels, lora_linear_reference, args)
 
 
