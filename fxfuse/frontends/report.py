@@ -95,7 +95,7 @@ class Report:
         return self.forward_calls > 0 and not self.graphs
 
     def lora_weight_layers(self) -> dict:
-        """(device, data_ptr) of each A weight of the model's PEFT LoRA layers -> the layer's name."""
+        """data_ptr() of each A weight of the model's PEFT LoRA layers -> the layer's name."""
         model = self._model() if self._model is not None else None
         out: dict = {}
         for name, kind in self.adapter_layers.items() if model is not None else ():
@@ -115,8 +115,9 @@ class Report:
         one compiled frame may run several layers. Empty before the first forward call."""
         if not self.forward_calls or self._model is None or self._model() is None:
             return {}
-        ran = {name for key, name in self.lora_weight_layers().items() if key in runtime_stats.lora_weights_run}
-        known = set(self.lora_weight_layers().values())
+        weights = self.lora_weight_layers()
+        ran = {name for key, name in weights.items() if key in runtime_stats.lora_weights_run}
+        known = set(weights.values())
         out: dict[str, list[str]] = {}
         for name, kind in self.adapter_layers.items():
             if kind.startswith("lora.") and (name in ran or name not in known or "lora" not in self.pass_names):
@@ -128,7 +129,7 @@ class Report:
         """(graph index, LoRA layers among its inputs, lora-pass sites in it) where the pass has
         fewer sites than layers: some ran inside the graph in a form the pass does not match."""
         out = []
-        for g in self.graphs:
+        for g in self.graphs if "lora" in self.pass_names else ():
             sites = sum(len(p.sites) for p in g.passes if p.name == "lora")
             if g.lora_layers > sites:
                 out.append((g.index, g.lora_layers, sites))
