@@ -48,10 +48,10 @@ def _noting_lora_inputs(compiled: Callable, example_inputs, report: Report) -> C
     which layers ran outside the compiled graphs). The inputs at the positions where this graph's
     example inputs are LoRA A weights: a compiled frame reused for another layer gets that layer's."""
     layers = report.lora_weight_layers()
-    positions = [i for i, t in enumerate(example_inputs)
-                 if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
-                 and runtime_stats.weight_key(t) in layers]
-    report.graphs[-1].lora_layers = len({layers[runtime_stats.weight_key(example_inputs[i])] for i in positions})
+    found = {i: layers.get(runtime_stats.weight_key(t)) for i, t in enumerate(example_inputs)
+             if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)}
+    positions = [i for i, name in found.items() if name is not None]
+    report.graphs[-1].lora_layers = len({found[i] for i in positions})
     if not positions:
         return compiled
     note = runtime_stats.record_lora_weights

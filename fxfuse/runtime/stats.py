@@ -27,7 +27,7 @@ def weight_key(t) -> int:
 
 
 def record_lora_weights(tensors) -> None:
-    lora_weights_run.update(t.data_ptr() for t in tensors)
+    lora_weights_run.update(map(weight_key, tensors))
 
 
 def dispatch(op: str, device, kernels, reference, args):
