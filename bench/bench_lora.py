@@ -92,6 +92,8 @@ def parse_args(argv=None):
                     help="keep Inductor's on-disk cache (default: a fresh one per process, so the first "
                          "step's time is the real compile time)")
     ap.add_argument("--passes", default=None, help="fxfuse variants: comma-separated passes (default: the variant's)")
+    ap.add_argument("--pass-options", default=None,
+                    help='fxfuse variants: optimize()\'s pass_options as JSON, e.g. \'{"mlp_tiling": {"min_mib": 0}}\'')
     ap.add_argument("--host-fraction", type=float, default=None,
                     help="fxfuse-offload: share of the host's available memory offloads may pin (default: fxfuse's)")
     ap.add_argument("--trace-step", type=int, default=None,
@@ -248,11 +250,12 @@ def main(argv=None) -> int:
         if args.passes:
             passes = args.passes.split(",")
         fxfuse.optimize(model, passes=passes, compiler=compiler, dynamic=dynamic, cudagraphs=variant == "fxfuse-cg",
-                        offload_activations=_offload(variant, args))
+                        offload_activations=_offload(variant, args),
+                        pass_options=json.loads(args.pass_options) if args.pass_options else None)
         fwd = model
         rep = fxfuse.report(model)
 
-    base = dict(variant=args.label or variant, passes=args.passes, size=args.size, gc=use_gc, rank=args.rank,
+    base = dict(variant=args.label or variant, passes=args.passes, pass_options=args.pass_options, size=args.size, gc=use_gc, rank=args.rank,
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),

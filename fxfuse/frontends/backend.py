@@ -17,6 +17,7 @@ from ..passes.manager import PassManager, PassStats, source_uuid
 from ..passes.pattern import graphs_of
 from ..passes.recompute_lora_xa import RecomputeLoraXA
 from ..passes.save_attention import SaveAttention
+from ..passes.save_projections import SaveProjections
 from ..runtime import stats as runtime_stats
 from ..runtime.ops import twins
 from .report import Report
@@ -73,20 +74,26 @@ def _node_count(gm: fx.GraphModule) -> int:
 
 
 class PartitionPolicies:
-    """What runs when AOTAutograd splits a training graph, in order: save_attention marks what the
-    joint graph must save (with the offload only: the saved tensors go to host memory), min-cut
-    partitions the joint graph (the partitioner Inductor uses), recompute_lora_xa trims the
+    """What runs when AOTAutograd splits a training graph, in order: save_attention and
+    save_projections mark what the joint graph must save (with the offload only: the saved tensors
+    go to host memory), min-cut partitions the joint graph (the partitioner Inductor uses),
+    recompute_lora_xa trims the
     backward's recomputation, then the activation offload rewrites the forward and backward graphs.
     Each reports its sites."""
 
     def __init__(self, recompute_xa: Optional[RecomputeLoraXA] = None, offload: Optional[ActivationOffload] = None):
         self.recompute_xa, self.offload = recompute_xa, offload
-        self.save_attention = (SaveAttention(offload.config["host_fraction"], devices=tuple(offload.config["devices"]))
-                               if offload is not None and offload.config["save_attention"] else None)
+        on = offload.config if offload is not None else {}
+        devices = tuple(on.get("devices", ()))
+        self.save_attention = SaveAttention(on["host_fraction"], devices=devices) if on.get("save_attention") else None
+        projections = on.get("save_projections")
+        self.save_projections = (SaveProjections(**{"host_fraction": on["host_fraction"], "devices": devices,
+                                                    **(projections if isinstance(projections, dict) else {})})
+                                 if projections or projections == {} else None)
 
     @property
     def policies(self) -> list:
-        return [p for p in (self.save_attention, self.recompute_xa, self.offload) if p is not None]
+        return [p for p in (self.save_attention, self.save_projections, self.recompute_xa, self.offload) if p is not None]
 
     def uuid(self) -> str:
         # this class's code composes the policies: it feeds the cache key too
@@ -101,6 +108,10 @@ class PartitionPolicies:
             if self.save_attention is not None:
                 stats = PassStats(self.save_attention.name, self.save_attention.uuid())
                 self.save_attention.run(joint, stats)
+                on_stats(stats)
+            if self.save_projections is not None:
+                stats = PassStats(self.save_projections.name, self.save_projections.uuid())
+                self.save_projections.run(joint, stats, kwargs.get("num_fwd_outputs"))
                 on_stats(stats)
             fw, bw = partition(joint, joint_inputs, **kwargs)
             if self.recompute_xa is not None:

@@ -119,7 +119,7 @@ class ActivationOffload:
     name = "activation_offload"
 
     def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",),
-                 host_fraction: float = 0.5, save_attention: bool = True, lag: int = 3, lead: int = 4,
+                 host_fraction: float = 0.5, save_attention: bool = True, save_projections: "bool | dict" = True, lag: int = 3, lead: int = 4,
                  lag_bytes: int = 256 << 20, lead_bytes: int = 256 << 20, wait_at_use: bool = True):
         """min_bytes: smaller saved tensors stay on the device (a transfer's fixed cost would dominate).
         keep_first: how many of the activations the backward uses first stay on the device.
@@ -131,6 +131,11 @@ class ActivationOffload:
         save_attention: checkpoint policy `save_attention` (passes/save_attention.py) also saves,
         and so offloads, each checkpointed attention op's q/k/v, output and log-sum-exp, instead of
         the backward recomputing them, within the host memory left after the layer inputs.
+        save_projections: checkpoint policy `save_projections` (passes/save_projections.py) also
+        saves, and so offloads, the outputs of LoRA projections the backward would recompute in full
+        (the output projection, the MLP's gate/up), within the host memory save_attention left and
+        what the host link carries while the forward computes; a dict of SaveProjections options
+        turns it on with those (e.g. `{"link_rate": 26e9}` on a slower link).
         lag: the compute stream waits for the copy `lag` offloads back (not the previous one), so
         that close activations (q, k, v) copy back to back without stalling the forward; fewer
         while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for).
@@ -153,7 +158,9 @@ class ActivationOffload:
         if not 0 < host_fraction <= 0.9:
             raise ValueError("host_fraction must be in (0, 0.9]: pinned memory cannot be paged out")
         self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices),
-                       "host_fraction": host_fraction, "save_attention": bool(save_attention), "lag": lag,
+                       "host_fraction": host_fraction, "save_attention": bool(save_attention),
+                       "save_projections": (dict(save_projections) if isinstance(save_projections, dict)
+                                            else bool(save_projections)), "lag": lag,
                        "lead": lead, "lag_bytes": lag_bytes, "lead_bytes": lead_bytes,
                        "wait_at_use": bool(wait_at_use)}
 

@@ -81,6 +81,20 @@ def _bytes_read_back(marks: list[fx.Node], backward: set) -> int:
     return sum(_nbytes(n.meta["val"]) or 0 for n in marks if isinstance(n.meta.get("val"), torch.Tensor) and read(n))
 
 
+def boundary_bytes(joint: fx.GraphModule) -> int:
+    """Bytes of the checkpointed regions' boundary tensors: what min-cut saves anyway (the layer inputs)."""
+    total = 0
+    for n in joint.graph.nodes:
+        val = n.meta.get("val")
+        if not isinstance(val, torch.Tensor) or n.op != "call_function":
+            continue
+        gid = n.meta.get("ac_graph_id")
+        # a region's output read by a later region, or a tensor from outside read by a region
+        if any(_recomputed(u) and u.meta.get("ac_graph_id") != gid for u in n.users):
+            total += _nbytes(val) or 0
+    return total
+
+
 def _ancestors(node: fx.Node, depth: int) -> set:
     seen, frontier = set(), [node]
     for _ in range(depth):
@@ -243,16 +257,7 @@ class SaveAttention:
         available = _host_bytes_available()
         if available is None:
             return None
-        boundary = 0
-        for n in joint.graph.nodes:
-            val = n.meta.get("val")
-            if not isinstance(val, torch.Tensor) or n.op != "call_function":
-                continue
-            gid = n.meta.get("ac_graph_id")
-            # a region's output read by a later region, or a tensor from outside read by a region
-            if any(_recomputed(u) and u.meta.get("ac_graph_id") != gid for u in n.users):
-                boundary += _nbytes(val) or 0
-        return max(int((available * self.config["host_fraction"] - boundary) * self.config["margin"]), 0)
+        return max(int((available * self.config["host_fraction"] - boundary_bytes(joint)) * self.config["margin"]), 0)
 
     def _site(self, node: fx.Node, rewritten: bool, reason: str = "", group: Optional[str] = None) -> Site:
         return Site(self.name, module_path(node), node.name, "aot", rewritten, reason, group, "policy")
