@@ -119,8 +119,8 @@ class ActivationOffload:
     name = "activation_offload"
 
     def __init__(self, min_bytes: int = 1 << 20, keep_first: int = 1, devices: tuple[str, ...] = ("cuda",),
-                 host_fraction: float = 0.5, save_attention: bool = True, save_projections: "bool | dict" = True, lag: int = 3, lead: int = 4,
-                 lag_bytes: int = 256 << 20, lead_bytes: int = 256 << 20, wait_at_use: bool = True):
+                 host_fraction: float = 0.5, save_attention: bool = True, save_projections: "bool | dict" = True,
+                 lag: int = 8, lead: int = 4, lag_bytes: int = 2 << 30, lead_bytes: int = 256 << 20, wait_at_use: bool = True):
         """min_bytes: smaller saved tensors stay on the device (a transfer's fixed cost would dominate).
         keep_first: how many of the activations the backward uses first stay on the device.
         devices: device types whose activations are offloaded; tests add "cpu" to exercise the
@@ -138,7 +138,11 @@ class ActivationOffload:
         turns it on with those (e.g. `{"link_rate": 26e9}` on a slower link).
         lag: the compute stream waits for the copy `lag` offloads back (not the previous one), so
         that close activations (q, k, v) copy back to back without stalling the forward; fewer
-        while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for).
+        while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for). Was 3
+        and 256 MiB: at 32k tokens on the 8B shape a layer offloads ~1.2 GiB in 7-9 copies, and the
+        forward stalled on the copies; 8 and 2 GiB ran 7870 tok/s against 7747, and 7964 with
+        save_projections (one H200 call each, bench/RESULTS.md). The forward's peak grows by what is
+        in flight (+0.3 GiB at 32k); from 4k to 128k the step's peak is in the backward.
         lead: a reload is issued before the first use of the activations `lead` backward reads
         earlier (activations first read by the same op count as one read); fewer, down to
         `MIN_LEAD`, while the activations reloaded in between exceed `lead_bytes` (each reload

@@ -154,6 +154,7 @@ class SaveProjections:
         if not ops:  # no LoRA op in a checkpointed region: nothing is recomputed
             return
         backward = _backward_nodes(joint) if num_fwd_outputs is None else _not_forward(joint, num_fwd_outputs)
+        ops = [n for n in ops if n not in backward]  # the forward's (a dead op's outputs are not saved)
         per_byte = self.config["link_rate"] / self.config["flop_rate"]
 
         # per region: the bytes its forward may offload, and what it offloads already

@@ -134,3 +134,27 @@ def test_reload_wait_holds_the_compute_stream_until_the_copy_lands():
     assert not any(b.data_ptr() in ops._pending_reloads[torch.cuda.current_device()] for b in backs)
     for s, x in zip(sums, xs):
         torch.testing.assert_close(s, x.sum(), rtol=1e-5, atol=1e-2)
+
+
+def test_save_projections_offloaded_equals_kept_and_is_as_close_to_fp32_as_recomputing():
+    """save_projections (with a link budget roomy enough for a tiny model) makes the backward read
+    the forward's output-projection and gate/up outputs: offloaded must equal kept on the GPU bit
+    for bit, and both be as close to an fp32 eager reference as recomputing them."""
+    ref = tiny_model(dtype=torch.bfloat16, gc=True, sizes=SIZES, r=16, lora_alpha=16).cuda()
+    roomy = {"link_rate": 1e18}
+    m = _builds(ref, recompute=ActivationOffload(min_bytes=0, save_projections=False),
+                kept=ActivationOffload(min_bytes=1 << 40, save_projections=roomy),
+                moved=ActivationOffload(min_bytes=0, save_projections=roomy))
+    ids = torch.randint(0, 1024, (2, 512), generator=torch.Generator().manual_seed(3)).cuda()
+    _, g32 = loss_and_grads(clone(ref).float(), input_ids=ids, labels=ids)
+    got = {name: loss_and_grads(model, input_ids=ids, labels=ids) for name, model in m.items()}
+    for name in ("kept", "moved"):
+        summary = fxfuse.report(m[name]).summary()["save_projections"]
+        assert summary["rewritten"] == 2 * 4, summary  # o and gate/up of each layer
+    assert "save_projections" not in fxfuse.report(m["recompute"]).pass_names
+    assert torch.equal(got["kept"][0], got["moved"][0])
+    for p in g32:
+        assert torch.equal(got["kept"][1][p], got["moved"][1][p]), p
+        err_saved = rel(got["moved"][1][p].float(), g32[p])
+        err_recomputed = rel(got["recompute"][1][p].float(), g32[p])
+        assert err_saved <= 1.5 * err_recomputed + 2e-3, (p, err_saved, err_recomputed)

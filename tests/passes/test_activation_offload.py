@@ -84,7 +84,7 @@ def test_checkpointed_stack_offloads_every_layer_input_but_the_first_read(layers
     # the last copy of the chain waits for every copy; each other copy waits for the one `lag`
     # back, and keeps its source alive up to there
     offs = [n for n in graphs["fw"].graph.nodes if n.target is OFF]
-    lag = 3
+    lag = ActivationOffload().config["lag"]
     if offs:
         assert [n.args[3] for n in offs] == [False] * (len(offs) - 1) + [True]
         sources = [n.args[0] for n in offs]
