@@ -87,9 +87,9 @@ class PartitionPolicies:
         devices = tuple(on.get("devices", ()))
         self.save_attention = SaveAttention(on["host_fraction"], devices=devices) if on.get("save_attention") else None
         projections = on.get("save_projections")
-        self.save_projections = (SaveProjections(**{"host_fraction": on["host_fraction"], "devices": devices,
-                                                    **(projections if isinstance(projections, dict) else {})})
-                                 if projections or projections == {} else None)
+        self.save_projections = (SaveProjections(host_fraction=on["host_fraction"], min_bytes=on["min_bytes"],
+                                                 devices=devices, **(projections if isinstance(projections, dict) else {}))
+                                 if projections not in (None, False) else None)
 
     @property
     def policies(self) -> list:

@@ -133,16 +133,16 @@ class ActivationOffload:
         the backward recomputing them, within the host memory left after the layer inputs.
         save_projections: checkpoint policy `save_projections` (passes/save_projections.py) also
         saves, and so offloads, the outputs of LoRA projections the backward would recompute in full
-        (the output projection, the MLP's gate/up), within the host memory save_attention left and
-        what the host link carries while the forward computes; a dict of SaveProjections options
-        turns it on with those (e.g. `{"link_rate": 26e9}` on a slower link).
+        (by default each layer's smallest: the output projection), within the host memory
+        save_attention left and what the host link carries while the forward computes; a dict of
+        SaveProjections options (margin, link_rate, flop_rate, tiers) turns it on with those, e.g.
+        `{"link_rate": 26e9}` on a slower link or `{"tiers": None}` for the MLP's gate/up too.
         lag: the compute stream waits for the copy `lag` offloads back (not the previous one), so
         that close activations (q, k, v) copy back to back without stalling the forward; fewer
-        while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for). Was 3
-        and 256 MiB: at 32k tokens on the 8B shape a layer offloads ~1.2 GiB in 7-9 copies, and the
-        forward stalled on the copies; 8 and 2 GiB ran 7870 tok/s against 7747, and 7964 with
-        save_projections (one H200 call each, bench/RESULTS.md). The forward's peak grows by what is
-        in flight (+0.3 GiB at 32k); from 4k to 128k the step's peak is in the backward.
+        while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for). At
+        32k tokens on the 8B shape a layer offloads ~1.2 GiB in 7-9 copies: a shorter lag made the
+        forward wait for them (bench/RESULTS.md). What is in flight adds to the forward's peak, not
+        to the backward's, where the step's peak is from 4k to 128k.
         lead: a reload is issued before the first use of the activations `lead` backward reads
         earlier (activations first read by the same op count as one read); fewer, down to
         `MIN_LEAD`, while the activations reloaded in between exceed `lead_bytes` (each reload
@@ -163,10 +163,18 @@ class ActivationOffload:
             raise ValueError("host_fraction must be in (0, 0.9]: pinned memory cannot be paged out")
         self.config = {"policy": POLICY, "min_bytes": min_bytes, "keep_first": keep_first, "devices": list(devices),
                        "host_fraction": host_fraction, "save_attention": bool(save_attention),
-                       "save_projections": (dict(save_projections) if isinstance(save_projections, dict)
-                                            else bool(save_projections)), "lag": lag,
+                       "save_projections": self._projections(save_projections), "lag": lag,
                        "lead": lead, "lag_bytes": lag_bytes, "lead_bytes": lead_bytes,
                        "wait_at_use": bool(wait_at_use)}
+
+    @staticmethod
+    def _projections(option) -> "bool | dict":
+        if not isinstance(option, dict):
+            return bool(option)
+        allowed = {"margin", "link_rate", "flop_rate", "tiers"}  # the rest follow the offload's own options
+        if set(option) - allowed:
+            raise ValueError(f"save_projections options: {sorted(set(option) - allowed)} not among {sorted(allowed)}")
+        return dict(option)
 
     def uuid(self) -> str:
         return source_uuid((type(self).__module__, offload_ops.__name__), self.config)

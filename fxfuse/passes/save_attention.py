@@ -103,6 +103,21 @@ def _ancestors(node: fx.Node, depth: int) -> set:
     return seen
 
 
+def unmovable(marks: list[fx.Node], devices) -> Optional[str]:
+    """Why a marked tensor could not be offloaded, if one could not: saved on the GPU instead of
+    recomputed it would cost memory for nothing."""
+    for n in marks:
+        val = n.meta.get("val")
+        # scalars (the attention's RNG seed/offset, on whatever device) cost nothing where they are
+        if not isinstance(val, torch.Tensor) or (_nbytes(val) or 0) <= 256:
+            continue
+        if val.device.type not in devices:
+            return f"on {val.device.type}, which the offload does not move ({list(devices)})"
+        if _is_alias(n) or not _dense(val):
+            return f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
+    return None
+
+
 @dataclass
 class _Plan:
     """What the policy saves of one attention op: its outputs (or why not: `why`), and the ops that
@@ -237,18 +252,7 @@ class SaveAttention:
         return (None, why) if why is not None else (marks, None)
 
     def _unmovable(self, marks: list[fx.Node]) -> Optional[str]:
-        """Why a marked tensor could not be offloaded, if one could not: saved on the GPU instead of
-        recomputed it would cost memory for nothing."""
-        for n in marks:
-            val = n.meta.get("val")
-            # scalars (the attention's RNG seed/offset, on whatever device) cost nothing where they are
-            if not isinstance(val, torch.Tensor) or (_nbytes(val) or 0) <= 256:
-                continue
-            if val.device.type not in self.config["devices"]:
-                return f"on {val.device.type}, which the offload does not move ({self.config['devices']})"
-            if _is_alias(n) or not _dense(val):
-                return f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
-        return None
+        return unmovable(marks, self.config["devices"])
 
     def _host_budget(self, joint: fx.GraphModule) -> Optional[int]:
         """Host bytes this policy may plan for: the offload's share less the checkpointed regions'

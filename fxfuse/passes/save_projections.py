@@ -21,15 +21,17 @@ Two budgets:
 - host memory: what save_attention's budget has left (the offload's share of the host's available
   memory less the layer inputs and what save_attention saved, times `margin`);
 - the host link: a region's forward must not offload more than the link carries while the forward
-  computes. Its time is estimated from its FLOPs (LoRA ops and attention) at `flop_rate`, the link
-  at `link_rate` (both measured on the H200: ~600 TFLOP/s for the 32k forward's GEMMs and cuDNN
-  attention, ~52 GB/s per direction for the offload's copies). What a region cannot copy in its
-  own time spills into the next regions' (the copies form one chain); a candidate is taken while
-  that backlog stays within one region's allowance. So at 32k tokens on the 8B shape every layer
-  saves its output projection and about two layers in five their gate/up; at 4k none of the gate/ups fit.
+  computes. Its time is estimated from its forward's FLOPs (its LoRA ops and attention, saved or
+  not) at `flop_rate`, the link at `link_rate` (both measured on the H200: ~600 TFLOP/s for the
+  32k forward's GEMMs and cuDNN attention, ~52 GB/s per direction for the offload's copies). What a
+  region cannot copy in its own time spills into the next regions' (the copies form one chain); a
+  candidate is taken while that backlog stays within one region's allowance.
 
 Candidates go in tiers: each region's smallest candidate first (the output projection), then the
-next, so a tight budget saves many cheap tensors before a few large ones.
+next, so a tight budget saves many cheap tensors before a few large ones. By default only the first
+tier (`tiers=1`): that is what was measured (32k on the H200: every layer's output projection).
+The link estimate would also let the gate/up op through on about two layers in five at 32k and one
+in five at 16k (`tiers=None`), 1.75 GiB a layer to reload at 32k, not measured yet.
 
 Declined with a reason: an op whose outputs feed only saved tensors (recompute_lora_xa's case), an
 output the offload could not move, and what does not fit either budget.
@@ -44,10 +46,11 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .activation_offload import _dense, _hint, _host_bytes_available, _is_alias, _nbytes
+from .activation_offload import _hint, _host_bytes_available, _nbytes
 from .manager import PassStats, Site, source_uuid
 from .pattern import module_path
-from .save_attention import SAVED_BY, _attention_ops, _backward_nodes, _bytes_read_back, _recomputed, boundary_bytes
+from .save_attention import (SAVED_BY, _attention_ops, _backward_nodes, _bytes_read_back, _recomputed, boundary_bytes,
+                             unmovable)
 
 
 def _not_forward(joint: fx.GraphModule, num_fwd_outputs: int) -> set:
@@ -95,32 +98,46 @@ def _attention_flops(node: fx.Node) -> int:
     return flops // 2 if causal is True else flops
 
 
-def schedule(regions: list[tuple[float, float, list[int]]], left: Optional[int]) -> list[list]:
+def _pending(allowances: list[float], offloads: list[float]) -> list[float]:
+    """Bytes of copies still pending at the end of each region's forward: the copies form one chain,
+    so what a region cannot finish in its own time spills into the next regions'."""
+    out, pending = [], 0.0
+    for allowance, offload in zip(allowances, offloads):
+        pending = max(pending + offload - allowance, 0.0)
+        out.append(pending)
+    return out
+
+
+def schedule(regions: list[tuple[float, float, list[int]]], left: Optional[int],
+             tiers: Optional[int] = None) -> list[list]:
     """Which candidates to save. regions: in forward order, (bytes its forward may offload, bytes it
-    offloads already, its candidates' sizes in ascending order); left: host bytes (None: unknown).
-    Returns per region, per candidate, None (save it) or why not: ("host", bytes left) or ("link",
-    bytes the copies would leave pending). Tier by tier (each region's smallest candidate, then the
-    next); within a tier the copies a region cannot finish in its own forward spill into the next
-    regions', and a candidate is taken while that backlog stays within its region's allowance."""
-    out = [[None] * len(sizes) for _, _, sizes in regions]
-    used = [u for _, u, _ in regions]
-    for tier in range(max((len(sizes) for _, _, sizes in regions), default=0)):
-        backlog = 0.0
-        for i, (allowance, _, sizes) in enumerate(regions):
-            slack = allowance - used[i]
-            if tier < len(sizes):
-                size = sizes[tier]
-                after = max(backlog + size - slack, 0.0)
-                if left is not None and size > left:
-                    out[i][tier] = ("host", left)
-                elif after > allowance:
-                    out[i][tier] = ("link", after)
-                else:
-                    used[i] += size
-                    left = None if left is None else left - size
-                    backlog = after
-                    continue
-            backlog = max(backlog - slack, 0.0)
+    offloads already, its candidates' sizes in ascending order); left: host bytes (None: unknown);
+    tiers: how many of each region's candidates may be saved (None: all). Returns per region, per
+    candidate, None (save it) or why not: ("host", bytes left), ("link", bytes a region would leave
+    pending) or ("tier", its tier). Tier by tier (each region's smallest candidate, then the next),
+    a candidate is taken while no region's pending copies exceed its allowance, or, where they did
+    already, grow."""
+    allowances = [a for a, _, _ in regions]
+    offloads = [float(u) for _, u, _ in regions]
+    out = [[None if tiers is None or t < tiers else ("tier", t) for t in range(len(sizes))] for _, _, sizes in regions]
+    deepest = max((len(sizes) for _, _, sizes in regions), default=0)
+    for tier in range(deepest if tiers is None else min(tiers, deepest)):
+        for i, (_, _, sizes) in enumerate(regions):
+            if tier >= len(sizes):
+                continue
+            size = sizes[tier]
+            if left is not None and size > left:
+                out[i][tier] = ("host", left)
+                continue
+            before = _pending(allowances, offloads)
+            offloads[i] += size
+            after = _pending(allowances, offloads)
+            over = next((p for p, q, a in zip(after, before, allowances) if p > max(a, q)), None)
+            if over is not None:
+                offloads[i] -= size
+                out[i][tier] = ("link", over)
+                continue
+            left = None if left is None else left - size
     return out
 
 
@@ -128,20 +145,28 @@ class SaveProjections:
     name = "save_projections"
 
     def __init__(self, host_fraction: float = 0.5, margin: float = 0.9, link_rate: float = 52e9,
-                 flop_rate: float = 600e12, devices: tuple[str, ...] = ("cuda",)):
+                 flop_rate: float = 600e12, tiers: Optional[int] = 1, min_bytes: int = 1 << 20,
+                 devices: tuple[str, ...] = ("cuda",)):
         """host_fraction, margin: as save_attention's (the same budget, what it left).
         link_rate: host link bytes/s per direction; flop_rate: the forward's FLOP/s; only their
-        ratio matters (bytes a region may offload per FLOP it computes). devices: the device types
-        the offload moves."""
+        ratio matters (bytes a region may offload per FLOP it computes).
+        tiers: how many of each layer's candidates, smallest first, may be saved; None: as many as
+        the budgets allow. 1 is what was measured (the output projection on Llama: 32k +1.2% over
+        the lag change alone on the H200); at 16k-32k the link estimate also lets some gate/ups
+        through (7x the bytes, reloaded 1.75 GiB at a time at 32k), not measured yet.
+        min_bytes, devices: the offload's (what it leaves on the device, which device types it moves)."""
         if not 0 < margin <= 1:
             raise ValueError("margin must be in (0, 1]")
         if link_rate <= 0 or flop_rate <= 0:
             raise ValueError("link_rate and flop_rate must be > 0")
+        if tiers is not None and tiers < 1:
+            raise ValueError("tiers must be >= 1 or None")
         self.config = {"policy": self.name, "host_fraction": host_fraction, "margin": margin,
-                       "link_rate": link_rate, "flop_rate": flop_rate, "devices": list(devices)}
+                       "link_rate": link_rate, "flop_rate": flop_rate, "tiers": tiers, "min_bytes": min_bytes, "devices": list(devices)}
 
     def uuid(self) -> str:
-        return source_uuid((type(self).__module__,), self.config)
+        # it plans with save_attention's helpers: their code is in the key too
+        return source_uuid((type(self).__module__, "fxfuse.passes.save_attention"), self.config)
 
     def run(self, joint: fx.GraphModule, stats: PassStats, num_fwd_outputs: Optional[int] = None) -> None:
         """num_fwd_outputs: how many of the joint graph's outputs are the forward's (AOTAutograd's
@@ -150,7 +175,8 @@ class SaveProjections:
         if lora is None:
             return
         nodes = list(joint.graph.nodes)
-        ops = [n for n in nodes if n.op == "call_function" and n.target is lora.default and _recomputed(n)]
+        ops = [n for n in nodes if n.op == "call_function" and n.target is lora.default and _recomputed(n)
+               and _region(n) is not None]
         if not ops:  # no LoRA op in a checkpointed region: nothing is recomputed
             return
         backward = _backward_nodes(joint) if num_fwd_outputs is None else _not_forward(joint, num_fwd_outputs)
@@ -161,35 +187,34 @@ class SaveProjections:
         regions: dict = {}
         for n in nodes:
             gid = _region(n)
-            if n in backward or gid is None or not _recomputed(n):
+            if n in backward or gid is None:  # every op of the forward counts, saved ones too
                 continue
             r = regions.setdefault(gid, {"allowance": 0.0, "used": 0, "candidates": []})
             if n.target is lora.default:
                 r["allowance"] += _lora_flops(n) * per_byte
             elif n.op == "call_function" and n.target in _attention_ops():
                 r["allowance"] += _attention_flops(n) * per_byte
-        for n in nodes:
-            gid, val = _region(n), n.meta.get("val")
-            if gid not in regions or not isinstance(val, torch.Tensor) or n.op != "call_function":
+            val = n.meta.get("val")
+            if not isinstance(val, torch.Tensor) or n.op != "call_function":
                 continue
-            if n.meta.get(SAVED_BY) is not None or any(_region(u) != gid and u not in backward for u in n.users):
-                regions[gid]["used"] += _bytes_read_back([n], backward)  # saved by a policy, or a boundary
+            if n.meta.get(SAVED_BY) is not None:  # a policy's: what the backward reads of it is saved
+                r["used"] += _bytes_read_back([n], backward)
+            elif any(_region(u) != gid and u not in backward for u in n.users):
+                r["used"] += _nbytes(val) or 0  # a region output (the next layer's input): saved at the boundary
 
         left = self._host_budget(joint, backward)
         for op in ops:
-            if op.meta.get("recompute") == CheckpointPolicy.MUST_SAVE:
-                continue  # save_attention's (a q/k/v op)
             why = self._why_not(op, backward)
             if why is not None:
                 stats.sites.append(self._site(op, False, why))
                 continue
-            size = sum(_nbytes(u.meta["val"]) or 0 for u in _items(op) if isinstance(u.meta.get("val"), torch.Tensor))
+            size = sum(_nbytes(u.meta["val"]) for u in _items(op) if isinstance(u.meta.get("val"), torch.Tensor))
             regions[_region(op)]["candidates"].append((size, op))
         for r in regions.values():
             r["candidates"].sort(key=lambda c: c[0])
 
         decisions = schedule([(r["allowance"], r["used"], [size for size, _ in r["candidates"]]) for r in regions.values()],
-                             left)
+                             left, self.config["tiers"])
         for r, taken in zip(regions.values(), decisions):
             for (size, op), why in zip(r["candidates"], taken):
                 if why is None:
@@ -198,27 +223,27 @@ class SaveProjections:
                     stats.add("MiB saved", size / 2**20)
                     continue
                 kind, room = why
-                if kind == "host":
+                if kind == "tier":
+                    reason = (f"not among this layer's {self.config['tiers']} smallest candidates ({size / 2**20:.1f} MiB): "
+                              "larger ones were not measured to pay (tiers=None lets the budgets decide)")
+                elif kind == "host":
                     reason = (f"host memory: its outputs ({size / 2**20:.1f} MiB) would not fit in the "
                               f"{room / 2**20:.1f} MiB the offload has left after the layer inputs and attention")
                 else:
                     reason = (f"host link: its outputs ({size / 2**20:.1f} MiB) would leave {room / 2**20:.1f} MiB "
-                              f"of copies pending, more than this layer's forward carries "
-                              f"({r['allowance'] / 2**20:.1f} MiB at {self.config['link_rate'] / 1e9:g} GB/s)")
+                              f"of copies pending at a layer's end, more than its forward carries (this layer's: "
+                              f"{r['allowance'] / 2**20:.1f} MiB at {self.config['link_rate'] / 1e9:g} GB/s)")
                 stats.sites.append(self._site(op, False, reason))
 
     def _why_not(self, op: fx.Node, backward: set) -> Optional[str]:
         if not self._read_by_backward(op, backward):
             return "its outputs feed only saved tensors: the backward recomputes its xa alone"
-        for n in _items(op):
-            val = n.meta.get("val")
-            if not isinstance(val, torch.Tensor) or (_nbytes(val) or 0) <= 256:
-                continue
-            if val.device.type not in self.config["devices"]:
-                return f"on {val.device.type}, which the offload does not move ({self.config['devices']})"
-            if _is_alias(n) or not _dense(val):
-                return f"{n.name} could not be offloaded (a view, or not dense): it would stay on the device"
-        return None
+        sizes = [_nbytes(u.meta["val"]) for u in _items(op) if isinstance(u.meta.get("val"), torch.Tensor)]
+        if any(size is None for size in sizes):
+            return "an output's size is unknown at compile time (unbacked symbolic size)"
+        if max(sizes, default=0) < self.config["min_bytes"]:
+            return f"its outputs are below the offload's min_bytes={self.config['min_bytes']}: they would stay on the device"
+        return unmovable(_items(op), self.config["devices"])
 
     @staticmethod
     def _read_by_backward(op: fx.Node, backward: set) -> bool:
@@ -233,9 +258,7 @@ class SaveProjections:
                 return True
             for u in n.users:
                 if u in seen or _region(u) != gid or not _recomputed(u):
-                    continue  # outside the region: what crosses its boundary is saved
-                if u.meta.get("recompute") == CheckpointPolicy.MUST_SAVE:
-                    continue
+                    continue  # saved (MUST_SAVE), or outside the region: what crosses its boundary is saved
                 if any(_region(v) != gid and v not in backward for v in u.users):
                     continue  # a region output read by a later region: saved at the boundary
                 seen.add(u)

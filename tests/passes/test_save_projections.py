@@ -14,28 +14,14 @@ import fxfuse  # noqa: E402
 from fxfuse.passes import save_projections as sp  # noqa: E402
 from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
 from fxfuse.passes.save_projections import schedule  # noqa: E402
+from test_save_attention import _count, _graphs, _layer_graph  # noqa: E402  (tests/passes is on the path)
 from tiny import loss_and_grads, tiny_model, tokens  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 LORA = torch.ops.fxfuse.lora_linear.default
 RELOAD = torch.ops.fxfuse.reload.default
 GIB = 2**30
-ROOMY = {"link_rate": 1e18}  # a tiny model computes too little to hide any copy at the real ratio
-
-
-def _graphs(monkeypatch):
-    seen = []
-    run = ActivationOffload.run
-
-    def spy(self, fw, bw, num_fwd_outputs, stats):
-        run(self, fw, bw, num_fwd_outputs, stats)
-        seen.append((fw, bw))
-    monkeypatch.setattr(ActivationOffload, "run", spy)
-    return seen
-
-
-def _count(gm, target):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+ROOMY = {"link_rate": 1e18, "tiers": None}  # a tiny model computes too little to hide any copy at the real ratio
 
 
 def _build(projections, seed=0, **model_kw):
@@ -47,9 +33,7 @@ def _build(projections, seed=0, **model_kw):
 
 
 def _layer_backward(seen):
-    bw = max(seen, key=lambda g: _count(g[1], RELOAD))[1]
-    seen.clear()
-    return bw
+    return _layer_graph(seen)[1]
 
 
 def test_projections_are_saved_not_recomputed_and_grads_are_bit_identical(monkeypatch):
@@ -95,10 +79,31 @@ def test_the_default_link_ratio_declines_what_a_tiny_model_cannot_hide(monkeypat
     bw = _layer_backward(seen)
     sites = fxfuse.report(model).sites("save_projections")
     link = [s for s in sites if s.reason.startswith("host link: ")]
-    assert len(link) == 4 and not any(s.rewritten for s in sites)
-    assert "MiB of copies pending, more than this layer's forward carries" in link[0].reason
+    assert not any(s.rewritten for s in sites)
+    assert len(link) == 2 and all("o_proj" in s.module for s in link)  # tier 1: each layer's smallest
+    assert "MiB of copies pending at a layer's end, more than its forward carries" in link[0].reason
+    tier = [s for s in sites if s.reason.startswith("not among this layer's 1 smallest candidates")]
+    assert len(tier) == 2 and all("gate_proj" in s.module or "up_proj" in s.module for s in tier)
     loss_and_grads(_build(False), input_ids=x, labels=x)
     assert _count(bw, LORA) == _count(_layer_backward(seen), LORA)  # o and gate/up run again, as without
+
+
+def test_by_default_only_each_layers_smallest_candidate_is_saved(monkeypatch):
+    seen = _graphs(monkeypatch)
+    x = tokens()
+    layers = 2
+    one = _build({"link_rate": 1e18}, sizes={"num_hidden_layers": layers})
+    loss_one, grads_one = loss_and_grads(one, input_ids=x, labels=x)
+    bw_one = _layer_backward(seen)
+    off = _build(False, sizes={"num_hidden_layers": layers})
+    loss_off, grads_off = loss_and_grads(off, input_ids=x, labels=x)
+    bw_off = _layer_backward(seen)
+    saved = [s for s in fxfuse.report(one).sites("save_projections") if s.rewritten]
+    assert len(saved) == layers and all("o_proj" in s.module for s in saved)
+    assert _count(bw_one, LORA) == _count(bw_off, LORA) - layers
+    assert torch.equal(loss_one, loss_off)
+    for name in grads_one:
+        assert torch.equal(grads_one[name], grads_off[name]), name
 
 
 def test_a_tight_host_budget_declines_with_the_reason(monkeypatch):
@@ -112,34 +117,36 @@ def test_a_tight_host_budget_declines_with_the_reason(monkeypatch):
 
 
 def test_the_host_budget_is_what_save_attention_left(monkeypatch):
+    """Checked against save_attention's own planning: its budget less the sizes it reports saved."""
     from fxfuse.passes import save_attention as sa
-    seen = []
-    run, budget = sp.SaveProjections.run, sp.SaveProjections._host_budget
+    seen = {"sa": [], "sp": []}
+    sa_budget, sp_budget = sa.SaveAttention._host_budget, sp.SaveProjections._host_budget
+    monkeypatch.setattr(sa, "_host_bytes_available", lambda: 10**9)
     monkeypatch.setattr(sp, "_host_bytes_available", lambda: 10**9)
-    monkeypatch.setattr(sp.SaveProjections, "run", lambda self, joint, stats, n=None: seen.append((joint, n)) or
-                        run(self, joint, stats, n))
+    monkeypatch.setattr(sa.SaveAttention, "_host_budget",
+                        lambda self, joint: seen["sa"].append(sa_budget(self, joint)) or seen["sa"][-1])
     monkeypatch.setattr(sp.SaveProjections, "_host_budget",
-                        lambda self, joint, bw: seen.append(budget(self, joint, bw)) or seen[-1])
+                        lambda self, joint, bw: seen["sp"].append((sp_budget(self, joint, bw), joint, bw)) or seen["sp"][-1][0])
     x = tokens()
-    loss_and_grads(_build(ROOMY, sizes={"num_hidden_layers": 2}), input_ids=x, labels=x)
-    # the decoder layers' graph: the one where save_attention marked something
-    i = next(i for i, item in enumerate(seen) if isinstance(item, tuple)
-             and any(n.meta.get(sa.SAVED_BY) == "save_attention" for n in item[0].graph.nodes))
-    (joint, num_fwd_outputs), left = seen[i], seen[i + 1]
-    bw = sp._not_forward(joint, num_fwd_outputs)
-    boundary = sa.boundary_bytes(joint)
-    planned = sp._bytes_read_back([n for n in joint.graph.nodes if n.meta.get(sa.SAVED_BY) == "save_attention"], bw)
-    assert boundary > 0 and planned > 0
-    # read before this policy marks anything: the layer inputs and save_attention's tensors count
-    assert left == max(int((10**9 * 0.5 - boundary) * 0.9 - planned), 0)
+    model = _build(ROOMY, sizes={"num_hidden_layers": 2})
+    loss_and_grads(model, input_ids=x, labels=x)
+    # the decoder layers' graph is the one where save_attention planned something
+    saved = fxfuse.report(model).columns()["save_attention"]["MiB saved"] * 2**20
+    assert saved > 0
+    budgets = [(b, (left, joint, bw)) for b, (left, joint, bw) in zip(seen["sa"], seen["sp"])
+               if any(n.meta.get(sa.SAVED_BY) == "save_attention" for n in joint.graph.nodes)]
+    assert len(budgets) == 1
+    before, (left, joint, bw) = budgets[0]
+    assert before > 0 and left == max(int(before - saved), 0)
     monkeypatch.setattr(sp, "_host_bytes_available", lambda: None)
-    assert budget(sp.SaveProjections(), joint, bw) is None
+    assert sp_budget(sp.SaveProjections(), joint, bw) is None
 
 
 def test_schedule_spreads_large_copies_by_the_link_and_stops_at_the_host_budget():
-    # the 8B shape at 32k tokens (GiB): a layer's forward carries ~1.87 at 52 GB/s, offloads 0.9
-    # already (input, attention output, q/k/v); o's output 0.25, gate/up 1.75
-    regions = [(1.87 * GIB, 0.9 * GIB, [int(0.25 * GIB), int(1.75 * GIB)])] * 32
+    # the 8B shape at 32k tokens as the pass sizes it (GiB): a layer's forward (2·T·218.1M LoRA-op
+    # FLOPs + causal attention 8.8e12) carries 1.86 at 52 GB/s / 600 TFLOP/s; it offloads 0.885
+    # already (its input 0.25, save_attention's 0.635); o's outputs 0.252, gate/up's 1.754
+    regions = [(1.86 * GIB, 0.885 * GIB, [int(0.252 * GIB), int(1.754 * GIB)])] * 32
     out = schedule(regions, None)
     assert all(o is None for o, _ in out)  # every o
     mlp = [m is None for _, m in out]
@@ -155,6 +162,11 @@ def test_schedule_spreads_large_copies_by_the_link_and_stops_at_the_host_budget(
     assert any(m is not None and m[0] == "host" for _, m in out)
     # nothing fits a region whose forward is already busy copying
     assert schedule([(1.0, 1.0, [2])] * 3, None) == [[("link", 2.0)]] * 3
+    # a later tier's take must not push a region an earlier tier filled over its allowance
+    assert schedule([(10, 0, [15, 4]), (10, 0, [14, 4])], None) == [[None, ("link", 13.0)], [None, ("link", 13.0)]]
+    # tiers=1: the first tier as before, the rest declined as such
+    out = schedule(regions, None, tiers=1)
+    assert all(o is None and m == ("tier", 1) for o, m in out)
     assert schedule([], 10) == [] and schedule([(5.0, 0.0, [])], None) == [[]]
 
 
@@ -169,6 +181,11 @@ def test_attention_flops_halve_when_causal():
     causal = g.call_function(op, (qn, kn, kn, 0.0, True))
     assert sp._attention_flops(full) == 4 * 2 * 4 * 16 * 24 * 8
     assert sp._attention_flops(causal) == 4 * 2 * 4 * 16 * 24 * 8 // 2
+    # every SDPA op the policies know, is_causal passed by position where its schema puts it
+    for target in sp._attention_ops():
+        names = [a.name for a in target._schema.arguments]
+        args = [qn, kn, kn] + [None] * (names.index("is_causal") - 3) + [True]
+        assert sp._attention_flops(g.call_function(target, tuple(args))) == 4 * 2 * 4 * 16 * 24 * 8 // 2, target
 
 
 @settings(max_examples=3, deadline=None)
@@ -191,3 +208,14 @@ def test_fuzz_saved_equals_recomputed(layers, heads, head_dim, batch, seq, arch,
     assert torch.equal(l_on, l_off) and not torch.isnan(l_on)
     for name in g_on:
         assert torch.equal(g_on[name], g_off[name]), name
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="host_fraction"):
+        ActivationOffload(save_projections={"host_fraction": 0.95})  # the offload's own option, not the policy's
+    with pytest.raises(ValueError, match="tiers"):
+        sp.SaveProjections(tiers=0)
+    with pytest.raises(ValueError, match="link_rate"):
+        sp.SaveProjections(link_rate=0)
+    assert ActivationOffload(save_projections={"tiers": None}).config["save_projections"] == {"tiers": None}
+    assert ActivationOffload(save_projections=False).config["save_projections"] is False
