@@ -25,7 +25,8 @@ Two budgets:
   not) at `flop_rate`, the link at `link_rate` (both measured on the H200: ~600 TFLOP/s for the
   32k forward's GEMMs and cuDNN attention, ~52 GB/s per direction for the offload's copies). What a
   region cannot copy in its own time spills into the next regions' (the copies form one chain); a
-  candidate is taken while that backlog stays within one region's allowance.
+  candidate is taken while no region's pending copies exceed its allowance (or grow, where they
+  did already).
 
 Candidates go in tiers: each region's smallest candidate first (the output projection), then the
 next, so a tight budget saves many cheap tensors before a few large ones. By default only the first
@@ -34,7 +35,8 @@ The link estimate would also let the gate/up op through on about two layers in f
 in five at 16k (`tiers=None`), 1.75 GiB a layer to reload at 32k, not measured yet.
 
 Declined with a reason: an op whose outputs feed only saved tensors (recompute_lora_xa's case), an
-output the offload could not move, and what does not fit either budget.
+output the offload could not move or would leave on the device (below its min_bytes, or of unknown
+size), what is beyond `tiers`, and what does not fit either budget.
 """
 from __future__ import annotations
 
