@@ -8,8 +8,11 @@ Llama-3.1-8B shape, the output projection (its output feeds the residual sum the
 backward reads) and the MLP's grouped gate/up op (the activation's backward reads both outputs):
 2·T·4096·(4096 + 2·14336) FLOP a layer, ~9% of a 32k step on the H200 (bench/RESULTS.md). Their
 outputs cost T·4096·2 and T·28672·2 bytes: per byte the same FLOPs as q/k/v (K = 4096 for all).
-The MLP's down projection is not a candidate: its output only feeds the layer's output, which is
-saved at the region's boundary (recompute_lora_xa trims its recompute to xa).
+On Llama the MLP's down projection is not a candidate: its output only feeds the layer's output,
+which is saved at the region's boundary (recompute_lora_xa trims its recompute to xa); where a norm
+follows it (Gemma 2/3's sandwich norms, OLMo 2's post-norms) the norm's backward reads it, and it
+is. What save_attention already saved (its q/k/v op) is its site, not a candidate here; where
+save_attention kept q/k/v recomputed, their op is a candidate like the others.
 
 It runs at partition time after save_attention, on AOTAutograd's joint graph: a candidate is a
 `fxfuse::lora_linear` op in a checkpointed region (tagged recompute) one of whose outputs reaches,
