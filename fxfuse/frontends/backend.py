@@ -77,9 +77,8 @@ class PartitionPolicies:
     """What runs when AOTAutograd splits a training graph, in order: save_attention and
     save_projections mark what the joint graph must save (with the offload only: the saved tensors
     go to host memory), min-cut partitions the joint graph (the partitioner Inductor uses),
-    recompute_lora_xa trims the
-    backward's recomputation, then the activation offload rewrites the forward and backward graphs.
-    Each reports its sites."""
+    recompute_lora_xa trims the backward's recomputation, then the activation offload rewrites the
+    forward and backward graphs. Each reports its sites."""
 
     def __init__(self, recompute_xa: Optional[RecomputeLoraXA] = None, offload: Optional[ActivationOffload] = None):
         self.recompute_xa, self.offload = recompute_xa, offload
