@@ -187,6 +187,7 @@ class SaveProjections:
         backward = _backward_nodes(joint) if num_fwd_outputs is None else _not_forward(joint, num_fwd_outputs)
         ops = [n for n in ops if n not in backward]  # the forward's (a dead op's outputs are not saved)
         per_byte = self.config["link_rate"] / self.config["flop_rate"]
+        attention = _attention_ops()
 
         # per region: the bytes its forward may offload, and what it offloads already
         regions: dict = {}
@@ -197,7 +198,7 @@ class SaveProjections:
             r = regions.setdefault(gid, {"allowance": 0.0, "used": 0, "candidates": []})
             if n.target is lora.default:
                 r["allowance"] += _lora_flops(n) * per_byte
-            elif n.op == "call_function" and n.target in _attention_ops():
+            elif n.op == "call_function" and n.target in attention:
                 r["allowance"] += _attention_flops(n) * per_byte
             val = n.meta.get("val")
             if not isinstance(val, torch.Tensor) or n.op != "call_function":

@@ -19,6 +19,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
+# the fuzzed shapes of the policy tests (shared with test_save_projections)
+FUZZ_SHAPES = lambda test: settings(max_examples=3, deadline=None)(given(  # noqa: E731
+    layers=st.integers(1, 2), heads=st.sampled_from([(4, 2), (2, 2), (6, 3)]), head_dim=st.sampled_from([8, 12]),
+    batch=st.integers(1, 2), seq=st.integers(3, 19), arch=st.sampled_from(["llama", "qwen2"]),
+    dropout=st.sampled_from([0.0, 0.25]))(test))
+
+
+def fuzz_sizes(layers, heads, head_dim):
+    return dict(num_hidden_layers=layers, num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                hidden_size=heads[0] * head_dim, head_dim=head_dim)
+
+
+def assert_bit_identical(loss_a, grads_a, loss_b, grads_b):
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
 def _graphs(monkeypatch):
     """(forward, backward) graphs as the offload (the last partition-time policy) leaves them."""
     seen = []
@@ -74,10 +92,8 @@ def test_attention_is_saved_not_recomputed_and_grads_are_bit_identical(monkeypat
     assert "save_attention" not in fxfuse.report(off).pass_names
     assert "save_attention" in fxfuse.report(on).table()
 
-    assert torch.equal(loss_on, loss_off)
     assert grads_on.keys() == grads_off.keys()
-    for name in grads_on:
-        assert torch.equal(grads_on[name], grads_off[name]), name
+    assert_bit_identical(loss_on, grads_on, loss_off, grads_off)
 
 
 def test_declines_outside_checkpointed_regions_and_beyond_the_host_budget(monkeypatch):
@@ -159,9 +175,7 @@ def test_a_tight_host_budget_saves_outputs_first_then_q_k_v(monkeypatch, room):
         assert _count(bw_on, lora) == _count(bw_off, lora)
         assert _count(bw_on, reload) == _count(bw_off, reload) + 2  # layer 0's output and lse
     assert _count(bw_on, ATTENTION) == 0
-    assert torch.equal(loss_on, loss_off)
-    for name in grads_on:
-        assert torch.equal(grads_on[name], grads_off[name]), name
+    assert_bit_identical(loss_on, grads_on, loss_off, grads_off)
 
 
 def test_offload_off_means_no_policy():
@@ -170,15 +184,11 @@ def test_offload_off_means_no_policy():
     assert "save_attention" not in fxfuse.report(model).pass_names
 
 
-@settings(max_examples=3, deadline=None)
-@given(layers=st.integers(1, 2), heads=st.sampled_from([(4, 2), (2, 2), (6, 3)]), head_dim=st.sampled_from([8, 12]),
-       batch=st.integers(1, 2), seq=st.integers(3, 19), arch=st.sampled_from(["llama", "qwen2"]),
-       dropout=st.sampled_from([0.0, 0.25]))
+@FUZZ_SHAPES
 def test_fuzz_saved_equals_recomputed(layers, heads, head_dim, batch, seq, arch, dropout):
     """Random shapes, GQA ratios, odd head dims, q/k/v biases (qwen2), LoRA dropout (xa is saved
     with its dropout mask applied): the gradients equal recomputing's, bit for bit."""
-    sizes = dict(num_hidden_layers=layers, num_attention_heads=heads[0], num_key_value_heads=heads[1],
-                 hidden_size=heads[0] * head_dim, head_dim=head_dim)
+    sizes = fuzz_sizes(layers, heads, head_dim)
     x = tokens(batch, seq)
     results = []
     for on in (True, False):
@@ -186,9 +196,8 @@ def test_fuzz_saved_equals_recomputed(layers, heads, head_dim, batch, seq, arch,
         results.append(loss_and_grads(model, input_ids=x, labels=x))
         assert fxfuse.report(model).summary().get("save_attention", {"rewritten": layers})["rewritten"] == layers
     (l_on, g_on), (l_off, g_off) = results
-    assert torch.equal(l_on, l_off) and not torch.isnan(l_on)
-    for name in g_on:
-        assert torch.equal(g_on[name], g_off[name]), name
+    assert not torch.isnan(l_on)
+    assert_bit_identical(l_on, g_on, l_off, g_off)
 
 
 def test_offload_copies_permuted_dense_tensors_and_fresh_items_not_views():

@@ -8,13 +8,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.fx as fx  # noqa: E402
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import fxfuse  # noqa: E402
 from fxfuse.passes import save_projections as sp  # noqa: E402
 from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
 from fxfuse.passes.save_projections import schedule  # noqa: E402
-from test_save_attention import _count, _graphs, _layer_graph  # noqa: E402  (tests/passes is on the path)
+from test_save_attention import (FUZZ_SHAPES, _count, _graphs, _layer_graph, assert_bit_identical,  # noqa: E402
+                                 fuzz_sizes)  # (tests/passes is on the path)
 from tiny import loss_and_grads, tiny_model, tokens  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -63,10 +63,8 @@ def test_projections_are_saved_not_recomputed_and_grads_are_bit_identical(monkey
     assert "save_projections" not in fxfuse.report(off).pass_names
     assert fxfuse.report(on).columns()["save_projections"]["MiB saved"] > 0
 
-    assert torch.equal(loss_on, loss_off)
     assert grads_on.keys() == grads_off.keys()
-    for name in grads_on:
-        assert torch.equal(grads_on[name], grads_off[name]), name
+    assert_bit_identical(loss_on, grads_on, loss_off, grads_off)
 
 
 def test_the_default_link_ratio_declines_what_a_tiny_model_cannot_hide(monkeypatch):
@@ -101,9 +99,7 @@ def test_by_default_only_each_layers_smallest_candidate_is_saved(monkeypatch):
     saved = [s for s in fxfuse.report(one).sites("save_projections") if s.rewritten]
     assert len(saved) == layers and all("o_proj" in s.module for s in saved)
     assert _count(bw_one, LORA) == _count(bw_off, LORA) - layers
-    assert torch.equal(loss_one, loss_off)
-    for name in grads_one:
-        assert torch.equal(grads_one[name], grads_off[name]), name
+    assert_bit_identical(loss_one, grads_one, loss_off, grads_off)
 
 
 def test_a_tight_host_budget_declines_with_the_reason(monkeypatch):
@@ -188,15 +184,11 @@ def test_attention_flops_halve_when_causal():
         assert sp._attention_flops(g.call_function(target, tuple(args))) == 4 * 2 * 4 * 16 * 24 * 8 // 2, target
 
 
-@settings(max_examples=3, deadline=None)
-@given(layers=st.integers(1, 2), heads=st.sampled_from([(4, 2), (2, 2), (6, 3)]), head_dim=st.sampled_from([8, 12]),
-       batch=st.integers(1, 2), seq=st.integers(3, 19), arch=st.sampled_from(["llama", "qwen2"]),
-       dropout=st.sampled_from([0.0, 0.25]))
+@FUZZ_SHAPES
 def test_fuzz_saved_equals_recomputed(layers, heads, head_dim, batch, seq, arch, dropout):
     """Random shapes, GQA ratios, odd head dims, q/k/v biases (qwen2), LoRA dropout (the saved
     outputs carry the forward's dropout mask): the gradients equal recomputing's, bit for bit."""
-    sizes = dict(num_hidden_layers=layers, num_attention_heads=heads[0], num_key_value_heads=heads[1],
-                 hidden_size=heads[0] * head_dim, head_dim=head_dim)
+    sizes = fuzz_sizes(layers, heads, head_dim)
     x = tokens(batch, seq)
     results = []
     for on in (ROOMY, False):
@@ -205,9 +197,8 @@ def test_fuzz_saved_equals_recomputed(layers, heads, head_dim, batch, seq, arch,
         if on:
             assert fxfuse.report(model).summary()["save_projections"]["rewritten"] == 2 * layers
     (l_on, g_on), (l_off, g_off) = results
-    assert torch.equal(l_on, l_off) and not torch.isnan(l_on)
-    for name in g_on:
-        assert torch.equal(g_on[name], g_off[name]), name
+    assert not torch.isnan(l_on)
+    assert_bit_identical(l_on, g_on, l_off, g_off)
 
 
 def test_options_are_checked():
