@@ -133,10 +133,10 @@ class ActivationOffload:
         the backward recomputing them, within the host memory left after the layer inputs.
         save_projections: checkpoint policy `save_projections` (passes/save_projections.py) also
         saves, and so offloads, the outputs of LoRA projections the backward would recompute in full
-        (by default each layer's smallest: the output projection), within the host memory
-        save_attention left and what the host link carries while the forward computes; a dict of
-        SaveProjections options (margin, link_rate, flop_rate, tiers) turns it on with those, e.g.
-        `{"link_rate": 26e9}` on a slower link or `{"tiers": None}` for the MLP's gate/up too.
+        (on Llama the output projection and the MLP's gate/up, smallest first), within the host
+        memory save_attention left and what the host link carries while the forward computes; a dict
+        of SaveProjections options (margin, link_rate, flop_rate, tiers) turns it on with those, e.g.
+        `{"link_rate": 26e9}` on a slower link or `{"tiers": 1}` for only each layer's smallest.
         lag: the compute stream waits for the copy `lag` offloads back (not the previous one), so
         that close activations (q, k, v) copy back to back without stalling the forward; fewer
         while the newer copies' sources exceed `lag_bytes` (they stay alive until waited for). At

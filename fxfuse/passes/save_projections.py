@@ -32,10 +32,12 @@ Two budgets:
   did already).
 
 Candidates go in tiers: each region's smallest candidate first (the output projection), then the
-next, so a tight budget saves many cheap tensors before a few large ones. By default only the first
-tier (`tiers=1`): that is what was measured (32k on the H200: every layer's output projection).
-The link estimate would also let the gate/up op through on about two layers in five at 32k and one
-in five at 16k (`tiers=None`), 1.75 GiB a layer to reload at 32k, not measured yet.
+next, so a tight budget saves many cheap tensors before a few large ones. By default the budgets
+decide how deep (`tiers=None`): on the 8B shape every layer's output projection at 4k-32k, and the
+MLP's gate/up op (1796 MiB at 32k) on about two layers in five at 32k and one in five at 16k;
+measured on one H200 against `tiers=1` (output projections only): 32k 7983 -> 8109 tok/s (peak
+20.97 -> 22.10 GiB), 16k 10131 -> 10146 (18.33 -> 18.87 GiB), 4k and 64k make the same decisions
+(bench/RESULTS.md). `tiers=1` is the leaner option where the GPU's memory is tight.
 
 Declined with a reason: an op whose outputs feed only saved tensors (recompute_lora_xa's case), an
 output the offload could not move or would leave on the device (below its min_bytes, or of unknown
@@ -150,15 +152,14 @@ class SaveProjections:
     name = "save_projections"
 
     def __init__(self, host_fraction: float = 0.5, margin: float = 0.9, link_rate: float = 52e9,
-                 flop_rate: float = 600e12, tiers: Optional[int] = 1, min_bytes: int = 1 << 20,
+                 flop_rate: float = 600e12, tiers: Optional[int] = None, min_bytes: int = 1 << 20,
                  devices: tuple[str, ...] = ("cuda",)):
         """host_fraction, margin: as save_attention's (the same budget, what it left).
         link_rate: host link bytes/s per direction; flop_rate: the forward's FLOP/s; only their
         ratio matters (bytes a region may offload per FLOP it computes).
-        tiers: how many of each layer's candidates, smallest first, may be saved; None: as many as
-        the budgets allow. 1 is what was measured (the output projection on Llama: 32k +1.2% over
-        the lag change alone on the H200); at 16k-32k the link estimate also lets some gate/ups
-        through (7x the bytes, reloaded 1.75 GiB at a time at 32k), not measured yet.
+        tiers: how many of each layer's candidates, smallest first, may be saved; None (default): as
+        many as the budgets allow. 1 saves only the smallest (the output projection on Llama), for
+        a lower peak: gate/up outputs are reloaded 1.75 GiB at a time at 32k (+1.13 GiB peak there).
         min_bytes, devices: the offload's (what it leaves on the device, which device types it moves)."""
         if not 0 < margin <= 1:
             raise ValueError("margin must be in (0, 1]")
@@ -231,7 +232,7 @@ class SaveProjections:
                 kind, room = why
                 if kind == "tier":
                     reason = (f"not among this layer's {self.config['tiers']} smallest candidates ({size / 2**20:.1f} MiB): "
-                              "larger ones were not measured to pay (tiers=None lets the budgets decide)")
+                              "the policy's tiers option (tiers=None lets the budgets decide)")
                 elif kind == "host":
                     reason = (f"host memory: its outputs ({size / 2**20:.1f} MiB) would not fit in the "
                               f"{room / 2**20:.1f} MiB the offload has left after the layer inputs and attention")

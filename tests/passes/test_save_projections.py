@@ -78,19 +78,18 @@ def test_the_default_link_ratio_declines_what_a_tiny_model_cannot_hide(monkeypat
     sites = fxfuse.report(model).sites("save_projections")
     link = [s for s in sites if s.reason.startswith("host link: ")]
     assert not any(s.rewritten for s in sites)
-    assert len(link) == 2 and all("o_proj" in s.module for s in link)  # tier 1: each layer's smallest
+    # every tier is tried by default: each layer's o and gate/up both meet the link
+    assert len(link) == 4 and len(sites) == 6 and sum("o_proj" in s.module for s in link) == 2
     assert "MiB of copies pending at a layer's end, more than its forward carries" in link[0].reason
-    tier = [s for s in sites if s.reason.startswith("not among this layer's 1 smallest candidates")]
-    assert len(tier) == 2 and all("gate_proj" in s.module or "up_proj" in s.module for s in tier)
     loss_and_grads(_build(False), input_ids=x, labels=x)
     assert _count(bw, LORA) == _count(_layer_backward(seen), LORA)  # o and gate/up run again, as without
 
 
-def test_by_default_only_each_layers_smallest_candidate_is_saved(monkeypatch):
+def test_tiers_1_saves_only_each_layers_smallest_candidate(monkeypatch):
     seen = _graphs(monkeypatch)
     x = tokens()
     layers = 2
-    one = _build({"link_rate": 1e18}, sizes={"num_hidden_layers": layers})
+    one = _build({"link_rate": 1e18, "tiers": 1}, sizes={"num_hidden_layers": layers})
     loss_one, grads_one = loss_and_grads(one, input_ids=x, labels=x)
     bw_one = _layer_backward(seen)
     off = _build(False, sizes={"num_hidden_layers": layers})
@@ -100,6 +99,9 @@ def test_by_default_only_each_layers_smallest_candidate_is_saved(monkeypatch):
     assert len(saved) == layers and all("o_proj" in s.module for s in saved)
     assert _count(bw_one, LORA) == _count(bw_off, LORA) - layers
     assert_bit_identical(loss_one, grads_one, loss_off, grads_off)
+    tier = [s for s in fxfuse.report(one).sites("save_projections")
+            if s.reason.startswith("not among this layer's 1 smallest candidates")]
+    assert len(tier) == layers and all("gate_proj" in s.module or "up_proj" in s.module for s in tier)
 
 
 def test_a_tight_host_budget_declines_with_the_reason(monkeypatch):
