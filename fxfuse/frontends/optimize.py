@@ -12,6 +12,7 @@ from ..passes.activation_offload import ActivationOffload
 from ..passes.causal_mask import CausalMaskPass
 from ..passes.eager_attention import EagerAttentionPass
 from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
+from ..passes.grouped_mm import GroupedMmPass
 from ..passes.lora import LoraPass
 from ..passes.manager import PassManager
 from ..passes.mlp_tiling import MlpTilingPass
@@ -29,6 +30,7 @@ from .report import Report, adapter_layers
 
 # Passes in the order they run. Each entry builds a fresh pass.
 PASSES = {
+    "grouped_mm": GroupedMmPass,
     "lora": LoraPass,
     "mlp_tiling": MlpTilingPass,
     "eager_attention": EagerAttentionPass,
@@ -42,7 +44,9 @@ PASSES = {
     "fused_linear_cross_entropy": FusedLinearCrossEntropyPass,
 }
 
-# What runs when no passes are named. rms_norm and swiglu are opt-in: on the H100 their ops lose to
+# What runs when no passes are named. grouped_mm: without it an MoE layer whose experts run
+# transformers' fallback grouped matmul (fp16/fp32 experts, CPU) fails to compile and runs eagerly.
+# rms_norm and swiglu are opt-in: on the H100 their ops lose to
 # Inductor's own fusion of the same elementwise code (bench/RESULTS.md: 8388 vs 9150 tok/s at 4k).
 # mlp_tiling only rewrites from a 4 GiB [tokens, intermediate] tensor up (~146k tokens on 8B).
 # sdpa_gqa: GPU tests passed on an H200 (tests/gpu/test_sdpa_gqa_gpu.py); it cuts the layer's kernel
@@ -53,7 +57,7 @@ PASSES = {
 # tokens on an H200 (its backward recomputes in fp32 blocks); it saves memory only from ~16k.
 # softcap_attention and sink_attention are opt-in: their op (eager math in fp32 row blocks) removes
 # Gemma 2's and gpt-oss's O(T²) saved tensors, but ran 3.2-5.1x slower than eager on an H200.
-DEFAULT_PASSES = ("lora", "mlp_tiling", "eager_attention", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
+DEFAULT_PASSES = ("grouped_mm", "lora", "mlp_tiling", "eager_attention", "causal_mask", "sdpa_gqa", "fused_linear_cross_entropy")
 
 _REPORT_ATTR = "_fxfuse_report"
 

@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch._library.custom_ops import _maybe_get_opdef
 
 from .. import env
-from . import cross_entropy, lora, offload, rms_norm, swiglu, tiled_mlp  # noqa: F401  (defines the ops)
+from . import cross_entropy, grouped_mm, lora, offload, rms_norm, swiglu, tiled_mlp  # noqa: F401  (defines the ops)
 
 SOURCE, TWIN = "fxfuse", "fxfuse_rt"
 _LIB = torch.library.Library(TWIN, "DEF")

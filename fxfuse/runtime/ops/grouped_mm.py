@@ -1,0 +1,91 @@
+"""`fxfuse::grouped_mm`: the MoE experts' grouped matmul, out[rows of expert i] = input[rows] @ weight[i],
+with a backward AOTAutograd can trace.
+
+transformers runs its experts through `torch.ops.transformers.grouped_mm_fallback` wherever
+torch's grouped_mm cannot (under torch.compile: weights not in bf16, so fp16 and fp32 training;
+CPU). That op's autograd formula reads the group offsets with `.tolist()`, which has no value while
+AOTAutograd traces the backward (DataDependentOutputException): the whole checkpointed MoE layer then
+fails to compile and runs eagerly, its LoRA and attention unfused. Here the backward is a custom op
+of its own (`fxfuse::grouped_mm_backward`), opaque to the trace, with a fake implementation; it also
+skips the weight gradient when the experts are frozen (LoRA), where transformers' formula computes
+a [experts, in, out] gradient that is then dropped.
+
+Same math as transformers' fallback, call for call (one torch.mm per non-empty group into a zeroed
+output; rows past the last offset stay zero), so the results are bit-identical to it.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import Tensor
+
+OP = "fxfuse::grouped_mm"
+BWD = "fxfuse::grouped_mm_backward"
+
+
+def _groups(offs: Tensor):
+    """(expert, start, end) of each non-empty group; one device-to-host read of the offsets."""
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        if end != start:
+            yield i, start, end
+        start = end
+
+
+def forward_products(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    out = torch.zeros(input.size(0), weight.size(2), device=input.device, dtype=input.dtype)
+    for i, start, end in _groups(offs):
+        torch.mm(input[start:end], weight[i], out=out[start:end])
+    return out
+
+
+def backward_products(grad: Tensor, input: Tensor, weight: Tensor, offs: Tensor, need_input: bool,
+                      need_weight: bool) -> List[Tensor]:
+    d_in = torch.zeros_like(input) if need_input else None
+    d_w = torch.zeros_like(weight) if need_weight else None
+    for i, start, end in _groups(offs):
+        if need_input:
+            torch.mm(grad[start:end], weight[i].T, out=d_in[start:end])
+        if need_weight:
+            torch.mm(input[start:end].T, grad[start:end], out=d_w[i])
+    return [t for t in (d_in, d_w) if t is not None]
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    return forward_products(input, weight, offs)
+
+
+@grouped_mm.register_fake
+def _(input, weight, offs):
+    return input.new_empty(input.size(0), weight.size(2))
+
+
+@torch.library.custom_op(BWD, mutates_args=())
+def grouped_mm_backward(grad: Tensor, input: Tensor, weight: Tensor, offs: Tensor, need_input: bool,
+                        need_weight: bool) -> List[Tensor]:
+    """[grad_input] if need_input, then [grad_weight] if need_weight."""
+    return backward_products(grad, input, weight, offs, need_input, need_weight)
+
+
+@grouped_mm_backward.register_fake
+def _(grad, input, weight, offs, need_input, need_weight):
+    return ([torch.empty_like(input)] if need_input else []) + ([torch.empty_like(weight)] if need_weight else [])
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, offs = inputs
+    ctx.save_for_backward(input, weight, offs)
+
+
+def _backward(ctx, grad):
+    input, weight, offs = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_input or need_weight):
+        return None, None, None
+    got = iter(torch.ops.fxfuse.grouped_mm_backward(grad, input, weight, offs, need_input, need_weight))
+    return (next(got) if need_input else None), (next(got) if need_weight else None), None
+
+
+torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
