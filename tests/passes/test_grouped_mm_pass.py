@@ -105,6 +105,18 @@ def test_frozen_experts_get_no_weight_gradient(monkeypatch):
     assert calls == ["forward", (True, False)]
 
 
+def test_the_op_and_its_twin_keep_cuda_graphs_off():
+    """Both ops read the offsets on the host: Inductor must not capture them in a CUDA graph."""
+    from torch._inductor import utils
+    from fxfuse.runtime.ops import twins
+    for op in (OURS, BWD):
+        for target in (op, twins.twin_of(op)):
+            assert torch.Tag.cudagraph_unsafe in target.tags, target
+            if hasattr(utils, "is_cudagraph_unsafe_fx_node"):  # how Inductor asks (torch 2.13)
+                assert utils.is_cudagraph_unsafe_fx_node(fx.Graph().call_function(target, ())), target
+    assert not twins.twin_of(torch.ops.fxfuse.lora_linear.default).tags  # others: no tag, as before
+
+
 # ---------------------------------------------------------------- the pass, in a graph
 
 

@@ -22,6 +22,9 @@ from torch import Tensor
 
 OP = "fxfuse::grouped_mm"
 BWD = "fxfuse::grouped_mm_backward"
+# Both ops read the offsets on the host (a device sync), which a CUDA graph cannot capture: the tag
+# keeps Inductor's CUDA graphs (optimize(cudagraphs=True)) off the graphs that call them.
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
 def _groups(offs: Tensor):
@@ -52,7 +55,7 @@ def backward_products(grad: Tensor, input: Tensor, weight: Tensor, offs: Tensor,
     return [t for t in (d_in, d_w) if t is not None]
 
 
-@torch.library.custom_op(OP, mutates_args=())
+@torch.library.custom_op(OP, mutates_args=(), tags=_TAGS)
 def grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     return forward_products(input, weight, offs)
 
@@ -62,7 +65,7 @@ def _(input, weight, offs):
     return input.new_empty(input.size(0), weight.size(2))
 
 
-@torch.library.custom_op(BWD, mutates_args=())
+@torch.library.custom_op(BWD, mutates_args=(), tags=_TAGS)
 def grouped_mm_backward(grad: Tensor, input: Tensor, weight: Tensor, offs: Tensor, need_input: bool,
                         need_weight: bool) -> List[Tensor]:
     """[grad_input] if need_input, then [grad_weight] if need_weight."""

@@ -48,7 +48,9 @@ def _register(qualname: str) -> None:
     name = qualname.split("::")[1]
     source = getattr(torch.ops.fxfuse, name).default
     schema = str(source._schema).split("::", 1)[1]
-    _LIB.define(schema)
+    # the tags Inductor reads (cudagraph_unsafe: grouped_mm reads offsets on the host); pt2_compliant
+    # only concerns dynamo, which never sees a twin
+    _LIB.define(schema, tags=tuple(t for t in source.tags if t != torch.Tag.pt2_compliant_tag))
     # CompositeExplicitAutograd: one kernel for every device (the implementation picks its path)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{TWIN}::{name}", fake, lib=_LIB)
