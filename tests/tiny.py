@@ -25,14 +25,23 @@ def tiny_model(arch="llama", dtype=torch.float32, gc=False, seed=0, lora=True, s
     if lora:
         kw = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
         kw.update(lora_kwargs)
-        model = get_peft_model(model, LoraConfig(**kw))
-        # PEFT starts lora_B at zero; random B makes every LoRA gradient non-trivial.
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05)
-    if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        model = with_lora(model, **kw)
+    return checkpointed(model) if gc else model
+
+
+def with_lora(model, b_std=0.05, **lora_kwargs):
+    """PEFT LoRA with random B: PEFT starts lora_B at zero, random B makes every LoRA gradient non-trivial."""
+    model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=b_std)
+    return model
+
+
+def checkpointed(model):
+    """Gradient checkpointing as the benchmarks and trainers turn it on (non-reentrant)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
     return model
 
 

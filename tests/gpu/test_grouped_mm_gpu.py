@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxfuse
-from tiny import loss_and_grads, rel
+from tiny import checkpointed, loss_and_grads, rel, with_lora
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
@@ -24,12 +23,7 @@ def test_moe_layers_compile_through_inductor_and_equal_eager(dtype, candidates):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **CONFIG)).to(dtype).cuda()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = checkpointed(with_lora(model, b_std=0.02, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     ref = copy.deepcopy(model)
     opt = fxfuse.optimize(model, verbose=False)
     ids = torch.randint(0, 512, (2, 256), generator=torch.Generator().manual_seed(1)).cuda()
