@@ -2,8 +2,8 @@
 math with a backward AOTAutograd can trace (runtime/ops/grouped_mm.py says why transformers' cannot).
 
 Without it, every graph holding an MoE layer whose experts run the fallback (under torch.compile:
-experts in fp16 or fp32; on CPU also torch <= 2.10 with unaligned weights) fails to compile with DataDependentOutputException, and the
-layer runs eagerly: its LoRA, attention and masks unfused. The pass matches the op call itself
+experts in fp16 or fp32; older GPUs and CPUs: runtime/ops/grouped_mm.py) fails to compile with
+DataDependentOutputException, and the layer runs eagerly: its LoRA, attention and masks unfused. The pass matches the op call itself
 (the candidate), wherever the model's experts module calls it; torch's own grouped_mm (bf16 experts
 on a GPU) traces already and is not a candidate.
 

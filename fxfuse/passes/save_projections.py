@@ -34,7 +34,8 @@ Two budgets:
 Candidates go in tiers: each region's smallest candidate first (the output projection), then the
 next, so a tight budget saves many cheap tensors before a few large ones. By default the budgets
 decide how deep (`tiers=None`): on the 8B shape every layer's output projection at 4k-32k, and the
-MLP's gate/up op (1796 MiB at 32k) on about two layers in five at 32k and one in five at 16k;
+MLP's gate/up op on 11 of 32 layers at 32k (1796 MiB each; the others declined by the link or host
+memory) and 7 at 16k;
 measured on one H200 against `tiers=1` (output projections only): 32k 7983 -> 8109 tok/s (peak
 20.97 -> 22.10 GiB), 16k 10131 -> 10146 (18.33 -> 18.87 GiB), 4k and 64k make the same decisions
 (bench/RESULTS.md). `tiers=1` is the leaner option where the GPU's memory is tight.

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
+import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 from hypothesis import given, settings, strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -36,17 +37,22 @@ def grouped_case(draw):
     k, n = draw(st.integers(1, 33)), draw(st.integers(1, 33))
     dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
     scale = draw(st.sampled_from([1.0, 1e-3, 30.0]))
-    return sizes, tail, k, n, dtype, scale, draw(st.integers(0, 2**16)), draw(st.booleans())
+    layout = draw(st.sampled_from(["plain", "transposed"]))  # transformers passes weight.transpose(-2, -1)
+    offs_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
+    return sizes, tail, k, n, dtype, scale, draw(st.integers(0, 2**16)), draw(st.booleans()), layout, offs_dtype
 
 
-def _operands(sizes, tail, k, n, dtype, scale, seed, outliers=False):
+def _operands(sizes, tail, k, n, dtype, scale, seed, outliers=False, layout="plain", offs_dtype=torch.int32):
     g = torch.Generator().manual_seed(seed)
     rows = sum(sizes) + tail
     x = (torch.randn(rows, k, generator=g) * scale).to(dtype)
-    w = torch.randn(len(sizes), k, n, generator=g).to(dtype)
+    if layout == "transposed":
+        w = torch.randn(len(sizes), n, k, generator=g).to(dtype).transpose(1, 2)
+    else:
+        w = torch.randn(len(sizes), k, n, generator=g).to(dtype)
     if outliers and dtype == torch.float16 and rows:
         x[0, 0] = 60000.0  # near fp16's max: products overflow to inf in both implementations alike
-    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    offs = torch.tensor(sizes, dtype=offs_dtype).cumsum(0).to(offs_dtype)
     return x, w, offs
 
 
@@ -61,12 +67,12 @@ def _reference64(x, w, offs):
 @settings(max_examples=40, deadline=None)
 @given(grouped_case())
 def test_op_is_bit_identical_to_transformers_and_close_to_float64(case):
-    sizes, tail, k, n, dtype, scale, seed, outliers = case
-    x, w, offs = _operands(sizes, tail, k, n, dtype, scale, seed, outliers)
+    sizes, tail, k, n, dtype, scale, seed, outliers, layout, offs_dtype = case
+    x, w, offs = _operands(sizes, tail, k, n, dtype, scale, seed, outliers, layout, offs_dtype)
     grad = torch.randn(x.shape[0], n, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     got = {}
     for name, op in (("ours", OURS), ("theirs", FALLBACK)):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xi, wi = x.clone().requires_grad_(), w.detach().clone().requires_grad_()  # clone keeps the layout
         out = op(xi, wi, offs)
         out.backward(grad)
         got[name] = (out, xi.grad, wi.grad)
@@ -96,12 +102,17 @@ def test_backward_computes_only_the_gradients_asked_for(need_input, need_weight)
     assert all(torch.equal(a, b) for a, b in zip(got, expect))
 
 
-def test_frozen_experts_get_no_weight_gradient(monkeypatch):
-    """LoRA elsewhere: autograd asks for the input's gradient alone."""
-    calls = _spy(monkeypatch)
-    x, w, offs = _operands([3, 0, 4], 1, 5, 6, torch.float32, 1.0, 0)
-    OURS(x.requires_grad_(), w, offs).backward(torch.randn(x.shape[0], 6))
-    assert calls == ["forward", (True, False)]
+def test_frozen_experts_get_no_weight_gradient_and_their_input_is_not_saved(monkeypatch):
+    """LoRA elsewhere: autograd asks for the input's gradient alone, and the input (tokens x top_k
+    rows) is not kept for the backward; with trainable experts it is."""
+    x, w, offs = _operands([3, 0, 4], 1, 5, 6, torch.float32, 1.0, 0, layout="transposed")
+    for train_experts in (False, True):
+        calls, saved = _spy(monkeypatch), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = OURS(x.clone().requires_grad_(), w.detach().clone().requires_grad_(train_experts), offs)
+        out.backward(torch.randn(x.shape[0], 6))
+        assert calls == ["forward", (True, train_experts)]
+        assert any(t.shape == x.shape for t in saved) == train_experts
 
 
 def test_the_op_and_its_twin_keep_cuda_graphs_off():

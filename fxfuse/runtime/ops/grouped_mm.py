@@ -2,8 +2,9 @@
 with a backward AOTAutograd can trace.
 
 transformers runs its experts through `torch.ops.transformers.grouped_mm_fallback` wherever
-torch's grouped_mm cannot (under torch.compile: weights not in bf16, so fp16 and fp32 training;
-on CPU also torch <= 2.10 with unaligned weights). That op's autograd formula reads the group offsets with `.tolist()`, which has no value while
+torch's grouped_mm cannot (`_can_use_grouped_mm` in transformers/integrations/moe.py: under
+torch.compile weights not in bf16, so fp16 and fp32 training; CUDA below sm80; CPU with torch <= 2.8,
+or <= 2.10 with unaligned weights). That op's autograd formula reads the group offsets with `.tolist()`, which has no value while
 AOTAutograd traces the backward (DataDependentOutputException): the whole checkpointed MoE layer then
 fails to compile and runs eagerly, its LoRA and attention unfused. Here the backward is a custom op
 of its own (`fxfuse::grouped_mm_backward`), opaque to the trace, with a fake implementation; it also
@@ -15,15 +16,17 @@ output; rows past the last offset stay zero), so the results are bit-identical t
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 OP = "fxfuse::grouped_mm"
 BWD = "fxfuse::grouped_mm_backward"
-# Both ops read the offsets on the host (a device sync), which a CUDA graph cannot capture: the tag
-# keeps Inductor's CUDA graphs (optimize(cudagraphs=True)) off the graphs that call them.
+# Both ops read the offsets on the host (a device sync), which a CUDA graph cannot capture: with the
+# tag, Inductor's CUDA graphs (optimize(cudagraphs=True)) leave them out (the graph that calls them,
+# or with graph partitioning only their partition, runs uncaptured). Read by torch 2.13's Inductor;
+# not checked on 2.11.
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 
@@ -43,9 +46,9 @@ def forward_products(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     return out
 
 
-def backward_products(grad: Tensor, input: Tensor, weight: Tensor, offs: Tensor, need_input: bool,
+def backward_products(grad: Tensor, input: Optional[Tensor], weight: Tensor, offs: Tensor, need_input: bool,
                       need_weight: bool) -> List[Tensor]:
-    d_in = torch.zeros_like(input) if need_input else None
+    d_in = torch.zeros(grad.size(0), weight.size(1), device=grad.device, dtype=weight.dtype) if need_input else None
     d_w = torch.zeros_like(weight) if need_weight else None
     for i, start, end in _groups(offs):
         if need_input:
@@ -66,20 +69,23 @@ def _(input, weight, offs):
 
 
 @torch.library.custom_op(BWD, mutates_args=(), tags=_TAGS)
-def grouped_mm_backward(grad: Tensor, input: Tensor, weight: Tensor, offs: Tensor, need_input: bool,
+def grouped_mm_backward(grad: Tensor, input: Optional[Tensor], weight: Tensor, offs: Tensor, need_input: bool,
                         need_weight: bool) -> List[Tensor]:
-    """[grad_input] if need_input, then [grad_weight] if need_weight."""
+    """[grad_input] if need_input, then [grad_weight] if need_weight; `input` is only read (and
+    only saved by the forward) for the weight gradient."""
     return backward_products(grad, input, weight, offs, need_input, need_weight)
 
 
 @grouped_mm_backward.register_fake
 def _(grad, input, weight, offs, need_input, need_weight):
-    return ([torch.empty_like(input)] if need_input else []) + ([torch.empty_like(weight)] if need_weight else [])
+    d_in = [grad.new_empty(grad.size(0), weight.size(1), dtype=weight.dtype)] if need_input else []
+    return d_in + ([torch.empty_like(weight)] if need_weight else [])
 
 
 def _setup_context(ctx, inputs, output):
     input, weight, offs = inputs
-    ctx.save_for_backward(input, weight, offs)
+    # the input ([tokens x top_k, width]) is kept only for the weight gradient: frozen experts need none
+    ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, weight, offs)
 
 
 def _backward(ctx, grad):
