@@ -16,7 +16,10 @@ eager's bf16 ones: equal in fp32, close in bf16 (tested).
 Declined with the reason: softcapping (tanh) or sinks (an extra softmax column) between the scores
 and the softmax, attention dropout in training (SDPA would draw another mask than eager), a softmax
 over another dim, weights read elsewhere (`output_attentions=True`), shapes that broadcast, a mask
-in another dtype than q (SDPA requires the same), non-4-D operands.
+in another dtype than q (SDPA requires the same), non-4-D operands, and a mask computed from a graph
+input (a padding mask, packed position_ids): such a mask can mask every key of a query row (left
+padding), where eager attends uniformly and torch's fused CPU SDPA kernel returns wrong gradients
+(torch 2.13, CPU: dq/dk/dv off by O(1) for those rows; its math backend agrees with eager).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch.fx as fx
 
 from .eager_scores import check, is_number
 from .manager import GraphPass, PassStats, Site
+from .mask_analysis import MaskEval, top_level
 from .pattern import Decline, Op, Opt, Var, canon, graphs_of, match_at, module_path
 
 _SOFTMAX = Op("softmax", (Var("scores"),), name="softmax")  # the anchor
@@ -117,6 +121,21 @@ def _scores_chain_reason(softmax: fx.Node, depth: int = 6) -> str:
     return ""
 
 
+def _check_mask_inputs(gm: fx.GraphModule, sub: fx.GraphModule, mask) -> None:
+    """Declines a mask whose producers read a graph input (see the module docstring); a mask the
+    analysis cannot follow or evaluate for another reason is left to the rewrite, as before."""
+    if not isinstance(mask, fx.Node):
+        return
+    try:
+        MaskEval(1 << 20).value(top_level(gm, sub, mask))
+    except Decline as e:
+        if str(e).startswith("mask depends on graph input"):
+            raise Decline(f"{e}: a query row may have every key masked, where torch's fused SDPA "
+                          "gives wrong gradients (eager attends uniformly)") from None
+    except Exception:
+        return
+
+
 class EagerAttentionPass(GraphPass):
     name = "eager_attention"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.eager_scores")
@@ -130,9 +149,9 @@ class EagerAttentionPass(GraphPass):
                 c = canon(node)
                 if c is None or c.kind != "softmax" or not _feeds_from_matmul(node):
                     continue
-                stats.sites.append(self._site(gname, sub, node))
+                stats.sites.append(self._site(gname, gm, sub, node))
 
-    def _site(self, gname, gm, node) -> Site:
+    def _site(self, gname, gm, sub, node) -> Site:
         site = Site(self.name, module_path(node), node.name, gname, False)
         reason = _scores_chain_reason(node)
         if reason:
@@ -142,10 +161,11 @@ class EagerAttentionPass(GraphPass):
         try:
             m = match_at(pattern, anchor, node)
             kwargs = check(m)
+            _check_mask_inputs(gm, sub, m.get("mask"))
         except Decline as e:
             site.reason = str(e)
             return site
-        g = gm.graph
+        g = sub.graph
         with g.inserting_before(m.root):
             sdpa = g.call_function(torch._C._nn.scaled_dot_product_attention, (m["q"], m["k"], m["v"]), kwargs)
         # the matmul's recorded value stands for SDPA's: same shape and dtype (the strides of a

@@ -157,6 +157,37 @@ def test_mask_in_another_dtype_is_declined():
     assert any("mask dtype" in r for r in s["eager_attention"]["declined"]), s
 
 
+def test_a_mask_from_a_graph_input_is_declined():
+    """A padding mask can mask every key of a query row (left padding): eager then attends uniformly,
+    and torch's fused CPU SDPA kernel returns wrong gradients for that row (torch 2.13)."""
+    def f(q, k, v, mask):
+        w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * 0.5 + mask, dim=-1, dtype=torch.float32)
+        return torch.matmul(w.to(q.dtype), v)
+    mask = torch.zeros(1, 1, 5, 5)
+    mask[..., :2, :] = torch.finfo(torch.float32).min  # two query rows see no key
+    _, s = run_passes(f, *qkv(), mask)
+    assert s["eager_attention"]["rewritten"] == 0
+    assert any(r.startswith("mask depends on graph input") and "every key masked" in r
+               for r in s["eager_attention"]["declined"]), s
+
+
+def test_left_padded_eager_model_keeps_eager_attention_and_its_gradients():
+    model = eager_model()
+    ref = clone(model)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False)
+    ids = tokens(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, attention_mask=mask, labels=labels)
+    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel(l_opt, l_ref) < 1e-5
+    for name in g_ref:
+        assert rel(g_opt[name], g_ref[name]) < 1e-4, name
+    summary = fxfuse.report(opt).summary()["eager_attention"]
+    assert summary["rewritten"] == 0 and summary["candidates"] > 0, summary
+
+
 def test_einsum_attention_is_reported_not_passed_over():
     def f(q, k, v):
         w = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.5, dim=-1)
@@ -230,7 +261,11 @@ def test_fuzz_against_float64(b, h, tq, tk, d, dv, dtype, scale_kind, mask_kind,
             s = s * scale
         elif scale_kind == "div":
             s = s / (1 / scale)
-        if m:
+        if mask_kind == "causal":  # built in the graph from sizes, as HF does without a padding mask
+            i, j = torch.arange(s.shape[-2]), torch.arange(s.shape[-1])
+            keep = (j[None, :] <= i[:, None] + (s.shape[-1] - s.shape[-2])) | (j[None, :] == 0)
+            s = s + torch.where(keep, 0.0, torch.finfo(s.dtype).min).to(s.dtype)[None, None]
+        elif m:  # a mask passed in: declined (see test_a_mask_from_a_graph_input_is_declined)
             s = s + m[0]
         w = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         w = torch.nn.functional.dropout(w, p=0.0, training=True)
@@ -238,8 +273,12 @@ def test_fuzz_against_float64(b, h, tq, tk, d, dv, dtype, scale_kind, mask_kind,
 
     for t in (q, k, v):
         t.requires_grad_()
-    args = (q, k, v) + ((mask,) if mask is not None else ())
+    args = (q, k, v) + ((mask,) if mask_kind == "random" else ())
     out, s = run_passes(f, *args)
+    if mask_kind == "random":
+        assert s["eager_attention"]["rewritten"] == 0, s
+        assert torch.equal(out, f(*args))
+        return
     assert s["eager_attention"]["rewritten"] == 1, s
     want = reference(q.detach(), k.detach(), v.detach(), scale if scale_kind != "none" else 1.0, mask)
     assert torch.isfinite(out).all()
