@@ -138,7 +138,7 @@ def _check_mask_inputs(gm: fx.GraphModule, sub: fx.GraphModule, mask) -> None:
 
 class EagerAttentionPass(GraphPass):
     name = "eager_attention"
-    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.eager_scores")
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.eager_scores", "fxfuse.passes.mask_analysis")
 
     def __init__(self):
         self.config = {}
