@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from .eager_scores import check, is_number
 from .manager import GraphPass, PassStats, Site
-from .mask_analysis import MaskEval, top_level
+from .mask_analysis import decline_input_masks
 from .pattern import Decline, Op, Opt, Var, canon, graphs_of, match_at, module_path
 
 _SOFTMAX = Op("softmax", (Var("scores"),), name="softmax")  # the anchor
@@ -121,21 +121,6 @@ def _scores_chain_reason(softmax: fx.Node, depth: int = 6) -> str:
     return ""
 
 
-def _check_mask_inputs(gm: fx.GraphModule, sub: fx.GraphModule, mask) -> None:
-    """Declines a mask whose producers read a graph input (see the module docstring); a mask the
-    analysis cannot follow or evaluate for another reason is left to the rewrite, as before."""
-    if not isinstance(mask, fx.Node):
-        return
-    try:
-        MaskEval(1 << 20).value(top_level(gm, sub, mask))
-    except Decline as e:
-        if str(e).startswith("mask depends on graph input"):
-            raise Decline(f"{e}: a query row may have every key masked, where torch's fused SDPA "
-                          "gives wrong gradients (eager attends uniformly)") from None
-    except Exception:
-        return
-
-
 class EagerAttentionPass(GraphPass):
     name = "eager_attention"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.eager_scores", "fxfuse.passes.mask_analysis")
@@ -161,7 +146,7 @@ class EagerAttentionPass(GraphPass):
         try:
             m = match_at(pattern, anchor, node)
             kwargs = check(m)
-            _check_mask_inputs(gm, sub, m.get("mask"))
+            decline_input_masks(gm, sub, m.get("mask"))
         except Decline as e:
             site.reason = str(e)
             return site

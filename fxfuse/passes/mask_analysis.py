@@ -514,6 +514,23 @@ def top_level(gm: fx.GraphModule, sub: fx.GraphModule, node: fx.Node) -> fx.Node
     raise Decline("mask comes from a subgraph this pass cannot follow to the top level")
 
 
+def decline_input_masks(gm: fx.GraphModule, sub: fx.GraphModule, mask) -> None:
+    """Declines a mask whose producers read a graph input (a padding mask, packed position_ids): it
+    can mask every key of a query row (left padding), where eager attends uniformly and torch's fused
+    CPU SDPA returns wrong gradients. A mask the analysis cannot follow or evaluate for another
+    reason is not declined here. For passes that replace eager attention by a fused kernel."""
+    if not isinstance(mask, fx.Node):
+        return
+    try:
+        MaskEval(1 << 20).value(top_level(gm, sub, mask))
+    except Decline as e:
+        if str(e).startswith("mask depends on graph input"):
+            raise Decline(f"{e}: a query row may have every key masked, where torch's fused SDPA "
+                          "gives wrong gradients (eager attends uniformly)") from None
+    except Exception:
+        return
+
+
 def drop_unused_masks(gm: fx.GraphModule, proven: dict[fx.Node, set]) -> None:
     """Remove the subgraph inputs that carried a proven mask and no longer have readers, then the
     mask's producers that have no users left."""

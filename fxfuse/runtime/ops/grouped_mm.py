@@ -3,9 +3,9 @@ with a backward AOTAutograd can trace.
 
 transformers runs its experts through `torch.ops.transformers.grouped_mm_fallback` wherever
 torch's grouped_mm cannot (`_can_use_grouped_mm` in transformers/integrations/moe.py: under
-torch.compile weights not in bf16, so fp16 and fp32 training; CUDA below sm80; CPU with torch <= 2.8,
-or <= 2.10 with unaligned weights). That op's autograd formula reads the group offsets with `.tolist()`, which has no value while
-AOTAutograd traces the backward (DataDependentOutputException): the whole checkpointed MoE layer then
+torch.compile weights not in bf16, so fp16 and fp32 training; CUDA below sm80; CPU with torch
+<= 2.8, or <= 2.10 with unaligned weights). That op's autograd formula reads the group offsets with
+`.tolist()`, which has no value while AOTAutograd traces the backward (DataDependentOutputException): the whole checkpointed MoE layer then
 fails to compile and runs eagerly, its LoRA and attention unfused. Here the backward is a custom op
 of its own (`fxfuse::grouped_mm_backward`), opaque to the trace, with a fake implementation; it also
 skips the weight gradient when the experts are frozen (LoRA), where transformers' formula computes
