@@ -20,11 +20,16 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 def _mask(kind, b, tq, tk, dtype, gen):
     """HF's additive mask in q's dtype: causal (bottom-right aligned when Tq < Tkv, as with a cache),
-    or random padding that keeps at least one key per row; None for no mask."""
+    random padding that keeps at least one key per row, causal with left padding (HF's mask for a
+    left-padded batch: the padded query rows have every key masked, where eager attends uniformly);
+    None for no mask."""
     if kind is None:
         return None
     if kind == "causal":
         keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq).view(1, 1, tq, tk)
+    elif kind == "left_padding":
+        pad = torch.randint(0, tk, (b,), generator=gen).view(b, 1, 1, 1)
+        keep = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq).view(1, 1, tq, tk) & (torch.arange(tk) >= pad)
     else:
         keep = torch.rand(b, 1, tq, tk, generator=gen) < 0.6
         keep[..., 0] = True
@@ -71,7 +76,7 @@ def _run(q, k, v, mask, sinks, scale, softcap, rows, gen):
        batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3]),
        tq=st.integers(1, 40), extra=st.sampled_from([0, 0, 5]), d=st.sampled_from([8, 16, 13]),
        softcap=st.sampled_from([0.0, 0.5, 5.0, 50.0]), sinks=st.booleans(),
-       mask=st.sampled_from([None, "causal", "padding"]), rows=st.integers(1, 48),
+       mask=st.sampled_from([None, "causal", "padding", "left_padding"]), rows=st.integers(1, 48),
        mag=st.sampled_from([0.1, 1.0, 8.0]), seed=st.integers(0, 2**16))
 def test_forward_and_backward_match_float64(dtype, batch, kv_heads, group, tq, extra, d, softcap, sinks, mask,
                                             rows, mag, seed):
@@ -89,6 +94,27 @@ def test_forward_and_backward_match_float64(dtype, batch, kv_heads, group, tq, e
         else:
             err = _err(got, want, natural)
         assert err < tol, f"{name}: {err}"
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_rows_with_every_key_masked_match_eager(dtype, sinks):
+    """A left-padded batch: HF's mask (finfo.min) drops every key of the padded query rows. Eager's
+    softmax attends uniformly there (to the sink alone with sinks), and those rows' outputs reach the
+    loss through the next layer, so their gradients count; a softmax shifted by the log-sum-exp,
+    which rounds to finfo.min, would give every key 1."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, h, 12, 16, generator=gen).to(DEVICE, dtype) for h in (4, 2, 2))
+    keep = torch.ones(12, 12, dtype=torch.bool).tril().view(1, 1, 12, 12) & (torch.arange(12) >= torch.tensor([0, 5]).view(2, 1, 1, 1))
+    m = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min).to(DEVICE)
+    s = (torch.randn(4, generator=gen) * 2).to(DEVICE, dtype) if sinks else None
+    for name, got, want, natural in _run(q, k, v, m, s, 0.25, 50.0, 5, gen):
+        assert got.isfinite().all(), name
+        if name == "sinks":
+            err = ((got.double() - want).abs() / (want.abs() + 0.05 * natural)).max().item()
+        else:
+            err = _err(got, want, natural)
+        assert err < TOL[dtype], f"{name}: {err}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

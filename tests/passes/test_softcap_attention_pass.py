@@ -59,16 +59,23 @@ def test_op_counts_on_gemma2():
     assert s["eager_attention"]["rewritten"] == 0  # it declines them: SDPA has no softcap
 
 
-@pytest.mark.parametrize("gc", [False, True])
-def test_gemma2_equals_eager(gc):
+@pytest.mark.parametrize("gc,left_padded", [(False, False), (True, False), (False, True)])
+def test_gemma2_equals_eager(gc, left_padded):
+    """Left padding: HF's mask drops every key of the padded query rows, where eager attends
+    uniformly; the next padded position's label is real, so those rows' gradients count."""
     ref = gemma2_eager()
     if gc:
         ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ref.enable_input_require_grads()
     opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, passes=PASSES)
     ids = tokens(2, 16)
-    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
-    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+    inputs = {"input_ids": ids, "labels": ids}
+    if left_padded:
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        inputs.update(attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    l_ref, g_ref = loss_and_grads(ref, **inputs)
+    l_opt, g_opt = loss_and_grads(opt, **inputs)
     assert rel(l_opt, l_ref) < 1e-5 and not torch.isnan(l_opt)
     assert g_ref.keys() == g_opt.keys() and len(g_ref) > 0
     for name in g_ref:

@@ -6,11 +6,12 @@ per-head logit that joins each row's softmax denominator and reads no value).
 HF runs those models' attention eagerly: it keeps the scores, their fp32 softmax and its copy in the
 model dtype for the backward ([B, H, T, T] each: at 16k tokens and 16 heads, 16 GiB in fp32). Here:
 - Forward: per block of `rows` query rows, the scores in fp32, softcap, + the additive mask's rows,
-  the softmax over the keys and the sink, output = P @ V. Kept for the backward: q, k, v, the mask,
-  and the rows' log-sum-exp ([B, H, Tq] fp32).
-- Backward: per block, P recomputed from the log-sum-exp; dS = P * (dP - rowsum(P * dP)) (the sink
-  reads no value, so its dP is 0), through tanh's derivative 1 - (c / cap)^2, into dq, dk, dv (fp32
-  accumulation); the sinks' gradient is -sum(P_sink * rowsum(P * dP)).
+  the softmax over the keys and the sink, output = P @ V; also returned: the rows' log-sum-exp
+  ([B, H, Tq] fp32). Kept for the backward: q, k, v and the mask.
+- Backward: per block, the scores and P recomputed as in the forward (shifted by the row max, not by
+  the log-sum-exp: see _probs); dS = P * (dP - rowsum(P * dP)) (the sink reads no value, so its dP
+  is 0), through tanh's derivative 1 - (c / cap)^2, into dq, dk, dv (fp32 accumulation); the sinks'
+  gradient is -sum(P_sink * rowsum(P * dP)).
 All arithmetic in fp32 (float64 for float64 inputs; fp16 scores near 65504 would overflow in q @ kᵀ before the cap is applied).
 GQA: k/v may carry fewer heads than q (query head h reads kv head h // (Hq / Hkv), as repeat_kv).
 The mask is HF's additive float mask ([B or 1, H or 1, Tq, Tkv]; 0 = keep, a large negative =
@@ -74,11 +75,23 @@ def _logits(qb: Tensor, kf: Tensor, mask: Optional[Tensor], s: int, e: int, scal
     return z, th
 
 
-def _lse(z: Tensor, sink: Optional[Tensor]) -> Tensor:
-    """Row log-sum-exp over the keys and, where present, the head's sink logit ([H] -> [1, H, 1])."""
-    if sink is None:
-        return torch.logsumexp(z, dim=-1)
-    return torch.logaddexp(torch.logsumexp(z, dim=-1), sink.view(1, -1, 1).expand(z.shape[:-1]))
+def _probs(z: Tensor, sink: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """(P over the keys, the sink's probability [B, H, rows, 1] or None, the rows' log-sum-exp) of a
+    block's logits: each row's softmax over its keys and, where present, the head's sink logit
+    ([H] -> [1, H, 1, 1]), which reads no value. Shifted by the row's max rather than by its
+    log-sum-exp: where a finite mask (HF's finfo.min) drops every key of a row (a left-padded query),
+    z - lse rounds to 0 and every key would get 1; eager's softmax attends uniformly there."""
+    top = z.amax(dim=-1, keepdim=True)
+    if sink is not None:
+        top = torch.maximum(top, sink.view(1, -1, 1, 1))
+    p = torch.exp(z - top)
+    den = p.sum(dim=-1, keepdim=True)
+    p_sink = None
+    if sink is not None:
+        p_sink = torch.exp(sink.view(1, -1, 1, 1) - top)
+        den = den + p_sink
+        p_sink = p_sink / den
+    return p / den, p_sink, (top + torch.log(den)).squeeze(-1)
 
 
 @torch.library.custom_op(OP, mutates_args=())
@@ -95,8 +108,8 @@ def chunked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], s
     for s in range(0, t, rows):
         e = min(s + rows, t)
         z, _ = _logits(q[:, :, s:e].to(acc), kf, mask, s, e, scale, softcap)
-        lse[:, :, s:e] = m = _lse(z, sink)
-        out[:, :, s:e] = (torch.exp(z - m.unsqueeze(-1)) @ vf).to(q.dtype)
+        p, _, lse[:, :, s:e] = _probs(z, sink)
+        out[:, :, s:e] = (p @ vf).to(q.dtype)
     return out, lse
 
 
@@ -106,7 +119,7 @@ def _(q, k, v, mask, sinks, scale, softcap, rows):
 
 
 @torch.library.custom_op(BWD, mutates_args=())
-def chunked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Optional[Tensor],
+def chunked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
                                sinks: Optional[Tensor], scale: float, softcap: float,
                                rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, hq, t, _ = q.shape
@@ -119,14 +132,14 @@ def chunked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ls
     dsink = torch.zeros(hq, dtype=acc, device=q.device)
     for s in range(0, t, rows):
         e = min(s + rows, t)
-        qb, gb, m = q[:, :, s:e].to(acc), grad[:, :, s:e].to(acc), lse[:, :, s:e].unsqueeze(-1)
+        qb, gb = q[:, :, s:e].to(acc), grad[:, :, s:e].to(acc)
         z, th = _logits(qb, kf, mask, s, e, scale, softcap)
-        p = torch.exp(z - m)
+        p, p_sink, _ = _probs(z, sink)
         del z
         dp = gb @ vf.transpose(-1, -2)
         delta = (p * dp).sum(dim=-1, keepdim=True)
         if sink is not None:  # the sink's probability times (0 - delta), summed over batch and rows
-            dsink -= (torch.exp(sink.view(1, -1, 1, 1) - m) * delta).sum(dim=(0, 2, 3))
+            dsink -= (p_sink * delta).sum(dim=(0, 2, 3))
         ds = p * (dp - delta)
         del dp
         if th is not None:
@@ -145,7 +158,7 @@ def chunked_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, ls
 
 
 @chunked_attention_backward.register_fake
-def _(grad, q, k, v, lse, mask, sinks, scale, softcap, rows):
+def _(grad, q, k, v, mask, sinks, scale, softcap, rows):
     dsink = q.new_empty(sinks.shape if sinks is not None else (0,),
                         dtype=sinks.dtype if sinks is not None else _acc(q.dtype))
     return _bthd(q, q.shape[-1]), _bthd(k, k.shape[-1]), _bthd(v, v.shape[-1]), dsink
@@ -153,16 +166,16 @@ def _(grad, q, k, v, lse, mask, sinks, scale, softcap, rows):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, mask, sinks, scale, softcap, rows = inputs
-    ctx.save_for_backward(q, k, v, output[1], mask, sinks)
-    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is the backward's, not a result
+    ctx.save_for_backward(q, k, v, mask, sinks)
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exp is reported, not differentiated
     ctx.scale, ctx.softcap, ctx.rows = scale, softcap, rows
 
 
 def _backward(ctx, grad, _grad_lse):
-    q, k, v, lse, mask, sinks = ctx.saved_tensors
+    q, k, v, mask, sinks = ctx.saved_tensors
     if ctx.needs_input_grad[3]:
         raise NotImplementedError(f"{OP}: the mask's gradient is not computed (HF's masks need none)")
-    dq, dk, dv, dsink = chunked_attention_backward(grad.contiguous(), q, k, v, lse, mask, sinks,
+    dq, dk, dv, dsink = chunked_attention_backward(grad.contiguous(), q, k, v, mask, sinks,
                                                    ctx.scale, ctx.softcap, ctx.rows)
     return dq, dk, dv, None, dsink if sinks is not None else None, None, None, None
 
