@@ -48,6 +48,30 @@ _ANY_RANK, _ANY_RANK_PATTERN = _patterns(narrow=False)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
 
+DORA = ("DoRA (PEFT use_dora=True) or a like form: the low-rank term is multiplied by a tensor (DoRA's "
+        "magnitude over the weight's norm), not by a number; the pass fuses plain LoRA only")
+DORA_NORM = ("DoRA's weight norm (PEFT use_dora=True): the low-rank chain is applied to an identity "
+             "matrix to form B·A, not to activations; the pass fuses plain LoRA only")
+
+
+def _dora_reason(up: fx.Node) -> str:
+    """A reason that names DoRA for a low-rank chain that failed the pattern, from its structure:
+    the chain reads torch.eye (DoRA builds B·A so), or its result is multiplied by a tensor before
+    any sum (DoRA's magnitude scale). "" for anything else (the pattern's own reason stands)."""
+    src = canon(up).operands[0]
+    src = canon(src).operands[0] if canon(src) is not None and canon(src).kind == "linear" else None
+    while isinstance(src, fx.Node) and src.op == "call_method" and src.target in ("to", "float", "type"):
+        src = src.args[0]
+    if isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.eye:
+        return DORA_NORM
+    for user in up.users:
+        c = canon(user)
+        if c is not None and c.kind == "mul":
+            others = [o for o in c.operands if o is not up]
+            if others and isinstance(example_value(others[0]), torch.Tensor) and example_value(others[0]).dim() > 0:
+                return DORA
+    return ""
+
 
 def check(m) -> dict:
     """Read the site's tensors from the graph's fake values; decline what the op cannot express."""
@@ -148,13 +172,16 @@ class LoraPass(GraphPass):
                 self._report_full_rank(gname, node, stats)
                 continue
             module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
+            if module == "L":  # dynamo's frame-local root: a graph break inside the LoRA layer (DoRA)
+                module = "<inside a LoRA layer, after a graph break>"
             step = "pattern"
             try:
                 m = match_at(PATTERN, anchor, node)
                 step = "check()"
                 info = check(m)
             except Decline as e:
-                stats.sites.append(Site(self.name, module, node.name, gname, False, str(e), check=step))
+                reason = (_dora_reason(node) if step == "pattern" else "") or str(e)
+                stats.sites.append(Site(self.name, module, node.name, gname, False, reason, check=step))
                 continue
             sites.append((m, info, module))
         groups: dict = defaultdict(list)
@@ -166,7 +193,8 @@ class LoraPass(GraphPass):
                 fused = _replace_group(gm, part)
                 stats.add("fused ops")
                 for m, info, module in part:
-                    stats.sites.append(Site(self.name, module, m["up"].name, gname, True, group=fused.name))
+                    note = f"dropout p={info['p']:g}: the mask is drawn in-kernel" if info["p"] else ""
+                    stats.sites.append(Site(self.name, module, m["up"].name, gname, True, note, group=fused.name))
 
 
 def _placeable(gm: fx.GraphModule, members) -> list:
