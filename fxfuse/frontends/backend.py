@@ -2,6 +2,8 @@
 graph to Inductor (AOTAutograd for training) or to a lighter compiler for tests."""
 from __future__ import annotations
 
+from collections import Counter
+
 import copy
 import hashlib
 import inspect
@@ -52,7 +54,9 @@ def _noting_lora_inputs(compiled: Callable, example_inputs, report: Report) -> C
     found = {i: layers.get(runtime_stats.weight_key(t)) for i, t in enumerate(example_inputs)
              if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)}
     positions = [i for i, name in found.items() if name is not None]
-    report.graphs[-1].lora_layers = len({found[i] for i in positions})
+    names = {found[i] for i in positions}
+    report.graphs[-1].lora_layers = len(names)
+    report.graphs[-1].lora_kinds = dict(Counter(report.adapter_layers.get(n, "lora.?") for n in names))
     if not positions:
         return compiled
     note = runtime_stats.record_lora_weights

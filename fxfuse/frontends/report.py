@@ -22,6 +22,7 @@ class GraphRecord:
     passes: list[PassStats]
     compile_id: str = ""  # dynamo's "frame/attempt"; attempt > 0 is a recompile of that frame
     lora_layers: int = 0  # PEFT LoRA layers whose A weights are inputs of this graph
+    lora_kinds: dict = field(default_factory=dict)  # their kinds ("lora.Linear", ...) -> count
 
 
 @dataclass
@@ -190,9 +191,11 @@ class Report:
             else:
                 lines.append(f"  note: {len(names)} {kind} adapter layer(s): no fxfuse pass handles this adapter "
                              f"kind, they run as traced, unfused ({example})")
+        kinds = {g.index: g.lora_kinds for g in self.graphs}
         for index, layers, sites in self.unmatched_lora():
             lines.append(f"  WARNING: graph {index} runs {layers} LoRA layer(s) and the lora pass found {sites} "
-                         f"site(s) there: {layers - sites} in a form it does not match, unfused, no reason")
+                         f"site(s) there: {layers - sites} in a form it does not match, unfused"
+                         + _unmatched_why(kinds.get(index, {})))
         if self.nothing_compiled:
             lines.append(f"  WARNING: {self.forward_calls} forward call(s) and no graph compiled: dynamo ran the "
                          "model eagerly, nothing was rewritten (its recompile limit, "
@@ -254,6 +257,20 @@ def adapter_layers(model: torch.nn.Module) -> dict:
                 (parts[parts.index("tuners") + 1] if "tuners" in parts[:-1] else parts[-1])
             out[name] = f"{tuner}.{type(mod).__name__}"
     return out
+
+
+# why a LoRA layer kind has no site the lora pass could match, where that is known
+_NO_LINEAR = {"lora.ParamWrapper": "LoRA on a weight parameter (PEFT target_parameters, e.g. MoE experts): "
+                                   "PEFT adds scale·B·A to the weight before the op that reads it, so the graph "
+                                   "has no LoRA linear to fuse"}
+
+
+def _unmatched_why(kinds: dict) -> str:
+    """The graph's LoRA layer kinds, with the known reason a kind has no matchable site."""
+    if not kinds:
+        return ""
+    parts = [f"{kind} x{n}" + (f" ({_NO_LINEAR[kind]})" if kind in _NO_LINEAR else "") for kind, n in kinds.items()]
+    return "; the graph's LoRA layers: " + ", ".join(parts)
 
 
 def _num(v) -> str:

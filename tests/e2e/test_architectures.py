@@ -82,6 +82,8 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes
         # the router and experts) is not a form the lora pass matches, and the report says so
         assert report.unseen_adapters() == {}, report.table()
         assert bool(report.unmatched_lora()) == (arch in MOE), report.table()
+        if arch in MOE:  # and names the layer kind with why it has nothing to fuse
+            assert "lora.ParamWrapper x1 (LoRA on a weight parameter" in report.table(), report.table()
     else:
         assert summary["rewritten"] == 0 and all(reason for reason in summary["declined"]), summary
 
