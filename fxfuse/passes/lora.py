@@ -130,16 +130,35 @@ class LoraPass(GraphPass):
     name = "lora"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.kernels.lora")
 
-    def __init__(self, group: bool = True, recompute_xa: bool = True):
+    def __init__(self, group: bool = True, recompute_xa: bool = True, min_tokens: int = 0):
         """group: one op per set of LoRA linears reading the same input. recompute_xa: where a
         checkpointed backward recomputes an op only for its low-rank activation, recompute only that
-        (checkpoint policy `recompute_lora_xa`, at partition time; fxfuse/passes/recompute_lora_xa.py)."""
+        (checkpoint policy `recompute_lora_xa`, at partition time; fxfuse/passes/recompute_lora_xa.py).
+        min_tokens: decline sites whose input has fewer rows (tokens) than this, where the op's host
+        time per call may exceed what it saves (a graph traced with a symbolic token count is not
+        declined: the count is unknown). 0: none declined for their size."""
+        if type(min_tokens) is not int or min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, not {min_tokens!r}")
         self.group = group
-        self.config = {"group": group, "max_rank": MAX_RANK, "recompute_xa": recompute_xa}
+        self.min_tokens = min_tokens
+        self.config = {"group": group, "max_rank": MAX_RANK, "recompute_xa": recompute_xa, "min_tokens": min_tokens}
 
     def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
         for gname, sub in graphs_of(gm):
             self._run_graph(gname, sub, stats)
+
+    def _check_size(self, m) -> None:
+        """Decline a site below min_tokens rows (a static count only)."""
+        if not self.min_tokens:
+            return
+        rows = 1
+        for d in example_value(m["x"]).shape[:-1]:
+            if not isinstance(d, int):
+                return
+            rows *= d
+        if rows < self.min_tokens:
+            raise Decline(f"{rows} tokens < min_tokens={self.min_tokens}: the fused op's host time per call "
+                          "would exceed what it saves; the compiler lowers PEFT's own linears")
 
     def _report_full_rank(self, gname: str, node: fx.Node, stats: PassStats) -> None:
         """A chain whose lora_A does not project down (r >= in_features, e.g. r=64 on a 64-wide
@@ -179,6 +198,7 @@ class LoraPass(GraphPass):
                 m = match_at(PATTERN, anchor, node)
                 step = "check()"
                 info = check(m)
+                self._check_size(m)
             except Decline as e:
                 reason = (_dora_reason(node) if step == "pattern" else "") or str(e)
                 stats.sites.append(Site(self.name, module, node.name, gname, False, reason, check=step))
