@@ -212,3 +212,39 @@ def test_spellings_and_convexity():
     assert stats.candidates == 2 and stats.rewritten == 1
     assert "not convex" in stats.declined[0].reason
     assert after[LORA_OP] == 1 and after["linear"] == before["linear"] - 3
+
+
+def test_min_tokens_declines_short_inputs_with_the_reason_and_keeps_longer_ones():
+    """tokens() is [2, 16]: 32 rows. min_tokens=33 declines every site (the graph keeps PEFT's
+    linears), min_tokens=32 rewrites them all."""
+    _, after, stats = capture(tiny_model(), passes=[LoraPass(min_tokens=33)])
+    assert stats.rewritten == 0 and len(stats.sites) == 14 and LORA_OP not in count_ops(after)
+    assert {s.reason for s in stats.sites} == {
+        "32 tokens < min_tokens=33: the fused op's host time per call would exceed what it saves; "
+        "the compiler lowers PEFT's own linears"}
+    torch._dynamo.reset()
+    _, after, stats = capture(tiny_model(), passes=[LoraPass(min_tokens=32)])
+    assert stats.rewritten == 14 and count_ops(after)[LORA_OP] > 0
+
+
+def test_min_tokens_keeps_sites_whose_token_count_is_symbolic():
+    """A second length recompiles with a symbolic token count (dynamo's automatic dynamic shapes):
+    the count is unknown, so no site is declined for it; the first, static graph's are."""
+    seen = []
+
+    def backend(gm, ex):
+        seen.append(PassManager([LoraPass(min_tokens=10**6)]).run(gm)[0])
+        return gm.forward
+
+    model = torch.compile(tiny_model(), backend=backend)
+    for seq in (16, 24):
+        model(input_ids=tokens(seq=seq), use_cache=False)
+    first, last = seen[0].sites, seen[-1].sites
+    assert first and not any(s.rewritten for s in first)
+    assert len(last) == 14 and all(s.rewritten for s in last), [s.reason for s in last]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "8"])
+def test_min_tokens_must_be_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match="min_tokens"):
+        LoraPass(min_tokens=bad)
