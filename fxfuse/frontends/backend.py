@@ -2,12 +2,11 @@
 graph to Inductor (AOTAutograd for training) or to a lighter compiler for tests."""
 from __future__ import annotations
 
-from collections import Counter
-
 import copy
 import hashlib
 import inspect
 import sys
+from collections import Counter
 from typing import Callable, Optional
 
 import torch

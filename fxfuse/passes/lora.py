@@ -48,28 +48,36 @@ _ANY_RANK, _ANY_RANK_PATTERN = _patterns(narrow=False)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
 
-DORA = ("DoRA (PEFT use_dora=True) or a like form: the low-rank term is multiplied by a tensor (DoRA's "
+DORA_MAGNITUDE = ("DoRA (PEFT use_dora=True) or a like form: the low-rank term is multiplied by a tensor (DoRA's "
         "magnitude over the weight's norm), not by a number; the pass fuses plain LoRA only")
-DORA_NORM = ("DoRA's weight norm (PEFT use_dora=True): the low-rank chain is applied to an identity "
+DORA_WEIGHT_NORM = ("DoRA's weight norm (PEFT use_dora=True): the low-rank chain is applied to an identity "
              "matrix to form B·A, not to activations; the pass fuses plain LoRA only")
+
+
+def _lora_module(path: str) -> str:
+    """The LoRA layer's path from its lora_B linear's. A frame dynamo starts inside the layer after a
+    graph break (DoRA's forward, which takes lora_B as an argument) records only `L['lora_B']`."""
+    module = path.removesuffix(".lora_B.default").removesuffix(".lora_B")
+    return "<inside a LoRA layer, after a graph break>" if module == "L" else module
 
 
 def _dora_reason(up: fx.Node) -> str:
     """A reason that names DoRA for a low-rank chain that failed the pattern, from its structure:
     the chain reads torch.eye (DoRA builds B·A so), or its result is multiplied by a tensor before
-    any sum (DoRA's magnitude scale). "" for anything else (the pattern's own reason stands)."""
-    src = canon(up).operands[0]
-    src = canon(src).operands[0] if canon(src) is not None and canon(src).kind == "linear" else None
+    any sum (DoRA's magnitude scale). "" for anything else. The caller keeps the pattern's reason
+    beside it: another form could be scaled by a tensor too."""
+    down = canon(canon(up).operands[0])  # the anchor's inner linear
+    src = down.operands[0] if down is not None else None
     while isinstance(src, fx.Node) and src.op == "call_method" and src.target in ("to", "float", "type"):
         src = src.args[0]
     if isinstance(src, fx.Node) and src.op == "call_function" and src.target is torch.eye:
-        return DORA_NORM
+        return DORA_WEIGHT_NORM
     for user in up.users:
         c = canon(user)
         if c is not None and c.kind == "mul":
             others = [o for o in c.operands if o is not up]
             if others and isinstance(example_value(others[0]), torch.Tensor) and example_value(others[0]).dim() > 0:
-                return DORA
+                return DORA_MAGNITUDE
     return ""
 
 
@@ -147,18 +155,20 @@ class LoraPass(GraphPass):
         for gname, sub in graphs_of(gm):
             self._run_graph(gname, sub, stats)
 
-    def _check_size(self, m) -> None:
-        """Decline a site below min_tokens rows (a static count only)."""
+    def _check_size(self, m) -> str:
+        """Decline a site below min_tokens rows; a note (for the report) where the count is symbolic
+        and min_tokens could not apply."""
         if not self.min_tokens:
-            return
+            return ""
         rows = 1
         for d in example_value(m["x"]).shape[:-1]:
             if not isinstance(d, int):
-                return
+                return f"min_tokens={self.min_tokens} not applied: the token count is symbolic (dynamic shapes)"
             rows *= d
         if rows < self.min_tokens:
             raise Decline(f"{rows} tokens < min_tokens={self.min_tokens}: the fused op's host time per call "
-                          "would exceed what it saves; the compiler lowers PEFT's own linears")
+                          "would exceed what it saves; PEFT's own linears are left to the compiler")
+        return ""
 
     def _report_full_rank(self, gname: str, node: fx.Node, stats: PassStats) -> None:
         """A chain whose lora_A does not project down (r >= in_features, e.g. r=64 on a 64-wide
@@ -168,7 +178,7 @@ class LoraPass(GraphPass):
         if not is_anchor(_ANY_RANK, node):
             return
         path = module_path(node)
-        module = path.removesuffix(".lora_B.default").removesuffix(".lora_B")
+        module = _lora_module(path)
         try:
             m = match_at(_ANY_RANK_PATTERN, _ANY_RANK, node)
         except Decline as e:
@@ -190,17 +200,17 @@ class LoraPass(GraphPass):
             if not is_anchor(anchor, node):
                 self._report_full_rank(gname, node, stats)
                 continue
-            module = module_path(node).removesuffix(".lora_B.default").removesuffix(".lora_B")
-            if module == "L":  # dynamo's frame-local root: a graph break inside the LoRA layer (DoRA)
-                module = "<inside a LoRA layer, after a graph break>"
+            module = _lora_module(module_path(node))
             step = "pattern"
             try:
                 m = match_at(PATTERN, anchor, node)
                 step = "check()"
                 info = check(m)
-                self._check_size(m)
+                step = "min_tokens"
+                info["note"] = self._check_size(m)
             except Decline as e:
-                reason = (_dora_reason(node) if step == "pattern" else "") or str(e)
+                dora = _dora_reason(node) if step == "pattern" else ""
+                reason = f"{dora} (pattern: {e})" if dora else str(e)
                 stats.sites.append(Site(self.name, module, node.name, gname, False, reason, check=step))
                 continue
             sites.append((m, info, module))
@@ -213,7 +223,8 @@ class LoraPass(GraphPass):
                 fused = _replace_group(gm, part)
                 stats.add("fused ops")
                 for m, info, module in part:
-                    note = f"dropout p={info['p']:g}: the mask is drawn in-kernel" if info["p"] else ""
+                    notes = [f"dropout p={info['p']:g}: the mask is drawn in-kernel" if info["p"] else "", info["note"]]
+                    note = "; ".join(n for n in notes if n)
                     stats.sites.append(Site(self.name, module, m["up"].name, gname, True, note, group=fused.name))
 
 

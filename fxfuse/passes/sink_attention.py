@@ -4,7 +4,7 @@ joined to each row's softmax, then dropped) -> `fxfuse::chunked_attention` with 
 
 SDPA cannot add a softmax column, so eager_attention declines these sites and HF keeps the
 [B, H, T, T + 1] logits, their softmax and its slice for the backward. The op keeps q, k, v, the
-mask and a [B, H, T] log-sum-exp, computes in fp32 (gpt-oss's eager softmax runs in the model
+mask and the sinks (its backward recomputes the scores per block), computes in fp32 (gpt-oss's eager softmax runs in the model
 dtype), and gives the sinks their gradient.
 
 The pattern, as data: the scores (RULES: `matmul(q, k.transpose(-2, -1))`, an optional `* scale`

@@ -5,7 +5,7 @@
 
 SDPA has no softcap, so the eager_attention pass declines these sites and HF's eager path keeps the
 [B, H, T, T] scores, their fp32 softmax and its copy for the backward (O(T²) memory per layer). The
-op keeps q, k, v, the mask and a [B, H, T] log-sum-exp, and its scores and softmax are fp32 (HF
+op keeps q, k, v and the mask (its backward recomputes the scores per block), and its scores and softmax are fp32 (HF
 rounds the capped scores to the model dtype), so in bf16 it is closer to float64 than eager is;
 in fp32 it equals eager within rounding (tested).
 
@@ -17,7 +17,7 @@ dropout in training, a mask the op does not take (not 4-D, not additive float, n
 by row), weights read elsewhere (`output_attentions=True`), what eager_attention's checks decline
 (operand shapes and dtypes, softmax dim/dtype).
 Opt-in: the op runs the eager math in fp32 blocks (no fused kernel yet; on an H200 3.5-13x less
-memory than eager at 2k-8k tokens, 3.7-5.1x slower, bench/RESULTS.md); it is
+memory than eager at 2k-8k tokens, 3.7-5.1x slower, bench/RESULTS.md, measured before the row-max backward); it is
 a memory option: it removes the O(T²) tensors, not the O(T²) work.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from test_rms_norm_kernels import DEVICE, EXAMPLES, poisoned_outputs
 from test_window_attention import _err
 
 # fp32: scores reach ~230 here (mag 8, d 13, no mask over all keys), where one fp32 ulp is 1.5e-5,
-# and P = exp(z - lse) carries that error relative to itself
+# and P = exp(z - max) carries that error relative to itself
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
@@ -48,7 +48,8 @@ def _run(q, k, v, mask, sinks, scale, softcap, rows, gen):
     ref = C.reference(*ref_leaves[:3], mask, ref_leaves[3] if sinks is not None else None, scale, softcap)
     ref.backward(grad.double())
     assert out.shape == ref.shape and out.dtype == q.dtype
-    # the log-sum-exp the backward reads: over the capped, masked scores and the sink, against float64
+    # the log-sum-exp the op returns (each row's softmax normaliser): over the capped, masked scores
+    # and the sink, against float64
     with torch.no_grad():
         q64, k64 = (x.detach().double() for x in (q, k))
         z = (q64 @ C._heads(k64, q.shape[1]).transpose(-1, -2)) * scale

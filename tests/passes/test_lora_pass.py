@@ -91,13 +91,13 @@ def test_dropout_train_and_eval():
     seen = []
 
     def backend(gm, ex):
-        PassManager([LoraPass()]).run(gm)
-        seen.append(gm)
+        seen.append((gm, PassManager([LoraPass()]).run(gm)[0]))
         return gm.forward
 
     torch.compile(model, backend=backend)(input_ids=tokens(), use_cache=False)
-    node = fused_nodes(seen[0])[0]
+    node = fused_nodes(seen[0][0])[0]
     assert set(node.args[6]) == {0.0} and node.args[7] is None
+    assert not any(s.reason for s in seen[0][1].sites)  # eval: no dropout, no note
 
 
 def test_qwen2_bias_is_carried():
@@ -119,7 +119,11 @@ def test_dora_is_declined_with_reason():
     # DoRA graph-breaks per module; every low-rank chain is still seen and declined, never rewritten
     assert len(sites) >= 7 and not any(s.rewritten for s in sites)  # dynamo reuses identical fragments
     # the reasons name DoRA: its magnitude scale on the low-rank term, and its B·A weight norm
-    assert {s.reason for s in sites} == {lora_pass.DORA, lora_pass.DORA_NORM}, {s.reason for s in sites}
+    # (with the pattern's own reason beside it)
+    kinds = {r.split(" (pattern: ")[0] for r in (s.reason for s in sites)}
+    assert kinds == {lora_pass.DORA_MAGNITUDE, lora_pass.DORA_WEIGHT_NORM}, kinds
+    assert all(" (pattern: expected base + low-rank sum" in s.reason for s in sites), sites[0].reason
+    assert all(s.module == "<inside a LoRA layer, after a graph break>" for s in sites), {s.module for s in sites}
 
 
 def test_full_rank_adapter_is_declined_not_skipped():
@@ -221,7 +225,8 @@ def test_min_tokens_declines_short_inputs_with_the_reason_and_keeps_longer_ones(
     assert stats.rewritten == 0 and len(stats.sites) == 14 and LORA_OP not in count_ops(after)
     assert {s.reason for s in stats.sites} == {
         "32 tokens < min_tokens=33: the fused op's host time per call would exceed what it saves; "
-        "the compiler lowers PEFT's own linears"}
+        "PEFT's own linears are left to the compiler"}
+    assert {s.check for s in stats.sites} == {"min_tokens"}
     torch._dynamo.reset()
     _, after, stats = capture(tiny_model(), passes=[LoraPass(min_tokens=32)])
     assert stats.rewritten == 14 and count_ops(after)[LORA_OP] > 0
@@ -242,6 +247,8 @@ def test_min_tokens_keeps_sites_whose_token_count_is_symbolic():
     first, last = seen[0].sites, seen[-1].sites
     assert first and not any(s.rewritten for s in first)
     assert len(last) == 14 and all(s.rewritten for s in last), [s.reason for s in last]
+    # and the report says min_tokens could not apply there
+    assert {s.reason for s in last} == {"min_tokens=1000000 not applied: the token count is symbolic (dynamic shapes)"}
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "8"])

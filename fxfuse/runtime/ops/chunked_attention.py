@@ -7,7 +7,8 @@ HF runs those models' attention eagerly: it keeps the scores, their fp32 softmax
 model dtype for the backward ([B, H, T, T] each: at 16k tokens and 16 heads, 16 GiB in fp32). Here:
 - Forward: per block of `rows` query rows, the scores in fp32, softcap, + the additive mask's rows,
   the softmax over the keys and the sink, output = P @ V; also returned: the rows' log-sum-exp
-  ([B, H, Tq] fp32). Kept for the backward: q, k, v and the mask.
+  ([B, H, Tq] fp32; the backward does not read it, the tests check each row's normaliser by it).
+  Kept for the backward: q, k, v and the mask.
 - Backward: per block, the scores and P recomputed as in the forward (shifted by the row max, not by
   the log-sum-exp: see _probs); dS = P * (dP - rowsum(P * dP)) (the sink reads no value, so its dP
   is 0), through tanh's derivative 1 - (c / cap)^2, into dq, dk, dv (fp32 accumulation); the sinks'
@@ -79,8 +80,10 @@ def _probs(z: Tensor, sink: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor],
     """(P over the keys, the sink's probability [B, H, rows, 1] or None, the rows' log-sum-exp) of a
     block's logits: each row's softmax over its keys and, where present, the head's sink logit
     ([H] -> [1, H, 1, 1]), which reads no value. Shifted by the row's max rather than by its
-    log-sum-exp: where a finite mask (HF's finfo.min) drops every key of a row (a left-padded query),
-    z - lse rounds to 0 and every key would get 1; eager's softmax attends uniformly there."""
+    log-sum-exp: where a finite mask (HF's finfo.min of bf16/fp32) drops every key of a row (a
+    left-padded query), the masked logits are all equal and z - lse rounds to 0, so every key would
+    get 1; eager's softmax attends uniformly there, as this does. (An fp16 mask's -65504 keeps the
+    scores' differences in fp32: such a row is the softmax of its scores, in eager too.)"""
     top = z.amax(dim=-1, keepdim=True)
     if sink is not None:
         top = torch.maximum(top, sink.view(1, -1, 1, 1))
