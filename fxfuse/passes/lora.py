@@ -48,10 +48,10 @@ _ANY_RANK, _ANY_RANK_PATTERN = _patterns(narrow=False)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128
 
-DORA_MAGNITUDE = ("DoRA (PEFT use_dora=True) or a like form: the low-rank term is multiplied by a tensor (DoRA's "
-        "magnitude over the weight's norm), not by a number; the pass fuses plain LoRA only")
+DORA_MAGNITUDE = ("DoRA (PEFT use_dora=True) or a like form: the low-rank term is multiplied by a tensor "
+                  "(DoRA's magnitude over the weight's norm), not by a number; the pass fuses plain LoRA only")
 DORA_WEIGHT_NORM = ("DoRA's weight norm (PEFT use_dora=True): the low-rank chain is applied to an identity "
-             "matrix to form B·A, not to activations; the pass fuses plain LoRA only")
+                    "matrix to form B·A, not to activations; the pass fuses plain LoRA only")
 
 
 def _lora_module(path: str) -> str:
