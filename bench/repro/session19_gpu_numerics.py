@@ -2,7 +2,8 @@
 declined: min_tokens) and of fxfuse's op agree with eager's? One step's gradients against an fp32
 eager copy of the same model, then a 6-step AdamW loss trajectory, per variant. A 4-layer Llama
 shape (hidden 1024), bf16 weights, fp32 adapters (PEFT's default), r=16, checkpointed, 1024 tokens.
-    python bench/repro/session19_gpu_numerics.py eager compile fxfuse fxfuse-min"""
+    python bench/repro/session19_gpu_numerics.py eager compile fxfuse fxfuse-min fxfuse-graph
+(fxfuse-graph, twentieth session: the op's math as graph ops, LoraPass(graph_ops_below).)"""
 import copy, sys, warnings
 import torch
 warnings.filterwarnings("ignore")
@@ -43,6 +44,8 @@ for kind in sys.argv[1:]:
         m = fxfuse.optimize(m, verbose=False)
     elif kind == "fxfuse-min":
         m = fxfuse.optimize(m, verbose=False, pass_options={"lora": {"min_tokens": 10**6}})
+    elif kind == "fxfuse-graph":
+        m = fxfuse.optimize(m, verbose=False, pass_options={"lora": {"graph_ops_below": 10**6}})
     g = grads(m)
     errs = sorted(((g[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import lora as lora_op  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
+from ..runtime.ops.lora_graph import lora_linear_graph
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, is_anchor, match_at, module_path
 
@@ -136,20 +137,28 @@ def check(m) -> dict:
 
 class LoraPass(GraphPass):
     name = "lora"
-    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.kernels.lora")
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.kernels.lora",
+                  "fxfuse.runtime.ops.lora_graph")
 
-    def __init__(self, group: bool = True, recompute_xa: bool = True, min_tokens: int = 0):
+    def __init__(self, group: bool = True, recompute_xa: bool = True, min_tokens: int = 0,
+                 graph_ops_below: int = 0):
         """group: one op per set of LoRA linears reading the same input. recompute_xa: where a
         checkpointed backward recomputes an op only for its low-rank activation, recompute only that
         (checkpoint policy `recompute_lora_xa`, at partition time; fxfuse/passes/recompute_lora_xa.py).
         min_tokens: decline sites whose input has fewer rows (tokens) than this, where the op's host
         time per call may exceed what it saves (a graph traced with a symbolic token count is not
-        declined: the count is unknown). 0: none declined for their size."""
-        if type(min_tokens) is not int or min_tokens < 0:
-            raise ValueError(f"min_tokens must be an int >= 0, not {min_tokens!r}")
+        declined: the count is unknown). 0: none declined for their size.
+        graph_ops_below: sites with fewer rows than this become the op's math as graph ops for the
+        compiler to schedule (runtime/ops/lora_graph.py), not the custom op, whose host time per call
+        limits short steps; sites with dropout, and symbolic token counts, keep the op. 0: none."""
+        for name, v in (("min_tokens", min_tokens), ("graph_ops_below", graph_ops_below)):
+            if type(v) is not int or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, not {v!r}")
         self.group = group
         self.min_tokens = min_tokens
-        self.config = {"group": group, "max_rank": MAX_RANK, "recompute_xa": recompute_xa, "min_tokens": min_tokens}
+        self.graph_ops_below = graph_ops_below
+        self.config = {"group": group, "max_rank": MAX_RANK, "recompute_xa": recompute_xa, "min_tokens": min_tokens,
+                       "graph_ops_below": graph_ops_below}
 
     def run(self, gm: fx.GraphModule, stats: PassStats) -> None:
         for gname, sub in graphs_of(gm):
@@ -160,15 +169,28 @@ class LoraPass(GraphPass):
         and min_tokens could not apply."""
         if not self.min_tokens:
             return ""
-        rows = 1
-        for d in example_value(m["x"]).shape[:-1]:
-            if not isinstance(d, int):
-                return f"min_tokens={self.min_tokens} not applied: the token count is symbolic (dynamic shapes)"
-            rows *= d
+        rows = _rows(m)
+        if rows is None:
+            return f"min_tokens={self.min_tokens} not applied: the token count is symbolic (dynamic shapes)"
         if rows < self.min_tokens:
             raise Decline(f"{rows} tokens < min_tokens={self.min_tokens}: the fused op's host time per call "
                           "would exceed what it saves; PEFT's own linears are left to the compiler")
         return ""
+
+    def _as_graph_ops(self, m, info) -> tuple:
+        """(whether the site becomes graph ops, a note for the report) under graph_ops_below."""
+        if not self.graph_ops_below:
+            return False, ""
+        rows = _rows(m)
+        if rows is None:
+            return False, (f"graph_ops_below={self.graph_ops_below} not applied: the token count is symbolic "
+                           "(dynamic shapes); the fused op")
+        if rows >= self.graph_ops_below:
+            return False, ""
+        if info["p"]:
+            return False, (f"{rows} tokens < graph_ops_below={self.graph_ops_below}, but dropout needs the fused "
+                           "op's in-kernel mask: the fused op")
+        return True, f"graph ops ({rows} tokens < graph_ops_below={self.graph_ops_below}): the compiler schedules them"
 
     def _report_full_rank(self, gname: str, node: fx.Node, stats: PassStats) -> None:
         """A chain whose lora_A does not project down (r >= in_features, e.g. r=64 on a 64-wide
@@ -208,6 +230,8 @@ class LoraPass(GraphPass):
                 info = check(m)
                 step = "min_tokens"
                 info["note"] = self._check_size(m)
+                info["graph"], graph_note = self._as_graph_ops(m, info)
+                info["note"] = "; ".join(n for n in (info["note"], graph_note) if n)
             except Decline as e:
                 dora = _dora_reason(node) if step == "pattern" else ""
                 reason = f"{dora} (pattern: {e})" if dora else str(e)
@@ -216,16 +240,27 @@ class LoraPass(GraphPass):
             sites.append((m, info, module))
         groups: dict = defaultdict(list)
         for m, info, module in sites:
-            key = (m["x"], info["out_dtype"], info["compute_dtype"], info["lowrank_dtype"])
+            key = (m["x"], info["out_dtype"], info["compute_dtype"], info["lowrank_dtype"], info["graph"])
             groups[key if self.group else id(m)].append((m, info, module))
         for members in groups.values():
             for part in _placeable(gm, members):
-                fused = _replace_group(gm, part)
-                stats.add("fused ops")
+                graph = part[0][1]["graph"]
+                fused = _replace_group(gm, part, graph)
+                stats.add("graph-op groups" if graph else "fused ops")
                 for m, info, module in part:
                     notes = [f"dropout p={info['p']:g}: the mask is drawn in-kernel" if info["p"] else "", info["note"]]
                     note = "; ".join(n for n in notes if n)
                     stats.sites.append(Site(self.name, module, m["up"].name, gname, True, note, group=fused.name))
+
+
+def _rows(m):
+    """The site's static token count (rows of its input), or None where it is symbolic."""
+    rows = 1
+    for d in example_value(m["x"]).shape[:-1]:
+        if not isinstance(d, int):
+            return None
+        rows *= d
+    return rows
 
 
 def _placeable(gm: fx.GraphModule, members) -> list:
@@ -240,7 +275,9 @@ def _placeable(gm: fx.GraphModule, members) -> list:
     return [members] if last < first_root else [[member] for member in members]
 
 
-def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
+def _replace_group(gm: fx.GraphModule, members, graph: bool = False) -> fx.Node:
+    """The group's op (graph=False) or its math as graph ops (`lora_linear_graph`), and getitems for
+    the members' outputs in place of their sums."""
     g = gm.graph
     x = members[0][0]["x"]
     operands = [x] + [m[k] for m, _, _ in members for k in ("weight", "bias", "lora_A", "lora_B")]
@@ -269,17 +306,14 @@ def _replace_group(gm: fx.GraphModule, members) -> fx.Node:
         seed = emit(torch.randint, (2**31 - 1, (1,)), {"dtype": torch.int64})
     dtypes = {"weight": base_dt, "bias": base_dt, "lora_A": low_dt, "lora_B": low_dt}
     lists = {k: [operand(m[k], dt) for m, _, _ in members] for k, dt in dtypes.items()}
-    fused = emit(torch.ops.fxfuse.lora_linear.default, (
-            operand(x, base_dt),
-            lists["weight"],
-            lists["bias"],
-            lists["lora_A"],
-            lists["lora_B"],
-            [info["scaling"] for _, info, _ in members],
-            ps,
-            seed,
-            members[0][1]["out_dtype"],
-        ))
+    scalings, out_dtype = [info["scaling"] for _, info, _ in members], members[0][1]["out_dtype"]
+    if graph:
+        fused = emit(lora_linear_graph, (operand(x, base_dt), lists["weight"], lists["bias"], lists["lora_A"],
+                                         lists["lora_B"], scalings, out_dtype))
+    else:
+        fused = emit(torch.ops.fxfuse.lora_linear.default, (
+            operand(x, base_dt), lists["weight"], lists["bias"], lists["lora_A"], lists["lora_B"], scalings, ps,
+            seed, out_dtype))
     fused.meta["nn_module_stack"] = dict(members[0][0].root.meta.get("nn_module_stack", {}))
     _set_fake_values(fused, seed)
     for i, (m, _, _) in enumerate(members):
@@ -318,4 +352,4 @@ def _set_fake_values(fused: fx.Node, seed) -> None:
         return example_value(a)
 
     with mode:
-        fused.meta["example_value"] = torch.ops.fxfuse.lora_linear.default(*val(list(fused.args)))
+        fused.meta["example_value"] = fused.target(*val(list(fused.args)))

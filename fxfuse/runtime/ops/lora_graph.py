@@ -1,0 +1,165 @@
+"""`lora_linear_graph`: the math of `fxfuse::lora_linear` (without dropout) as plain torch ops, for
+the compiler to schedule.
+
+Why: at short context the fused op's host time is the step's limit. A custom op costs ~0.5 ms of
+Python a forward call and ~0.8 ms a backward call on the H200's host, and a 1k step of the 8B shape
+makes ~450 of them; with PEFT's own linears left to Inductor the same step ran 2.15x as fast, but
+PEFT's math keeps fp32 copies of the layer inputs and peaked 0.5 GiB higher (bench/RESULTS.md,
+nineteenth session). This is the op's math in graph ops: the same GEMMs on the activations as they
+are (no fp32 copy of x or dy), fp32 only for the [M, r] products, so Inductor's generated code calls
+the GEMMs directly. It is an autograd.Function, not a custom op, on purpose: AOTAutograd traces
+its forward and backward into the graphs, where a custom op would stay opaque.
+
+Numerics are those of the op on CUDA (ops/lora.py): every product of an activation (bf16, exact)
+with an fp32 operand is one GEMM over the fp32 operand split into three bf16 parts, accumulated and
+returned in fp32 (`torch.mm(..., out_dtype=torch.float32)`; bf16x3, as the op's kernels); the
+low-rank term s·xa·Bᵀ is rounded to the activation dtype and is C of the base GEMM; the low-rank
+part of dx is one bf16 GEMM over the members' g. Elsewhere (CPU, fp16, fp32, or a torch without
+mm's out_dtype) the fp32 operand products are plain fp32 GEMMs on upcast copies.
+
+The sums of a GEMM into an existing tensor (the base GEMM onto the low-rank term, each member's
+dy·W onto dx) are one small in-place op, `fxfuse::matmul_acc_` (c += a·b): Inductor keeps a
+mutation in place, where an out-of-place addmm holds C and its result at once ([M, N] more memory
+at each site; the op's kernels accumulate in place too). It is defined with torch.library's
+low-level API, without autograd (it runs inside this Function's forward and backward only): ~17 us
+a call on the host, against ~40 us for a custom_op (runtime/ops/twins.py).
+
+Dropout is not expressed here (the op draws its mask in-kernel): the LoRA pass keeps the op for
+sites with dropout.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(a, b, out_dtype=...) (torch >= 2.8)
+
+_LIB = torch.library.Library("fxfuse", "FRAGMENT")
+_LIB.define("matmul_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()")
+
+
+def _matmul_acc(c: Tensor, a: Tensor, b: Tensor) -> None:
+    c.addmm_(a, b)
+
+
+_LIB.impl("matmul_acc_", _matmul_acc, "CompositeExplicitAutograd")
+torch.library.register_fake("fxfuse::matmul_acc_", lambda c, a, b: None, lib=_LIB)
+
+
+def split_path(a: Tensor) -> bool:
+    """Whether products with a bf16 activation run as one bf16 GEMM over a split fp32 operand with
+    fp32 output (CUDA only); otherwise as an fp32 GEMM on upcast copies."""
+    return a.is_cuda and a.dtype == torch.bfloat16 and _MM_OUT_DTYPE
+
+
+def _mm32(a: Tensor, b: Tensor) -> Tensor:
+    """a·b accumulated and returned in fp32, both operands in one dtype."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())  # the same products; a host without mm's out_dtype
+
+
+def split3(t: Tensor, dtype: torch.dtype) -> List[Tensor]:
+    """fp32 t as hi + mid + lo in dtype (bf16): their sum is t to within fp32 rounding."""
+    hi = t.to(dtype)
+    rest = t - hi.float()
+    mid = rest.to(dtype)
+    return [hi, mid, (rest - mid.float()).to(dtype)]
+
+
+def dot32(a: Tensor, b: Tensor, split: bool) -> Tensor:
+    """a·b in fp32 for an activation a (exact in its dtype) and an fp32 or activation-dtype b.
+    split: b in three parts of a's dtype side by side along the output columns, one GEMM that
+    reads a once, the parts' products summed in fp32."""
+    if b.dtype == a.dtype:
+        return _mm32(a, b)
+    if not split:
+        return torch.mm(a.float(), b.float())
+    n = b.shape[1]
+    out = _mm32(a, torch.cat(split3(b.float(), a.dtype), dim=1))
+    return out[:, :n] + out[:, n:2 * n] + out[:, 2 * n:]
+
+
+def _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split):
+    a_all = torch.cat(list(lora_as), dim=0) if len(lora_as) > 1 else lora_as[0]
+    xa = dot32(x2d, a_all.t(), split)  # [M, Σr] fp32, one pass over x for the group
+    xa_low = xa.to(x2d.dtype)
+    outs, off = [], 0
+    for w, b, bb, s in zip(weights, biases, lora_bs, scalings):
+        r = bb.shape[1]
+        b_low = (bb.float() * s).to(x2d.dtype)  # s·B rounded to the activation dtype, as the op on CUDA
+        xa_i = xa_low[:, off:off + r]
+        low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
+        torch.ops.fxfuse.matmul_acc_(low, x2d, w.t())
+        outs.append(low.to(out_dtype))
+        off += r
+    return outs, xa
+
+
+def _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, split):
+    """(dA per member, dB per member, dx or None), by the op's formulas:
+    g_i = s_i·dy_i·B_i, dB_i = s_i·dy_iᵀ·xa_i, dA_i = g_iᵀ·x, dx = Σ_i dy_i·W_i + g_i·A_i."""
+    gs, d_bs, off = [], [], 0
+    for dy, bb, s in zip(dys, lora_bs, scalings):
+        r = bb.shape[1]
+        gs.append(dot32(dy, bb, split) * s)
+        d_bs.append((dot32(dy.t(), xa[:, off:off + r], split) * s).to(bb.dtype))
+        off += r
+    g_all = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
+    # dAᵀ = xᵀ·g for the whole group in one pass over x, transposed back (A's gradient layout)
+    d_a_all = dot32(x2d.t(), g_all, split).t()
+    d_as, off = [], 0
+    for a in lora_as:
+        d_as.append(d_a_all[off:off + a.shape[0]].to(a.dtype).contiguous())
+        off += a.shape[0]
+    dx = None
+    if need_dx:
+        a_all = torch.cat(list(lora_as), dim=0) if len(lora_as) > 1 else lora_as[0]
+        dx = torch.mm(g_all.to(x2d.dtype), a_all.to(x2d.dtype))
+        for dy, w in zip(dys, weights):
+            torch.ops.fxfuse.matmul_acc_(dx, dy, w)
+    return d_as, d_bs, dx
+
+
+class _LoraGraph(torch.autograd.Function):
+    """Tensors flat in the arguments (autograd differentiates positional tensors only):
+    x, n weights, n biases (or None), n lora_A, n lora_B."""
+
+    @staticmethod
+    def forward(ctx, meta, x, *tensors):
+        n, scalings, out_dtype = meta
+        weights, biases = tensors[:n], tensors[n:2 * n]
+        lora_as, lora_bs = tensors[2 * n:3 * n], tensors[3 * n:4 * n]
+        x2d = x.reshape(-1, x.shape[-1])
+        split = split_path(x2d)
+        outs, xa = _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
+        ctx.meta, ctx.split, ctx.x_shape = meta, split, x.shape
+        ctx.save_for_backward(x2d, xa, *weights, *lora_as, *lora_bs)
+        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, scalings, _ = ctx.meta
+        x2d, xa, *rest = ctx.saved_tensors
+        weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
+        dys = [g.reshape(-1, g.shape[-1]).to(x2d.dtype) for g in grads]
+        need_dx = ctx.needs_input_grad[1]
+        d_as, d_bs, dx = _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, ctx.split)
+        dx = dx.reshape(ctx.x_shape) if dx is not None else None
+        return (None, dx, *([None] * n), *([None] * n), *d_as, *d_bs)
+
+
+def lora_linear_graph(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                      lora_as: Sequence[Tensor], lora_bs: Sequence[Tensor], scalings: Sequence[float],
+                      out_dtype: torch.dtype) -> tuple:
+    """y_i = x·W_iᵀ (+ b_i) + s_i·(x·A_iᵀ)·B_iᵀ for each member, as a tuple; W_i and b_i frozen
+    (they get no gradient, as with the op)."""
+    n = len(weights)
+    if not (len(biases) == len(lora_as) == len(lora_bs) == len(scalings) == n) or n == 0:
+        raise ValueError("lora_linear_graph: weights, biases, lora_as, lora_bs and scalings need one entry per member")
+    meta = (n, tuple(float(s) for s in scalings), out_dtype)
+    return _LoraGraph.apply(meta, x, *weights, *biases, *lora_as, *lora_bs)

@@ -1,0 +1,141 @@
+"""`lora_linear_graph` (the LoRA op's math as graph ops) against float64, forward and backward.
+
+No Triton here: plain torch ops. The CPU takes the upcast path; the split path (three bf16 parts
+of each fp32 operand, one GEMM with fp32 output: what CUDA runs) is forced on the CPU by patching
+`split_path`, with torch's fp32 GEMM standing in for mm's out_dtype (the same products).
+"""
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fxfuse.runtime.ops import lora as lora_op
+from fxfuse.runtime.ops import lora_graph as LG
+from tiny import rel
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# the outputs' own rounding, with room for the sums ahead of it
+OUT_TOL = {F32: 1e-5, BF16: 1.6e-2, F16: 2e-3}
+
+
+def _case(data):
+    dtype = data.draw(st.sampled_from([F32, BF16, F16]), label="dtype")
+    adapter = data.draw(st.sampled_from([F32, dtype]), label="adapter dtype")
+    m = data.draw(st.integers(1, 70), label="M")
+    k = data.draw(st.integers(1, 67), label="K")
+    n_members = data.draw(st.integers(1, 3), label="members")
+    ns = [data.draw(st.integers(1, 53), label="N") for _ in range(n_members)]
+    rs = [data.draw(st.integers(1, 16), label="r") for _ in range(n_members)]
+    bias = data.draw(st.booleans(), label="bias")
+    mag = data.draw(st.sampled_from([1.0, 1e-3, 300.0]), label="input scale")
+    scalings = [data.draw(st.sampled_from([0.5, 2.0, 16 / math.sqrt(r)]), label="s") for r in rs]
+    lead = data.draw(st.sampled_from([(m,), (1, m)]), label="leading dims")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+    x = rnd(*lead, k, scale=mag)
+    if data.draw(st.booleans(), label="outlier"):  # one large activation, as LLM hidden states have
+        x.view(-1, k)[0, 0] = 2e3 if dtype == F16 else 3e4
+    ws = [rnd(n, k, scale=k ** -0.5) for n in ns]
+    bs = [rnd(n) if bias else None for n in ns]
+    a_s = [rnd(r, k, scale=k ** -0.5) for r in rs]
+    b_s = [rnd(n, r, scale=0.1) for n, r in zip(ns, rs)]
+    dys = [rnd(*lead, n) for n in ns]
+    cast = lambda ts, dt: [t.to(dt) if t is not None else None for t in ts]  # noqa: E731
+    return (x.to(dtype), cast(ws, dtype), cast(bs, dtype), cast(a_s, adapter), cast(b_s, adapter), scalings,
+            cast(dys, dtype), dtype)
+
+
+def _float64(x, ws, bs, a_s, b_s, scalings, dys):
+    """Outputs and gradients (x, A's, B's) of the math in float64 from the same (rounded) inputs, and
+    the same sums over absolute values: the scale each result's rounding error is relative to (a
+    sum that cancels is not held to the relative error of its terms)."""
+    def run(f):
+        x64 = f(x).requires_grad_()
+        a64 = [f(a).requires_grad_() for a in a_s]
+        b64 = [f(b).requires_grad_() for b in b_s]
+        ys = [x64 @ f(w).t() + (f(b) if b is not None else 0) + s * (x64 @ a.t()) @ bb.t()
+              for w, b, a, bb, s in zip(ws, bs, a64, b64, scalings)]
+        return ys, torch.autograd.grad(ys, [x64, *a64, *b64], [f(d) for d in dys])
+    return run(lambda t: t.double()), run(lambda t: t.double().abs())
+
+
+def _err(got, want, scale):
+    """The error's norm relative to the norm of the result's absolute-value scale."""
+    return ((got.double() - want).norm() / scale.norm().clamp_min(1e-30)).item()
+
+
+def _graph(x, ws, bs, a_s, b_s, scalings, dys, out_dtype):
+    x = x.clone().requires_grad_()
+    a_s = [a.clone().requires_grad_() for a in a_s]
+    b_s = [b.clone().requires_grad_() for b in b_s]
+    ys = LG.lora_linear_graph(x, ws, bs, a_s, b_s, scalings, out_dtype)
+    grads = torch.autograd.grad(ys, [x, *a_s, *b_s], dys)
+    return ys, grads
+
+
+@pytest.mark.parametrize("split", [False, True])
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_outputs_and_gradients_match_float64(split, data):
+    x, ws, bs, a_s, b_s, scalings, dys, dtype = _case(data)
+    (want_y, want_g), (scale_y, scale_g) = _float64(x, ws, bs, a_s, b_s, scalings, dys)
+    if any(not torch.isfinite(y.to(dtype)).all() for y in want_y):
+        return  # the float64 result does not fit the dtype: nothing to compare
+    with mock.patch.object(LG, "split_path", lambda t: split and t.dtype == BF16):
+        ys, grads = _graph(x, ws, bs, a_s, b_s, scalings, dys, dtype)
+    tol = OUT_TOL[dtype]
+    for y, want, scale in zip(ys, want_y, scale_y):
+        assert y.dtype == dtype and y.shape == want.shape
+        assert torch.isfinite(y).all()
+        assert _err(y, want, scale) <= tol, (_err(y, want, scale), tol)
+    gx, *g_ab = grads
+    assert gx.dtype == dtype and torch.isfinite(gx).all()
+    # dx sums one rounding per member in the activation dtype, as eager autograd does
+    assert _err(gx, want_g[0], scale_g[0]) <= tol * (len(ws) + 1)
+    for g, want, scale, t in zip(g_ab, want_g[1:], scale_g[1:], [*a_s, *b_s]):
+        assert g.dtype == t.dtype and g.shape == t.shape and torch.isfinite(g).all()
+        # fp32 adapters: fp32 products of exact activation-dtype operands (dy, x) with fp32 ones (bf16x3
+        # on the split path); adapters in the activation dtype round the gradient once more
+        grad_tol = 1e-5 if t.dtype == F32 else OUT_TOL[t.dtype]
+        assert _err(g, want, scale) <= grad_tol * 4, (_err(g, want, scale), grad_tol)
+
+
+def test_split3_recovers_fp32():
+    t = torch.randn(64, 33) * torch.logspace(-6, 3, 33)
+    parts = LG.split3(t, BF16)
+    assert all(p.dtype == BF16 for p in parts)
+    assert (sum(p.double() for p in parts) - t.double()).abs().max() <= t.abs().max() * 2 ** -23
+
+
+def test_dot32_split_equals_the_upcast_product():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 29, generator=g).to(BF16)
+    b = torch.randn(29, 11, generator=g)
+    exact = a.double() @ b.double()
+    assert rel(LG.dot32(a, b, split=True), exact) < 1e-6
+    assert rel(LG.dot32(a, b, split=False), exact) < 1e-6
+
+
+def test_same_semantics_as_the_fused_op_reference():
+    """The graph ops compute what `fxfuse::lora_linear`'s reference computes (fp32 here)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 24, generator=g)
+    ws = [torch.randn(n, 24, generator=g) for n in (10, 7)]
+    bs = [torch.randn(10, generator=g), None]
+    a_s = [torch.randn(r, 24, generator=g) for r in (4, 3)]
+    b_s = [torch.randn(n, r, generator=g) for n, r in ((10, 4), (7, 3))]
+    ys = LG.lora_linear_graph(x, ws, bs, a_s, b_s, [2.0, 0.5], F32)
+    ref = lora_op.lora_linear_reference(x, ws, bs, a_s, b_s, [2.0, 0.5], [0.0, 0.0], None, F32)
+    for y, r in zip(ys, ref[:2]):
+        assert rel(y, r) < 1e-6
+
+
+def test_member_lists_must_agree():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="one entry per member"):
+        LG.lora_linear_graph(x, [torch.randn(3, 8)], [], [torch.randn(2, 8)], [torch.randn(3, 2)], [1.0], F32)
