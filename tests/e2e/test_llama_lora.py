@@ -37,6 +37,24 @@ def test_fp32_loss_and_every_lora_grad_match_eager(arch, gc):
     assert_all_rewritten(opt)
 
 
+@pytest.mark.parametrize("gc", [False, True])
+def test_graph_ops_below_gives_eager_loss_and_grads(gc):
+    """LoraPass(graph_ops_below): the op's math as graph ops, traced by AOTAutograd through its
+    forward and backward, with the checkpointed layers recomputing it."""
+    ref = tiny_model(gc=gc)
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False,
+                          pass_options={"lora": {"graph_ops_below": 4096}})
+    inputs = batch(3, 16, pad_rows=(1,))
+    l_ref, g_ref = loss_and_grads(ref, **inputs)
+    l_opt, g_opt = loss_and_grads(opt, **inputs)
+    assert g_ref.keys() == g_opt.keys() and len(g_ref) == 28
+    assert rel(l_opt, l_ref) < 1e-5
+    for name in g_ref:
+        assert rel(g_opt[name], g_ref[name]) < 1e-4, name
+    assert_all_rewritten(opt)
+    assert fxfuse.report(opt).to_dict()["pass_columns"]["lora"] == {"graph-op groups": 8}
+
+
 def test_bf16_is_as_close_to_float64_as_eager():
     """bf16 eager is itself ~1e-2 off a float64 run on a model this small; fxfuse (one rounding
     per output) must be no further from float64 than eager is, and within 1e-3 on the loss."""

@@ -9,6 +9,7 @@ from fxfuse.passes import lora as lora_pass
 from fxfuse.passes.lora import LoraPass
 from fxfuse.passes.manager import PassManager
 from fxfuse.passes.pattern import count_ops, graphs_of
+from fxfuse.runtime.ops.lora_graph import lora_linear_graph
 from tiny import tiny_model, tokens
 
 LORA_OP = "fxfuse.lora_linear.default"
@@ -255,3 +256,52 @@ def test_min_tokens_keeps_sites_whose_token_count_is_symbolic():
 def test_min_tokens_must_be_a_non_negative_int(bad):
     with pytest.raises(ValueError, match="min_tokens"):
         LoraPass(min_tokens=bad)
+
+
+def graph_op_nodes(gm):
+    return [n for _, g in graphs_of(gm) for n in g.graph.nodes if n.target is lora_linear_graph]
+
+
+def test_graph_ops_below_emits_the_ops_math_as_graph_ops_for_short_inputs():
+    """tokens() is [2, 16]: 32 rows. graph_ops_below=33 makes every group graph ops (no custom op
+    left), each site says why; graph_ops_below=32 keeps the fused ops."""
+    _, after, stats = capture(tiny_model(), passes=[LoraPass(graph_ops_below=33)])
+    assert stats.rewritten == 14 and LORA_OP not in count_ops(after)
+    assert sorted(len(n.args[1]) for n in graph_op_nodes(after)) == [1, 1, 1, 1, 2, 2, 3, 3]
+    assert stats.columns == {"graph-op groups": 8}
+    assert {s.reason for s in stats.sites} == {
+        "graph ops (32 tokens < graph_ops_below=33): the compiler schedules them"}
+    torch._dynamo.reset()
+    _, after, stats = capture(tiny_model(), passes=[LoraPass(graph_ops_below=32)])
+    assert stats.rewritten == 14 and count_ops(after)[LORA_OP] == 8 and not graph_op_nodes(after)
+
+
+def test_graph_ops_below_keeps_the_fused_op_for_dropout_and_says_why():
+    _, after, stats = capture(tiny_model(lora_dropout=0.1), passes=[LoraPass(graph_ops_below=10**6)])
+    assert stats.rewritten == 14 and count_ops(after)[LORA_OP] == 8 and not graph_op_nodes(after)
+    assert {s.reason for s in stats.sites} == {
+        "dropout p=0.1: the mask is drawn in-kernel; 32 tokens < graph_ops_below=1000000, but dropout needs the "
+        "fused op's in-kernel mask: the fused op"}
+
+
+def test_graph_ops_below_keeps_the_fused_op_for_a_symbolic_token_count():
+    seen = []
+
+    def backend(gm, ex):
+        seen.append((PassManager([LoraPass(graph_ops_below=10**6)]).run(gm)[0], gm))
+        return gm.forward
+
+    model = torch.compile(tiny_model(), backend=backend)
+    for seq in (16, 24):
+        model(input_ids=tokens(seq=seq), use_cache=False)
+    (first, first_gm), (last, last_gm) = seen[0], seen[-1]
+    assert graph_op_nodes(first_gm) and not fused_nodes(first_gm)
+    assert fused_nodes(last_gm) and not graph_op_nodes(last_gm)
+    assert {s.reason for s in last.sites} == {
+        "graph_ops_below=1000000 not applied: the token count is symbolic (dynamic shapes); the fused op"}
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, None])
+def test_graph_ops_below_must_be_a_non_negative_int(bad):
+    with pytest.raises(ValueError, match="graph_ops_below"):
+        LoraPass(graph_ops_below=bad)

@@ -17,13 +17,6 @@ low-rank term s·xa·Bᵀ is rounded to the activation dtype and is C of the bas
 part of dx is one bf16 GEMM over the members' g. Elsewhere (CPU, fp16, fp32, or a torch without
 mm's out_dtype) the fp32 operand products are plain fp32 GEMMs on upcast copies.
 
-The sums of a GEMM into an existing tensor (the base GEMM onto the low-rank term, each member's
-dy·W onto dx) are one small in-place op, `fxfuse::matmul_acc_` (c += a·b): Inductor keeps a
-mutation in place, where an out-of-place addmm holds C and its result at once ([M, N] more memory
-at each site; the op's kernels accumulate in place too). It is defined with torch.library's
-low-level API, without autograd (it runs inside this Function's forward and backward only): ~17 us
-a call on the host, against ~40 us for a custom_op (runtime/ops/twins.py).
-
 Dropout is not expressed here (the op draws its mask in-kernel): the LoRA pass keeps the op for
 sites with dropout.
 """
@@ -35,17 +28,6 @@ import torch
 from torch import Tensor
 
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(a, b, out_dtype=...) (torch >= 2.8)
-
-_LIB = torch.library.Library("fxfuse", "FRAGMENT")
-_LIB.define("matmul_acc_(Tensor(a!) c, Tensor a, Tensor b) -> ()")
-
-
-def _matmul_acc(c: Tensor, a: Tensor, b: Tensor) -> None:
-    c.addmm_(a, b)
-
-
-_LIB.impl("matmul_acc_", _matmul_acc, "CompositeExplicitAutograd")
-torch.library.register_fake("fxfuse::matmul_acc_", lambda c, a, b: None, lib=_LIB)
 
 
 def split_path(a: Tensor) -> bool:
@@ -94,8 +76,7 @@ def _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
         b_low = (bb.float() * s).to(x2d.dtype)  # s·B rounded to the activation dtype, as the op on CUDA
         xa_i = xa_low[:, off:off + r]
         low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
-        torch.ops.fxfuse.matmul_acc_(low, x2d, w.t())
-        outs.append(low.to(out_dtype))
+        outs.append(torch.addmm(low, x2d, w.t()).to(out_dtype))
         off += r
     return outs, xa
 
@@ -121,7 +102,7 @@ def _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, split)
         a_all = torch.cat(list(lora_as), dim=0) if len(lora_as) > 1 else lora_as[0]
         dx = torch.mm(g_all.to(x2d.dtype), a_all.to(x2d.dtype))
         for dy, w in zip(dys, weights):
-            torch.ops.fxfuse.matmul_acc_(dx, dy, w)
+            dx = torch.addmm(dx, dy, w)
     return d_as, d_bs, dx
 
 
