@@ -438,7 +438,7 @@ def _rich_report(console, args, device, cap) -> None:
         t.add_column(c, overflow="fold")
     for s in rep.sites():
         t.add_row(s.pass_name, s.graph, "[green]rewritten[/]" if s.rewritten else "[red]declined[/]", short(s.module),
-                  (f"{s.node} -> {s.group}" + (f" ({s.reason})" if s.reason else "")) if s.rewritten else s.reason)
+                  s.detail())
     console.print(t)
 
 

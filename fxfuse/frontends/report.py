@@ -228,8 +228,7 @@ class Report:
             lines.append(f"{'pass':<{pw}} {'status':<10} {'module':<{width}} {'node / reason'}")
             for s in self.sites():
                 status = "rewritten" if s.rewritten else "declined"
-                detail = (f"{s.node} -> {s.group}" + (f" ({s.reason})" if s.reason else "")) if s.rewritten else s.reason
-                lines.append(f"{s.pass_name:<{pw}} {status:<10} {s.module:<{width}} {detail}")
+                lines.append(f"{s.pass_name:<{pw}} {status:<10} {s.module:<{width}} {s.detail()}")
         return "\n".join(lines)
 
     __str__ = table

@@ -76,8 +76,8 @@ def _dora_reason(up: fx.Node) -> str:
     for user in up.users:
         c = canon(user)
         if c is not None and c.kind == "mul":
-            others = [o for o in c.operands if o is not up]
-            if others and isinstance(example_value(others[0]), torch.Tensor) and example_value(others[0]).dim() > 0:
+            others = [example_value(o) for o in c.operands if o is not up]
+            if others and isinstance(others[0], torch.Tensor) and others[0].dim() > 0:
                 return DORA_MAGNITUDE
     return ""
 

@@ -31,6 +31,13 @@ class Site:
     group: Optional[str] = None  # name of the fused node that absorbed this site
     check: str = ""  # which check declined it (e.g. "pattern", "check()"), for `fxfuse explain`
 
+    def detail(self) -> str:
+        """What a report line says about the site: "node -> group (note)" when rewritten, the reason
+        when declined."""
+        if not self.rewritten:
+            return self.reason
+        return f"{self.node} -> {self.group}" + (f" ({self.reason})" if self.reason else "")
+
 
 @dataclass
 class PassStats:

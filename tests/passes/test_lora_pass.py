@@ -294,7 +294,7 @@ def test_graph_ops_below_keeps_the_fused_op_for_a_symbolic_token_count():
     model = torch.compile(tiny_model(), backend=backend)
     for seq in (16, 24):
         model(input_ids=tokens(seq=seq), use_cache=False)
-    (first, first_gm), (last, last_gm) = seen[0], seen[-1]
+    (_, first_gm), (last, last_gm) = seen[0], seen[-1]
     assert graph_op_nodes(first_gm) and not fused_nodes(first_gm)
     assert fused_nodes(last_gm) and not graph_op_nodes(last_gm)
     assert {s.reason for s in last.sites} == {
