@@ -186,14 +186,18 @@ def test_parameters_keep_storage_and_modules_to_save_train():
     assert_all_rewritten(opt)
 
 
-def test_autocast_bf16_over_fp32_model():
+@pytest.mark.parametrize("graph_ops_below", [0, 4096])
+def test_autocast_bf16_over_fp32_model(graph_ops_below):
     ref = tiny_model()
-    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False,
+                          pass_options={"lora": {"graph_ops_below": graph_ops_below}})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         l_ref, g_ref = loss_and_grads(ref, **batch())
         l_opt, g_opt = loss_and_grads(opt, **batch())
     assert rel(l_opt, l_ref) < 1e-2
     assert all(rel(g_opt[n], g_ref[n]) < 5e-2 for n in g_ref)
+    assert all(g_opt[n].dtype == torch.float32 for n in g_opt)
+    assert_all_rewritten(opt)
 
 
 def test_optimize_rejects_bad_input():

@@ -84,8 +84,9 @@ def _graph(x, ws, bs, a_s, b_s, scalings, dys, out_dtype):
 def test_outputs_and_gradients_match_float64(split, data):
     x, ws, bs, a_s, b_s, scalings, dys, dtype = _case(data)
     (want_y, want_g), (scale_y, scale_g) = _float64(x, ws, bs, a_s, b_s, scalings, dys)
-    if any(not torch.isfinite(y.to(dtype)).all() for y in want_y):
-        return  # the float64 result does not fit the dtype: nothing to compare
+    targets = [(y, dtype) for y in want_y] + [(g, t.dtype) for g, t in zip(want_g, [x, *a_s, *b_s])]
+    if any(not torch.isfinite(v.to(dt)).all() for v, dt in targets):
+        return  # the float64 result does not fit its dtype (fp16 adapters, large inputs): nothing to compare
     with mock.patch.object(LG, "split_path", lambda t: split and t.dtype == BF16):
         ys, grads = _graph(x, ws, bs, a_s, b_s, scalings, dys, dtype)
     tol = OUT_TOL[dtype]
@@ -139,3 +140,22 @@ def test_member_lists_must_agree():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="one entry per member"):
         LG.lora_linear_graph(x, [torch.randn(3, 8)], [], [torch.randn(2, 8)], [torch.randn(3, 2)], [1.0], F32)
+
+
+def test_autocast_leaves_the_products_alone():
+    """Under autocast the fp32 products would run in bf16; the pass already chose the dtypes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g).to(BF16).requires_grad_()
+    w = [torch.randn(48, 32, generator=g).to(BF16)]
+    a = [torch.randn(8, 32, generator=g).requires_grad_()]
+    b = [torch.randn(48, 8, generator=g).requires_grad_()]
+
+    def run():
+        y = LG.lora_linear_graph(x, w, [None], a, b, [2.0], BF16)[0]
+        return [y, *torch.autograd.grad(y.float().sum(), [x, a[0], b[0]])]
+
+    plain = run()
+    with torch.autocast("cpu", dtype=BF16):
+        cast = run()
+    for p, c in zip(plain, cast):
+        assert p.dtype == c.dtype and torch.equal(p, c)

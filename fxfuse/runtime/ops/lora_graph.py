@@ -117,7 +117,10 @@ class _LoraGraph(torch.autograd.Function):
         lora_as, lora_bs = tensors[2 * n:3 * n], tensors[3 * n:4 * n]
         x2d = x.reshape(-1, x.shape[-1])
         split = split_path(x2d)
-        outs, xa = _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
+        # the dtypes are the pass's choice (it casts operands as autocast would); autocast must not
+        # round the fp32 products to its dtype
+        with torch.autocast(x.device.type, enabled=False):
+            outs, xa = _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
         ctx.meta, ctx.split, ctx.x_shape = meta, split, x.shape
         ctx.save_for_backward(x2d, xa, *weights, *lora_as, *lora_bs)
         return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
@@ -129,7 +132,8 @@ class _LoraGraph(torch.autograd.Function):
         weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
         dys = [g.reshape(-1, g.shape[-1]).to(x2d.dtype) for g in grads]
         need_dx = ctx.needs_input_grad[1]
-        d_as, d_bs, dx = _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, ctx.split)
+        with torch.autocast(x2d.device.type, enabled=False):
+            d_as, d_bs, dx = _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, ctx.split)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return (None, dx, *([None] * n), *([None] * n), *d_as, *d_bs)
 
