@@ -37,11 +37,11 @@ def test_fp32_loss_and_every_lora_grad_match_eager(arch, gc):
     assert_all_rewritten(opt)
 
 
-@pytest.mark.parametrize("gc", [False, True])
-def test_graph_ops_below_gives_eager_loss_and_grads(gc):
+@pytest.mark.parametrize("arch,gc", [("llama", False), ("llama", True), ("qwen2", True)])
+def test_graph_ops_below_gives_eager_loss_and_grads(arch, gc):
     """LoraPass(graph_ops_below): the op's math as graph ops, traced by AOTAutograd through its
-    forward and backward, with the checkpointed layers recomputing it."""
-    ref = tiny_model(gc=gc)
+    forward and backward, with the checkpointed layers recomputing it (Qwen2: q/k/v biases)."""
+    ref = tiny_model(arch, gc=gc)
     opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False,
                           pass_options={"lora": {"graph_ops_below": 4096}})
     inputs = batch(3, 16, pad_rows=(1,))
