@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from ..runtime.ops import cross_entropy as ce_op
 from ..runtime.ops import lora as _lora_op  # noqa: F401  (torch.ops.fxfuse.lora_linear, to name LoRA heads)
+from ..runtime.ops.lora_graph import lora_linear_graph
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Lit, Match, Op, Opt, Var, _show, canon, example_value, graphs_of, match_pat, module_path
 
@@ -42,9 +43,10 @@ def _loss_of(logits) -> Op:
 
 
 def _is_lora_output(node) -> bool:
-    """The output of a LoRA linear, raw (PEFT's add) or already fused by the LoRA pass."""
+    """The output of a LoRA linear, raw (PEFT's add) or already rewritten by the LoRA pass (its op,
+    or its graph ops under graph_ops_below)."""
     if isinstance(node, fx.Node) and node.target is operator.getitem:
-        return getattr(node.args[0], "target", None) is torch.ops.fxfuse.lora_linear.default
+        return getattr(node.args[0], "target", None) in (torch.ops.fxfuse.lora_linear.default, lora_linear_graph)
     c = canon(node)
     kinds = [getattr(canon(a), "kind", None) for a in c.operands] if c is not None else []
     return c is not None and c.kind == "add" and "linear" in kinds and "mul" in kinds

@@ -150,7 +150,8 @@ class LoraPass(GraphPass):
         declined: the count is unknown). 0: none declined for their size.
         graph_ops_below: sites with fewer rows than this become the op's math as graph ops for the
         compiler to schedule (runtime/ops/lora_graph.py), not the custom op, whose host time per call
-        limits short steps; sites with dropout, and symbolic token counts, keep the op. 0: none."""
+        limits short steps; sites with dropout, and symbolic token counts, keep the op. 0: none.
+        min_tokens is checked first: a site it declines is not rewritten at all."""
         for name, v in (("min_tokens", min_tokens), ("graph_ops_below", graph_ops_below)):
             if type(v) is not int or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, not {v!r}")
@@ -183,13 +184,12 @@ class LoraPass(GraphPass):
             return False, ""
         rows = _rows(m)
         if rows is None:
-            return False, (f"graph_ops_below={self.graph_ops_below} not applied: the token count is symbolic "
-                           "(dynamic shapes); the fused op")
+            return False, (f"graph_ops_below={self.graph_ops_below} not applied (kept as the fused op): the token "
+                           "count is symbolic (dynamic shapes)")
         if rows >= self.graph_ops_below:
             return False, ""
         if info["p"]:
-            return False, (f"{rows} tokens < graph_ops_below={self.graph_ops_below}, but dropout needs the fused "
-                           "op's in-kernel mask: the fused op")
+            return False, f"kept as the fused op below graph_ops_below={self.graph_ops_below}: graph ops draw no dropout mask"
         return True, f"graph ops ({rows} tokens < graph_ops_below={self.graph_ops_below}): the compiler schedules them"
 
     def _report_full_rank(self, gname: str, node: fx.Node, stats: PassStats) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import tiled_mlp as tiled_op  # noqa: F401  (registers torch.ops.fxfuse.tiled_mlp)
+from ..runtime.ops.lora_graph import lora_linear_graph
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, canon, example_value, graphs_of, module_path
 
@@ -39,7 +40,7 @@ def _member(node: Any) -> Optional[tuple[fx.Node, int]]:
     """(grouped LoRA op, member index) when `node` is `op[i]`."""
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
         src, i = node.args
-        if isinstance(src, fx.Node) and src.target is LORA and isinstance(i, int):
+        if isinstance(src, fx.Node) and src.target in (LORA, lora_linear_graph) and isinstance(i, int):
             return src, i
     return None
 
@@ -120,6 +121,9 @@ class MlpTilingPass(GraphPass):
     def _check(self, prod, act, gate, up):
         group, i = _member(gate)
         j = _member(up)[1]
+        if group.target is not LORA:
+            raise Decline("gate and up run as graph ops (LoraPass graph_ops_below): the tiled MLP is built "
+                          "from fxfuse::lora_linear groups")
         ga = _lora_args(group)
         if len(ga["weights"]) != 2 or {i, j} != {0, 1}:
             raise Decline(f"gate and up are members {i}, {j} of a LoRA group of {len(ga['weights'])}: "

@@ -41,16 +41,18 @@ def test_split_path_matches_float64_like_the_fused_op():
         x64 = x.double()
         return [x64 @ wi.double().t() + si * (x64 @ ai.double().t()) @ bi.double().t() for wi, ai, bi, si in zip(w, a, bb, s)]
 
-    y_g, g_g = _run(graph, x, ws, a_s, b_s, scalings)
     y_o, g_o = _run(op, x, ws, a_s, b_s, scalings)
     y_e, g_e = _run(exact, x, ws, a_s, b_s, scalings)
-    for yg, yo, ye in zip(y_g, y_o, y_e):
-        assert torch.isfinite(yg).all()
-        assert rel(yg, ye) <= max(4e-3, 1.5 * rel(yo, ye)), (rel(yg, ye), rel(yo, ye))
-    names = ["x"] + [f"A{i}" for i in range(2)] + [f"B{i}" for i in range(2)]
-    for name, gg, go, ge in zip(names, g_g, g_o, g_e):
-        assert torch.isfinite(gg).all(), name
-        assert rel(gg, ge) <= max(1e-4 if name != "x" else 4e-3, 1.5 * rel(go, ge)), (name, rel(gg, ge), rel(go, ge))
+    # eagerly and compiled: Inductor once dropped a cast-based split's rounding (bf16x1, not bf16x3)
+    for fn in (graph, torch.compile(graph, backend="inductor")):
+        y_g, g_g = _run(fn, x, ws, a_s, b_s, scalings)
+        for yg, yo, ye in zip(y_g, y_o, y_e):
+            assert torch.isfinite(yg).all()
+            assert rel(yg, ye) <= max(4e-3, 1.5 * rel(yo, ye)), (rel(yg, ye), rel(yo, ye))
+        names = ["x"] + [f"A{i}" for i in range(2)] + [f"B{i}" for i in range(2)]
+        for name, gg, go, ge in zip(names, g_g, g_o, g_e):
+            assert torch.isfinite(gg).all(), name
+            assert rel(gg, ge) <= max(1e-4 if name != "x" else 4e-3, 1.5 * rel(go, ge)), (name, rel(gg, ge), rel(go, ge))
 
 
 def test_bf16_llama_with_graph_ops_matches_float64_as_well_as_eager():

@@ -15,13 +15,13 @@ from tiny import tiny_model, tokens
 CE_OP = "fxfuse.linear_cross_entropy.default"
 
 
-def capture(model, keep_logits=False, grad=True, **inputs):
+def capture(model, keep_logits=False, grad=True, lora=None, **inputs):
     """Trace with dynamo, run LoRA + CE passes; (before, after, CE stats) of the graph with the loss."""
     seen = []
 
     def backend(gm, example_inputs):
         before = copy.deepcopy(gm)
-        stats = PassManager([LoraPass(), FusedLinearCrossEntropyPass(keep_logits=keep_logits)]).run(gm)
+        stats = PassManager([lora or LoraPass(), FusedLinearCrossEntropyPass(keep_logits=keep_logits)]).run(gm)
         seen.append((before, gm, stats[1]))
         return gm.forward
 
@@ -80,6 +80,10 @@ def test_declines_lora_and_trained_lm_head():
     inputs = dict(input_ids=tokens(), labels=tokens(), use_cache=False)
     targets = ["q_proj", "v_proj", "lm_head"]
     _, _, stats = capture(tiny_model(target_modules=targets), **inputs)
+    assert "LoRA target" in reason(stats)
+    # the same head with the LoRA pass emitting graph ops (graph_ops_below) is named as well
+    torch._dynamo.reset()
+    _, _, stats = capture(tiny_model(target_modules=targets), lora=LoraPass(graph_ops_below=10**6), **inputs)
     assert "LoRA target" in reason(stats)
     _, _, stats = capture(tiny_model(modules_to_save=["lm_head"]), **inputs)
     assert "requires grad" in reason(stats)

@@ -280,8 +280,8 @@ def test_graph_ops_below_keeps_the_fused_op_for_dropout_and_says_why():
     _, after, stats = capture(tiny_model(lora_dropout=0.1), passes=[LoraPass(graph_ops_below=10**6)])
     assert stats.rewritten == 14 and count_ops(after)[LORA_OP] == 8 and not graph_op_nodes(after)
     assert {s.reason for s in stats.sites} == {
-        "dropout p=0.1: the mask is drawn in-kernel; 32 tokens < graph_ops_below=1000000, but dropout needs the "
-        "fused op's in-kernel mask: the fused op"}
+        "dropout p=0.1: the mask is drawn in-kernel; kept as the fused op below graph_ops_below=1000000: graph ops "
+        "draw no dropout mask"}
 
 
 def test_graph_ops_below_keeps_the_fused_op_for_a_symbolic_token_count():
@@ -298,7 +298,7 @@ def test_graph_ops_below_keeps_the_fused_op_for_a_symbolic_token_count():
     assert graph_op_nodes(first_gm) and not fused_nodes(first_gm)
     assert fused_nodes(last_gm) and not graph_op_nodes(last_gm)
     assert {s.reason for s in last.sites} == {
-        "graph_ops_below=1000000 not applied: the token count is symbolic (dynamic shapes); the fused op"}
+        "graph_ops_below=1000000 not applied (kept as the fused op): the token count is symbolic (dynamic shapes)"}
 
 
 @pytest.mark.parametrize("bad", [-1, 2.0, None])

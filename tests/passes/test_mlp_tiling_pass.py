@@ -6,6 +6,8 @@ import torch
 
 import fxfuse
 from fxfuse.frontends import hf
+from fxfuse.passes.lora import LoraPass
+from fxfuse.passes.manager import PassManager
 from fxfuse.passes.mlp_tiling import MlpTilingPass
 from fxfuse.passes.pattern import count_ops
 from tiny import clone, loss_and_grads, rel, tiny_model, tokens
@@ -131,3 +133,19 @@ def test_up_traced_before_gate_still_activates_gate():
     g_ref = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
     g_opt = {n: p.grad for n, p in opt.named_parameters() if p.grad is not None}
     assert g_ref.keys() == g_opt.keys() and all(rel(g_opt[n], g_ref[n]) < 1e-5 for n in g_ref)
+
+
+def test_declines_gate_and_up_emitted_as_graph_ops():
+    """LoraPass(graph_ops_below) leaves no fxfuse::lora_linear for the tiled MLP: each MLP is a
+    candidate declined with that reason, not missing from the report."""
+    seen = []
+
+    def backend(gm, ex):
+        seen.append(PassManager([LoraPass(graph_ops_below=10**6), MlpTilingPass(min_mib=0)]).run(gm)[1])
+        return gm.forward
+
+    torch.compile(tiny_model(), backend=backend)(input_ids=tokens(), use_cache=False)
+    sites = [s for st in seen for s in st.sites]
+    assert len(sites) == 2 and not any(s.rewritten for s in sites)
+    assert {s.reason for s in sites} == {"gate and up run as graph ops (LoraPass graph_ops_below): the tiled MLP "
+                                        "is built from fxfuse::lora_linear groups"}

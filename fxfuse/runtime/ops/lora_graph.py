@@ -1,6 +1,9 @@
 """`lora_linear_graph`: the math of `fxfuse::lora_linear` (without dropout) as plain torch ops, for
 the compiler to schedule.
 
+Measured (bench/RESULTS.md, twentieth session): 1k on an H200, 5541 tok/s against 4639 with the
+op, but 15.96 GiB against 15.83: so LoraPass(graph_ops_below) is off by default.
+
 Why: at short context the fused op's host time is the step's limit. A custom op costs ~0.5 ms of
 Python a forward call and ~0.8 ms a backward call on the H200's host, and a 1k step of the 8B shape
 makes ~450 of them; with PEFT's own linears left to Inductor the same step ran 2.15x as fast, but
@@ -11,11 +14,13 @@ the GEMMs directly. It is an autograd.Function, not a custom op, on purpose: AOT
 its forward and backward into the graphs, where a custom op would stay opaque.
 
 Numerics are those of the op on CUDA (ops/lora.py): every product of an activation (bf16, exact)
-with an fp32 operand is one GEMM over the fp32 operand split into three bf16 parts, accumulated and
-returned in fp32 (`torch.mm(..., out_dtype=torch.float32)`; bf16x3, as the op's kernels); the
-low-rank term s·xa·Bᵀ is rounded to the activation dtype and is C of the base GEMM; the low-rank
-part of dx is one bf16 GEMM over the members' g. Elsewhere (CPU, fp16, fp32, or a torch without
-mm's out_dtype) the fp32 operand products are plain fp32 GEMMs on upcast copies.
+with an fp32 operand is one GEMM over the fp32 operand split into three bf16 parts (by bit masks:
+see `_top_bf16`), accumulated and returned in fp32 (`torch.mm(..., out_dtype=torch.float32)`;
+bf16x3, as the op's kernels); the low-rank term s·xa·Bᵀ is rounded to the activation dtype and
+added by addmm to the base GEMM (Inductor may lower an addmm as mm + add: one rounding more); the
+low-rank part of dx is one bf16 GEMM over the members' g. Elsewhere (CPU, fp16, fp32, or a torch
+without mm's out_dtype) the fp32 operand products are fp32 GEMMs on upcast copies of x and dy
+(more memory; and TF32 if the user allows it for fp32 matmuls, below the op's precision).
 
 Dropout is not expressed here (the op draws its mask in-kernel): the LoRA pass keeps the op for
 sites with dropout.
@@ -45,24 +50,33 @@ def _mm32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.float(), b.float())  # the same products; a host without mm's out_dtype
 
 
-def split3(t: Tensor, dtype: torch.dtype) -> List[Tensor]:
-    """fp32 t as hi + mid + lo in dtype (bf16): their sum is t to within fp32 rounding."""
-    hi = t.to(dtype)
-    rest = t - hi.float()
-    mid = rest.to(dtype)
-    return [hi, mid, (rest - mid.float()).to(dtype)]
+def _top_bf16(t: Tensor) -> Tensor:
+    """fp32 t with its mantissa cut to bf16's 8 bits (truncation, by the bits): exactly representable
+    in bf16. A rounding cast would not do here: Inductor computes `t.to(bf16).float()` inside a
+    fused kernel without the rounding (emulate_precision_casts is off), and the split would vanish."""
+    return (t.view(torch.int32) & -65536).view(torch.float32)
+
+
+def split3(t: Tensor) -> List[Tensor]:
+    """fp32 t as hi + mid + lo in bf16, each part's value exact in bf16 and their sum t exactly:
+    hi its top 8 mantissa bits, mid the next 8, lo the remaining ones (at most 8)."""
+    t = t.float()
+    hi = _top_bf16(t)
+    rest = t - hi  # exact: the bits below hi's
+    mid = _top_bf16(rest)
+    return [p.to(torch.bfloat16) for p in (hi, mid, rest - mid)]
 
 
 def dot32(a: Tensor, b: Tensor, split: bool) -> Tensor:
     """a·b in fp32 for an activation a (exact in its dtype) and an fp32 or activation-dtype b.
-    split: b in three parts of a's dtype side by side along the output columns, one GEMM that
+    split (bf16 a): b in three bf16 parts side by side along the output columns, one GEMM that
     reads a once, the parts' products summed in fp32."""
     if b.dtype == a.dtype:
         return _mm32(a, b)
-    if not split:
+    if not split or a.dtype != torch.bfloat16:
         return torch.mm(a.float(), b.float())
     n = b.shape[1]
-    out = _mm32(a, torch.cat(split3(b.float(), a.dtype), dim=1))
+    out = _mm32(a, torch.cat(split3(b), dim=1))
     return out[:, :n] + out[:, n:2 * n] + out[:, 2 * n:]
 
 
