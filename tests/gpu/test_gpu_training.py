@@ -5,16 +5,21 @@ import pytest
 import torch
 
 import fxfuse
+from fxfuse.runtime import stats
 from tiny import clone, loss_and_grads, rel, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
 
-def test_bf16_llama_matches_float64_as_well_as_eager():
+@pytest.mark.parametrize("graph_ops", [False, True])
+def test_bf16_llama_matches_float64_as_well_as_eager(graph_ops):
+    """graph_ops: LoraPass(graph_ops_below), the op's math as graph ops Inductor compiles."""
     sizes = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
                  vocab_size=1024)
     ref = tiny_model(dtype=torch.bfloat16, gc=True, sizes=sizes, r=16, lora_alpha=16).cuda()
-    opt = fxfuse.optimize(clone(ref), verbose=False)
+    options = {"lora": {"graph_ops_below": 4096}} if graph_ops else None
+    opt = fxfuse.optimize(clone(ref), verbose=False, pass_options=options)
+    stats.reset()
     exact = clone(ref).double()
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 1024, (2, 256), generator=g).cuda()
@@ -32,3 +37,6 @@ def test_bf16_llama_matches_float64_as_well_as_eager():
     summary = fxfuse.report(opt).summary()["lora"]
     assert summary["rewritten"] == summary["candidates"] == 14
     assert fxfuse.report(opt).runtime_fallbacks == 0
+    if graph_ops:  # the compiled graphs call no LoRA op: its math is Inductor's
+        calls = stats.snapshot()["kernel_calls"]
+        assert not any("lora" in op for op in calls), calls

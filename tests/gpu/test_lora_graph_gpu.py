@@ -1,14 +1,12 @@
 """On a CUDA device: the LoRA op's math as graph ops (`lora_linear_graph`, LoraPass(graph_ops_below))
-takes the bf16 split path with mm's fp32 output, is as close to float64 as the fused op, and trains a
-bf16 Llama as close to float64 as eager does under full Inductor. CPU runs skip this module (the CPU
-path and the split math run in tests/kernels/test_lora_graph.py)."""
+takes the bf16 split path with mm's fp32 output and is as close to float64 as the fused op, eagerly
+and compiled (tests/gpu/test_gpu_training.py trains a bf16 Llama with it). CPU runs skip this module
+(the CPU path and the split math run in tests/kernels/test_lora_graph.py)."""
 import pytest
 import torch
 
-import fxfuse
-from fxfuse.runtime import stats
 from fxfuse.runtime.ops import lora_graph
-from tiny import clone, loss_and_grads, rel, tiny_model
+from tiny import rel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
@@ -53,29 +51,3 @@ def test_split_path_matches_float64_like_the_fused_op():
         for name, gg, go, ge in zip(names, g_g, g_o, g_e):
             assert torch.isfinite(gg).all(), name
             assert rel(gg, ge) <= max(1e-4 if name != "x" else 4e-3, 1.5 * rel(go, ge)), (name, rel(gg, ge), rel(go, ge))
-
-
-def test_bf16_llama_with_graph_ops_matches_float64_as_well_as_eager():
-    sizes = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
-                 vocab_size=1024)
-    ref = tiny_model(dtype=torch.bfloat16, gc=True, sizes=sizes, r=16, lora_alpha=16).cuda()
-    opt = fxfuse.optimize(clone(ref), verbose=False, pass_options={"lora": {"graph_ops_below": 4096}})
-    stats.reset()
-    exact = clone(ref).double()
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 1024, (2, 256), generator=g).cuda()
-    inputs = {"input_ids": ids, "labels": ids}
-    l_ref, g_ref = loss_and_grads(ref, **inputs)
-    l_opt, g_opt = loss_and_grads(opt, **inputs)
-    l_64, g_64 = loss_and_grads(exact, **inputs)
-    assert rel(l_opt, l_64) <= max(1e-3, 1.5 * rel(l_ref, l_64))
-    worst = []
-    for name in g_64:
-        eager_err, ours = rel(g_ref[name], g_64[name]), rel(g_opt[name], g_64[name])
-        worst.append((ours, eager_err, name))
-        assert ours <= max(1e-2, 1.5 * eager_err), (name, ours, eager_err)
-    print("worst LoRA grad error vs float64 with graph ops (fxfuse, eager, name):", max(worst))
-    assert fxfuse.report(opt).summary()["lora"]["rewritten"] == 14
-    # the compiled graphs call no LoRA op: its math is Inductor's now
-    calls = stats.snapshot()["kernel_calls"]
-    assert not any("lora" in op for op in calls), calls
