@@ -165,12 +165,11 @@ class LoraPass(GraphPass):
         for gname, sub in graphs_of(gm):
             self._run_graph(gname, sub, stats)
 
-    def _check_size(self, m) -> str:
-        """Decline a site below min_tokens rows; a note (for the report) where the count is symbolic
-        and min_tokens could not apply."""
+    def _check_size(self, rows) -> str:
+        """Decline a site below min_tokens rows (None: a symbolic count); a note (for the report)
+        where the count is symbolic and min_tokens could not apply."""
         if not self.min_tokens:
             return ""
-        rows = _rows(m)
         if rows is None:
             return f"min_tokens={self.min_tokens} not applied: the token count is symbolic (dynamic shapes)"
         if rows < self.min_tokens:
@@ -178,11 +177,10 @@ class LoraPass(GraphPass):
                           "would exceed what it saves; PEFT's own linears are left to the compiler")
         return ""
 
-    def _as_graph_ops(self, m, info) -> tuple:
+    def _as_graph_ops(self, rows, info) -> tuple:
         """(whether the site becomes graph ops, a note for the report) under graph_ops_below."""
         if not self.graph_ops_below:
             return False, ""
-        rows = _rows(m)
         if rows is None:
             return False, (f"graph_ops_below={self.graph_ops_below} not applied (kept as the fused op): the token "
                            "count is symbolic (dynamic shapes)")
@@ -229,8 +227,9 @@ class LoraPass(GraphPass):
                 step = "check()"
                 info = check(m)
                 step = "min_tokens"
-                info["note"] = self._check_size(m)
-                info["graph"], graph_note = self._as_graph_ops(m, info)
+                rows = _rows(m)
+                info["note"] = self._check_size(rows)
+                info["graph"], graph_note = self._as_graph_ops(rows, info)
                 info["note"] = "; ".join(n for n in (info["note"], graph_note) if n)
             except Decline as e:
                 dora = _dora_reason(node) if step == "pattern" else ""

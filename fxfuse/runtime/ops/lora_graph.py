@@ -92,12 +92,13 @@ def _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
         low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
         outs.append(torch.addmm(low, x2d, w.t()).to(out_dtype))
         off += r
-    return outs, xa
+    return outs, xa, a_all
 
 
-def _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, split):
+def _backward(dys, x2d, weights, a_all, a_kinds, lora_bs, xa, scalings, need_dx, split):
     """(dA per member, dB per member, dx or None), by the op's formulas:
-    g_i = s_i·dy_i·B_i, dB_i = s_i·dy_iᵀ·xa_i, dA_i = g_iᵀ·x, dx = Σ_i dy_i·W_i + g_i·A_i."""
+    g_i = s_i·dy_i·B_i, dB_i = s_i·dy_iᵀ·xa_i, dA_i = g_iᵀ·x, dx = Σ_i dy_i·W_i + g_i·A_i.
+    a_all: the members' A stacked as the forward read them; a_kinds: each A's (rank, dtype)."""
     gs, d_bs, off = [], [], 0
     for dy, bb, s in zip(dys, lora_bs, scalings):
         r = bb.shape[1]
@@ -108,12 +109,11 @@ def _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, split)
     # dAᵀ = xᵀ·g for the whole group in one pass over x, transposed back (A's gradient layout)
     d_a_all = dot32(x2d.t(), g_all, split).t()
     d_as, off = [], 0
-    for a in lora_as:
-        d_as.append(d_a_all[off:off + a.shape[0]].to(a.dtype).contiguous())
-        off += a.shape[0]
+    for r, dtype in a_kinds:
+        d_as.append(d_a_all[off:off + r].to(dtype).contiguous())
+        off += r
     dx = None
     if need_dx:
-        a_all = torch.cat(list(lora_as), dim=0) if len(lora_as) > 1 else lora_as[0]
         dx = torch.mm(g_all.to(x2d.dtype), a_all.to(x2d.dtype))
         for dy, w in zip(dys, weights):
             dx = torch.addmm(dx, dy, w)
@@ -134,20 +134,22 @@ class _LoraGraph(torch.autograd.Function):
         # the dtypes are the pass's choice (it casts operands as autocast would); autocast must not
         # round the fp32 products to its dtype
         with torch.autocast(x.device.type, enabled=False):
-            outs, xa = _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
+            outs, xa, a_all = _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
         ctx.meta, ctx.split, ctx.x_shape = meta, split, x.shape
-        ctx.save_for_backward(x2d, xa, *weights, *lora_as, *lora_bs)
+        ctx.a_kinds = [(a.shape[0], a.dtype) for a in lora_as]
+        ctx.save_for_backward(x2d, xa, a_all, *weights, *lora_bs)
         return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
 
     @staticmethod
     def backward(ctx, *grads):
         n, scalings, _ = ctx.meta
-        x2d, xa, *rest = ctx.saved_tensors
-        weights, lora_as, lora_bs = rest[:n], rest[n:2 * n], rest[2 * n:3 * n]
+        x2d, xa, a_all, *rest = ctx.saved_tensors
+        weights, lora_bs = rest[:n], rest[n:2 * n]
         dys = [g.reshape(-1, g.shape[-1]).to(x2d.dtype) for g in grads]
         need_dx = ctx.needs_input_grad[1]
         with torch.autocast(x2d.device.type, enabled=False):
-            d_as, d_bs, dx = _backward(dys, x2d, weights, lora_as, lora_bs, xa, scalings, need_dx, ctx.split)
+            d_as, d_bs, dx = _backward(dys, x2d, weights, a_all, ctx.a_kinds, lora_bs, xa, scalings, need_dx,
+                                       ctx.split)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
         return (None, dx, *([None] * n), *([None] * n), *d_as, *d_bs)
 
