@@ -299,7 +299,8 @@ def main(argv=None) -> int:
                 host[-1].append(_pinned_blocks())
                 losses.append(out.loss.item())
                 if dev.cuda and step == args.trace_step:
-                    print("\n".join(memory_trace.report(baseline)), file=sys.stderr, flush=True)
+                    dump = os.environ.get("FXFUSE_TRACE_DUMP")  # a .json.gz path for bench/memory_trace.py's events
+                    print("\n".join(memory_trace.report(baseline, dump=dump)), file=sys.stderr, flush=True)
             tail = sorted(times[2:]) if len(times) > 2 else sorted(times)
             med = tail[len(tail) // 2]
             flops = step_flops(model, cfg, seq, use_gc)

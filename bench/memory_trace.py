@@ -21,11 +21,19 @@ def _where(frames, depth=3):
     return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in mine[:depth])
 
 
-def report(baseline: int, top: int = 25) -> list[str]:
-    """Stop recording; the lines to print (GiB). baseline: memory allocated when recording began."""
+def report(baseline: int, top: int = 25, dump: str | None = None) -> list[str]:
+    """Stop recording; the lines to print (GiB). baseline: memory allocated when recording began.
+    dump: a .json.gz path to write every alloc/free event (action, addr, size, allocation site six
+    frames deep) for reading offline."""
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     events = [e for t in snap["device_traces"] for e in t if e["action"] in ("alloc", "free_completed")]
+    if dump:
+        import gzip
+        import json
+        with gzip.open(dump, "wt") as f:
+            json.dump({"baseline": baseline, "events": [
+                (e["action"], e["addr"], e["size"], _where(e["frames"], depth=6)) for e in events]}, f)
     total, peak, at = 0, 0, -1
     for i, e in enumerate(events):
         total += e["size"] if e["action"] == "alloc" else -e["size"]
@@ -37,13 +45,15 @@ def report(baseline: int, top: int = 25) -> list[str]:
             live[e["addr"]] = e
         else:
             live.pop(e["addr"], None)
-    by = defaultdict(lambda: [0, 0])
+    by = defaultdict(lambda: [0, 0, defaultdict(int)])
     for e in live.values():
         w = by[_where(e["frames"])]
         w[0] += e["size"]
         w[1] += 1
+        w[2][e["size"]] += 1
     lines = [f"PEAKLIVE baseline {baseline / 2**30:.3f} GiB + {peak / 2**30:.3f} GiB allocated in the step "
              f"(event {at} of {len(events)}; frees of blocks allocated before the step count negative)"]
-    for where, (size, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
-        lines.append(f"PEAKLIVE {size / 2**20:10.1f} MiB {n:5d} blocks  {where}")
+    for where, (size, n, sizes) in sorted(by.items(), key=lambda kv: -kv[1][0])[:top]:
+        blocks = ", ".join(f"{c}x{b / 2**20:.2f}" for b, c in sorted(sizes.items(), key=lambda kv: -kv[0])[:6])
+        lines.append(f"PEAKLIVE {size / 2**20:10.1f} MiB {n:5d} blocks  {where}  [MiB: {blocks}]")
     return lines
