@@ -98,6 +98,8 @@ def parse_args(argv=None):
                     help="fxfuse-offload: share of the host's available memory offloads may pin (default: fxfuse's)")
     ap.add_argument("--trace-step", type=int, default=None,
                     help="record the allocator during this step (0-based) and print what is alive at its peak (slows that step; the row says which)")
+    ap.add_argument("--inductor-config", default=None,
+                    help='torch._inductor.config values set before compiling, as JSON, e.g. \'{"allow_buffer_reuse": false}\'')
     ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
     return ap.parse_args(argv)
 
@@ -231,6 +233,10 @@ def main(argv=None) -> int:
         total = torch.cuda.get_device_properties(dev.dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_gib * 2**30 / total), torch.cuda.current_device())
 
+    if args.inductor_config:
+        import torch._inductor.config as inductor_config
+        for key, value in json.loads(args.inductor_config).items():
+            setattr(inductor_config, key, value)
     model, cfg = build_model(args.size, args.device, args.rank, use_gc)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -255,7 +261,7 @@ def main(argv=None) -> int:
         fwd = model
         rep = fxfuse.report(model)
 
-    base = dict(variant=args.label or variant, passes=args.passes, pass_options=args.pass_options, size=args.size, gc=use_gc, rank=args.rank,
+    base = dict(variant=args.label or variant, passes=args.passes, pass_options=args.pass_options, inductor_config=args.inductor_config, size=args.size, gc=use_gc, rank=args.rank,
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),
