@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from ..passes.activation_offload import ActivationOffload
+from ..passes.lora import GRAPH_OP_COLUMN
 from ..passes.manager import PassManager, PassStats, source_uuid
 from ..passes.pattern import graphs_of
 from ..passes.recompute_lora_xa import RecomputeLoraXA
@@ -226,6 +227,13 @@ def make_backend(manager: PassManager, report: Report, compiler: str = "inductor
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
             patches = {"triton.cudagraphs": True} if cudagraphs else {}
+            if any(p.columns.get(GRAPH_OP_COLUMN) for p in report.graphs[-1].passes):
+                # Inductor keeps a dead buffer allocated until a later one of its size takes it over.
+                # With the LoRA math as graph ops, [tokens, intermediate] buffers were kept across
+                # layers that way: the 1k backward's peak 15.96 GiB, 15.88 with reuse off (H200,
+                # bench/RESULTS.md). The caching allocator reuses the freed blocks instead.
+                patches["allow_buffer_reuse"] = False
+                report.graphs[-1].inductor_patches["allow_buffer_reuse"] = False
             if not policies.policies:
                 return compile_fx(gm, example_inputs, config_patches=patches or None)
             patches["custom_partitioner_fn"] = PolicyPartitioner(policies, record)

@@ -23,6 +23,7 @@ class GraphRecord:
     compile_id: str = ""  # dynamo's "frame/attempt"; attempt > 0 is a recompile of that frame
     lora_layers: int = 0  # PEFT LoRA layers whose A weights are inputs of this graph
     lora_kinds: dict = field(default_factory=dict)  # their kinds ("lora.Linear", ...) -> count
+    inductor_patches: dict = field(default_factory=dict)  # Inductor config fxfuse set for this graph
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Report:
             "cache_dir": self.cache_dir,
             "pass_errors": self.errors,
             "compile_errors": self.compile_errors,
+            "inductor_patches": {g.index: g.inductor_patches for g in self.graphs if g.inductor_patches},
             "adapter_layer_count": len(self.adapter_layers),
             "unseen_adapters": self.unseen_adapters(),
             "unmatched_lora": self.unmatched_lora(),
@@ -178,6 +180,10 @@ class Report:
                  f"{sum(self.graph_breaks.values())} graph break(s), {self.recompiles} recompile(s)"]
         for reason, n in self.graph_breaks.items():
             lines.append(f"  graph break x{n}: {reason}")
+        for g in self.graphs:
+            if g.inductor_patches.get("allow_buffer_reuse") is False:
+                lines.append(f"  graph {g.index}: Inductor's buffer reuse off (its LoRA sites run as graph ops; "
+                             "reuse kept dead buffers across layers and raised the peak)")
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
         for err in self.compile_errors:

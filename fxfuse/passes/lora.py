@@ -20,6 +20,9 @@ from ..runtime.ops.lora_graph import lora_linear_graph
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of, is_anchor, match_at, module_path
 
+# The report column that counts graph-op groups; the backend reads it (Inductor's buffer reuse).
+GRAPH_OP_COLUMN = "graph-op groups"
+
 
 
 def _narrow(t) -> bool:
@@ -245,7 +248,7 @@ class LoraPass(GraphPass):
             for part in _placeable(gm, members):
                 graph = part[0][1]["graph"]
                 fused = _replace_group(gm, part, graph)
-                stats.add("graph-op groups" if graph else "fused ops")
+                stats.add(GRAPH_OP_COLUMN if graph else "fused ops")
                 for m, info, module in part:
                     notes = [f"dropout p={info['p']:g}: the mask is drawn in-kernel" if info["p"] else "", info["note"]]
                     note = "; ".join(n for n in notes if n)

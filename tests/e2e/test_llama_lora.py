@@ -214,3 +214,37 @@ def test_cublas_and_triton_gemm_strategies_agree(monkeypatch, dropout):
     assert rel(l_c, l_t) < 1e-6
     for name in g_t:
         assert rel(g_c[name], g_t[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("graph_ops", [False, True])
+def test_graph_ops_compile_without_inductors_buffer_reuse(graph_ops, monkeypatch):
+    """Inductor's buffer reuse kept dead [tokens, intermediate] buffers across layers in the graph
+    ops' backward (bench/RESULTS.md: 1k peak 15.96 -> 15.88 GiB without it); fxfuse turns it off for
+    graphs holding graph ops only, says so in the report, and the step still matches eager."""
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._inductor import config as inductor_config
+    seen, real = [], compile_fx_module.compile_fx
+
+    def recording(gm, example_inputs, config_patches=None, **kw):
+        if not config_patches:  # compile_fx applies its patches, then calls itself without them
+            seen.append(inductor_config.allow_buffer_reuse)
+        return real(gm, example_inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", recording)
+    ref = tiny_model(gc=True)
+    options = {"lora": {"graph_ops_below": 4096}} if graph_ops else None
+    opt = fxfuse.optimize(clone(ref), verbose=False, pass_options=options)
+    inputs = batch()
+    l_ref, g_ref = loss_and_grads(ref, **inputs)
+    l_opt, g_opt = loss_and_grads(opt, **inputs)
+    assert rel(l_opt, l_ref) < 1e-5
+    for name in g_ref:
+        assert rel(g_opt[name], g_ref[name]) < 1e-4, name
+    assert_all_rewritten(opt)
+    rep = fxfuse.report(opt)
+    lora_graphs = [g.index for g in rep.graphs if any(p.columns for p in g.passes if p.name == "lora")]
+    assert lora_graphs and len(seen) == len(rep.graphs)
+    off = [i for i, reuse in enumerate(seen) if reuse is False]
+    assert off == (lora_graphs if graph_ops else [])
+    assert rep.to_dict()["inductor_patches"] == {i: {"allow_buffer_reuse": False} for i in off}
+    assert ("Inductor's buffer reuse off" in rep.table()) == graph_ops
