@@ -12,6 +12,7 @@ TRITON_INTERPRET first when there is no CUDA device (see _use_interpreter_withou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -132,6 +133,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=1, help="batch size of the traced batch (default 1)")
     g.add_argument("--passes", default=None, help="comma-separated passes to run (default: the defaults of fxfuse.optimize; "
                                      "'all' runs every registered pass)")
+    g.add_argument("--pass-options", default=None, metavar="JSON",
+                   help='constructor options by pass, as fxfuse.optimize(pass_options=...), e.g. '
+                        '\'{"lora": {"graph_ops_below": 0}}\' (keep the fused op at any length)')
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -236,13 +240,21 @@ def _capture(args, progress: "_Progress"):
     if passes == ["all"]:
         from .optimize import PASSES
         passes = list(PASSES)
+    pass_options = None
+    if args.pass_options:
+        try:
+            pass_options = json.loads(args.pass_options)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--pass-options is not JSON: {e}") from None
+        if not isinstance(pass_options, dict) or not all(isinstance(v, dict) for v in pass_options.values()):
+            raise UserError('--pass-options must map pass names to option objects, e.g. \'{"lora": {"group": false}}\'')
     runtime_stats.reset()  # the run-time line then counts this trace's one forward only
     tracing = (f"tracing {args.model} on {device} (batch {args.batch}, seq {args.seq}"
                f"{', gradient checkpointing' if args.gc else ''})")
     progress.step(tracing)
     try:
         cap = hf.capture_graphs(model, seq_len=args.seq, batch=args.batch, gradient_checkpointing=args.gc,
-                                passes=passes, progress=lambda what: progress.step(f"{tracing}: {what}", detail=True))
+                                passes=passes, pass_options=pass_options, progress=lambda what: progress.step(f"{tracing}: {what}", detail=True))
     except (hf.TraceError, ValueError) as e:
         raise UserError(str(e)) from None
     progress.done(f"traced {len(cap.after)} graph(s) in {cap.seconds:.1f}s")

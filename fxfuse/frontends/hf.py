@@ -141,7 +141,8 @@ class TraceError(RuntimeError):
 
 def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gradient_checkpointing: bool = False,
                    passes: Optional[Iterable[str]] = None,
-                   progress: Optional[Callable[[str], None]] = None) -> Capture:
+                   progress: Optional[Callable[[str], None]] = None,
+                   pass_options: Optional[dict] = None) -> Capture:
     """Trace one training-mode forward (with loss) through dynamo; run the passes on each graph.
 
     The backend returns the rewritten graph's forward, so nothing is compiled by Inductor; on a
@@ -152,7 +153,7 @@ def capture_graphs(model: torch.nn.Module, seq_len: int = 16, batch: int = 1, gr
     from .optimize import build_manager
     from .report import Report
 
-    manager = build_manager(passes, keep_logits=False)  # what optimize() runs by default
+    manager = build_manager(passes, keep_logits=False, pass_options=pass_options)  # as optimize() would
     report = Report(manager_uuid=manager.uuid(), pass_names=[p.name for p in manager.passes])
     cap = Capture(report=report)
 

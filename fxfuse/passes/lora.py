@@ -23,6 +23,12 @@ from .pattern import Decline, Lit, Op, Opt, Var, canon, example_value, graphs_of
 # The report column that counts graph-op groups; the backend reads it (Inductor's buffer reuse).
 GRAPH_OP_COLUMN = "graph-op groups"
 
+# Sites below this many tokens become graph ops (runtime/ops/lora_graph.py). Short steps are bound by
+# the fused op's host time: at 1k on an H200 the graph ops ran 6373 tok/s against the op's 4113 at
+# 15.88 against 15.83 GiB (bench/RESULTS.md, twenty-first session). 4k and longer were tuned on the
+# op's kernels and keep it.
+GRAPH_OPS_BELOW = 2048
+
 
 
 def _narrow(t) -> bool:
@@ -144,7 +150,7 @@ class LoraPass(GraphPass):
                   "fxfuse.runtime.ops.lora_graph")
 
     def __init__(self, group: bool = True, recompute_xa: bool = True, min_tokens: int = 0,
-                 graph_ops_below: int = 0):
+                 graph_ops_below: int = GRAPH_OPS_BELOW):
         """group: one op per set of LoRA linears reading the same input. recompute_xa: where a
         checkpointed backward recomputes an op only for its low-rank activation, recompute only that
         (checkpoint policy `recompute_lora_xa`, at partition time; fxfuse/passes/recompute_lora_xa.py).
@@ -154,6 +160,7 @@ class LoraPass(GraphPass):
         graph_ops_below: sites with fewer rows than this become the op's math as graph ops for the
         compiler to schedule (runtime/ops/lora_graph.py), not the custom op, whose host time per call
         limits short steps; sites with dropout, and symbolic token counts, keep the op. 0: none.
+        Default GRAPH_OPS_BELOW (2048).
         min_tokens is checked first: a site it declines is not rewritten at all."""
         for name, v in (("min_tokens", min_tokens), ("graph_ops_below", graph_ops_below)):
             if type(v) is not int or v < 0:

@@ -78,6 +78,11 @@ def _show(n: Any) -> str:
     return str(n)
 
 
+class _BySize(Decline):
+    """A decline by design at this token count: below min_mib, or below LoraPass's
+    graph_ops_below (short inputs, where tiling would not pay either)."""
+
+
 class MlpTilingPass(GraphPass):
     name = "mlp_tiling"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.tiled_mlp", "fxfuse.runtime.ops.lora",
@@ -100,7 +105,7 @@ class MlpTilingPass(GraphPass):
         try:
             plan = self._check(prod, act, gate, up)
         except Decline as e:
-            check = "size" if "min_mib" in str(e) else "check()"  # a size threshold, by design
+            check = "size" if isinstance(e, _BySize) else "check()"
             return Site(self.name, module_path(prod), prod.name, gname, False, str(e), check=check)
         g = gm.graph
         group, down, out, activation, rows, gate_index = plan
@@ -122,7 +127,7 @@ class MlpTilingPass(GraphPass):
         group, i = _member(gate)
         j = _member(up)[1]
         if group.target is not LORA:
-            raise Decline("gate and up run as graph ops (LoraPass graph_ops_below): the tiled MLP is built "
+            raise _BySize("gate and up run as graph ops (LoraPass graph_ops_below): the tiled MLP is built "
                           "from fxfuse::lora_linear groups")
         ga = _lora_args(group)
         if len(ga["weights"]) != 2 or {i, j} != {0, 1}:
@@ -168,7 +173,7 @@ class MlpTilingPass(GraphPass):
         tokens = x.numel() // hidden
         row_bytes = int(inter) * torch.empty((), dtype=ga["out_dtype"]).element_size()
         if not _at_least(tokens * row_bytes, int(self.config["min_mib"] * 2**20)):
-            raise Decline(f"[{_show(tokens)} tokens, {inter}] intermediate below min_mib={self.config['min_mib']} "
+            raise _BySize(f"[{_show(tokens)} tokens, {inter}] intermediate below min_mib={self.config['min_mib']} "
                           "(tiling adds an MLP forward per step; it pays only at long context)")
         rows = self.config["rows_per_chunk"] or max(1, int(self.config["chunk_mib"] * 2**20) // row_bytes)
         return group, down, outs[0], activation, rows, i

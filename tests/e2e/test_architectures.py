@@ -40,7 +40,9 @@ MOE = ("mixtral", "qwen3_moe")
 def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes):
     """"all" adds the opt-in passes (rms_norm, swiglu), gradient checkpointing and the offload on CPU
     tensors, so that the partition-time policies (save_attention, recompute_lora_xa, the offload)
-    run too: they also rewrite or decline."""
+    run too: they also rewrite or decline. "defaults" at these 24 tokens turns the LoRA sites into
+    graph ops (LoraPass's graph_ops_below); "all" keeps the fused op (graph_ops_below=0), so each
+    architecture runs both."""
     overrides, all_rewritten = ARCHS[arch]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **overrides))
@@ -58,7 +60,8 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes
         offload = ActivationOffload(min_bytes=0, devices=("cpu",))
     ref = copy.deepcopy(model)
     opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, offload_activations=offload,
-                          passes=list(fxfuse.PASSES) if passes == "all" else None)
+                          passes=list(fxfuse.PASSES) if passes == "all" else None,
+                          pass_options={"lora": {"graph_ops_below": 0}} if passes == "all" else None)
     ids = tokens(2, 12)
     l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
     l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)

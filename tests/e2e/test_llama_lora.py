@@ -29,7 +29,7 @@ def test_fp32_loss_and_every_lora_grad_match_eager(arch, gc, graph_ops):
     """graph_ops: LoraPass(graph_ops_below) emits the op's math as graph ops, which AOTAutograd
     traces through forward and backward, the checkpointed layers recomputing it (Qwen2: q/k/v biases)."""
     ref = tiny_model(arch, gc=gc)
-    options = {"lora": {"graph_ops_below": 4096}} if graph_ops else None
+    options = {"lora": {"graph_ops_below": 4096 if graph_ops else 0}}
     opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, pass_options=options)
     inputs = batch(3, 16, pad_rows=(1,))
     l_ref, g_ref = loss_and_grads(ref, **inputs)
@@ -232,7 +232,7 @@ def test_graph_ops_compile_without_inductors_buffer_reuse(graph_ops, monkeypatch
 
     monkeypatch.setattr(compile_fx_module, "compile_fx", recording)
     ref = tiny_model(gc=True)
-    options = {"lora": {"graph_ops_below": 4096}} if graph_ops else None
+    options = {"lora": {"graph_ops_below": 4096 if graph_ops else 0}}
     opt = fxfuse.optimize(clone(ref), verbose=False, pass_options=options)
     inputs = batch()
     l_ref, g_ref = loss_and_grads(ref, **inputs)

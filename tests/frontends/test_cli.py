@@ -32,14 +32,35 @@ def lora_summary(rep):
     return rep["passes"]["lora"]
 
 
+OP = ("--pass-options", '{"lora": {"graph_ops_below": 0}}')  # the fused op at any length
+GRAPH_OP_CALL = "fxfuse_runtime_ops_lora_graph_lora_linear_graph("
+
+
 def test_dump_shows_lora_linear_only_after(capsys):
-    rc, out, err = run(capsys, "dump", "llama-tiny")  # default: before and after
+    rc, out, err = run(capsys, "dump", "llama-tiny", *OP)  # default: before and after
     assert rc == 0, err
     assert "tracing llama-tiny" in err  # progress goes to stderr
     before, after = out.split("graph 0 after passes")
     assert "graph 0 before passes" in before
     assert "lora_linear" not in before and "lora_B" in before
     assert after.count("torch.ops.fxfuse.lora_linear.default(") == 8  # 2 x (qkv, o, gate/up, down)
+
+
+def test_short_inputs_get_graph_ops_by_default_and_long_ones_the_op(capsys):
+    """LoraPass's default graph_ops_below=2048: 16 tokens become graph ops, 2048 the fused op."""
+    rc, out, err = run(capsys, "dump", "llama-tiny", "--stage", "after")
+    assert rc == 0, err
+    assert out.count(GRAPH_OP_CALL) == 8 and "torch.ops.fxfuse.lora_linear" not in out
+    rc, out, err = run(capsys, "dump", "llama-tiny", "--stage", "after", "--seq", "2048")
+    assert rc == 0, err
+    assert out.count("torch.ops.fxfuse.lora_linear.default(") == 8 and GRAPH_OP_CALL not in out
+
+
+def test_bad_pass_options_are_user_errors(capsys):
+    for bad, why in (("{", "not JSON"), ('{"lora": 1}', "must map pass names"),
+                     ('{"lora": {"nope": 1}}', "bad options for pass 'lora'")):
+        rc, _, err = run(capsys, "inspect", "llama-tiny", "--pass-options", bad)
+        assert rc == 2 and why in err, err
 
 
 def test_inspect_rewrites_all_sites_with_module_names(capsys):
@@ -104,7 +125,8 @@ def test_local_config_dir_and_file(capsys, tmp_path):
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, vocab_size=64).save_pretrained(tmp_path)
     assert lora_summary(inspect_json(capsys, str(tmp_path)))["rewritten"] == 7
-    rc, out, err = run(capsys, "dump", str(tmp_path / "config.json"), "--stage", "after", "--targets", "q_proj,v_proj")
+    rc, out, err = run(capsys, "dump", str(tmp_path / "config.json"), "--stage", "after", "--targets", "q_proj,v_proj",
+                       *OP)
     assert rc == 0, err
     assert out.count("torch.ops.fxfuse.lora_linear.default(") == 1  # q and v share the input: one group
 

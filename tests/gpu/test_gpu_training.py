@@ -17,7 +17,7 @@ def test_bf16_llama_matches_float64_as_well_as_eager(graph_ops):
     sizes = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
                  vocab_size=1024)
     ref = tiny_model(dtype=torch.bfloat16, gc=True, sizes=sizes, r=16, lora_alpha=16).cuda()
-    options = {"lora": {"graph_ops_below": 4096}} if graph_ops else None
+    options = {"lora": {"graph_ops_below": 4096 if graph_ops else 0}}
     opt = fxfuse.optimize(clone(ref), verbose=False, pass_options=options)
     stats.reset()
     exact = clone(ref).double()

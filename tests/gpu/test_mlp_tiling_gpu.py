@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 SIZES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
              vocab_size=1024, num_hidden_layers=3)
+OP = {"lora": {"graph_ops_below": 0}}  # tiling is built from the fused op (1024 tokens would get graph ops)
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -19,9 +20,9 @@ def test_tiled_mlp_matches_the_untiled_build(offload):
     ref = tiny_model(dtype=torch.bfloat16, gc=True, sizes=SIZES, r=16, lora_alpha=16).cuda()
     off = ActivationOffload(min_bytes=0) if offload else False
     plain = fxfuse.optimize(clone(ref), verbose=False, offload_activations=off,
-                            pass_options={"mlp_tiling": {"min_mib": 1e9}})
+                            pass_options={**OP, "mlp_tiling": {"min_mib": 1e9}})
     tiled = fxfuse.optimize(clone(ref), verbose=False, offload_activations=off,
-                            pass_options={"mlp_tiling": {"min_mib": 0, "rows_per_chunk": 300}})
+                            pass_options={**OP, "mlp_tiling": {"min_mib": 0, "rows_per_chunk": 300}})
     ids = torch.randint(0, 1024, (2, 512), generator=torch.Generator().manual_seed(5)).cuda()
     for step in range(2):
         l_plain, g_plain = loss_and_grads(plain, input_ids=ids, labels=ids)

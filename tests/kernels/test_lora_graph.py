@@ -197,3 +197,16 @@ def test_autocast_leaves_the_products_alone():
         cast = run()
     for p, c in zip(plain, cast):
         assert p.dtype == c.dtype and torch.equal(p, c)
+
+
+def test_meta_tensors_give_shapes_forward_and_backward():
+    """`fxfuse inspect` runs full-size models on the meta device: the graph ops must not enter
+    autocast there (torch.autocast('meta') raises)."""
+    x = torch.empty(3, 5, 64, device="meta", requires_grad=True)
+    w = [torch.empty(48, 64, device="meta"), torch.empty(16, 64, device="meta")]
+    a = [torch.empty(4, 64, device="meta", requires_grad=True), torch.empty(8, 64, device="meta", requires_grad=True)]
+    b = [torch.empty(48, 4, device="meta", requires_grad=True), torch.empty(16, 8, device="meta", requires_grad=True)]
+    outs = LG.lora_linear_graph(x, w, [None, None], a, b, [2.0, 0.5], torch.float32)
+    assert [tuple(o.shape) for o in outs[:2]] == [(3, 5, 48), (3, 5, 16)]
+    (outs[0].sum() + outs[1].sum()).backward()
+    assert x.grad.shape == x.shape and [t.grad.shape for t in (*a, *b)] == [t.shape for t in (*a, *b)]

@@ -15,13 +15,25 @@ from tiny import tiny_model, tokens
 LORA_OP = "fxfuse.lora_linear.default"
 
 
+def op_pass(**options):
+    """The pass emitting the fused op at any token count (these tiny inputs are below the default
+    graph_ops_below, where the sites become graph ops: tested below)."""
+    return LoraPass(graph_ops_below=0, **options)
+
+
+def test_short_inputs_become_graph_ops_by_default():
+    assert LoraPass().config["graph_ops_below"] == lora_pass.GRAPH_OPS_BELOW == 2048
+    _, after, stats = capture(tiny_model(), passes=[LoraPass()])
+    assert stats.columns == {"graph-op groups": 8} and LORA_OP not in count_ops(after)
+
+
 def capture(model, passes=None, **inputs):
     """Trace with dynamo, run the LoRA pass, return (before, after, stats) of the first graph with sites."""
     seen = []
 
     def backend(gm, example_inputs):
         before = copy.deepcopy(gm)
-        stats = PassManager(passes or [LoraPass()]).run(gm)
+        stats = PassManager(passes or [op_pass()]).run(gm)
         seen.append((before, gm, stats[0]))
         return gm.forward
 
@@ -57,7 +69,7 @@ def test_llama_all_sites_grouped(gc):
 
 
 def test_ungrouped_gives_one_op_per_site():
-    _, after, stats = capture(tiny_model(), passes=[LoraPass(group=False)])
+    _, after, stats = capture(tiny_model(), passes=[op_pass(group=False)])
     assert stats.rewritten == 14 and count_ops(after)[LORA_OP] == 14
 
 
@@ -92,7 +104,7 @@ def test_dropout_train_and_eval():
     seen = []
 
     def backend(gm, ex):
-        seen.append((gm, PassManager([LoraPass()]).run(gm)[0]))
+        seen.append((gm, PassManager([op_pass()]).run(gm)[0]))
         return gm.forward
 
     torch.compile(model, backend=backend)(input_ids=tokens(), use_cache=False)
@@ -112,7 +124,7 @@ def test_dora_is_declined_with_reason():
     seen = []
 
     def backend(gm, ex):
-        seen.append(PassManager([LoraPass()]).run(gm)[0])
+        seen.append(PassManager([op_pass()]).run(gm)[0])
         return gm.forward
 
     torch.compile(tiny_model(use_dora=True), backend=backend)(input_ids=tokens(), use_cache=False)
@@ -156,7 +168,7 @@ def test_a_plain_two_linear_chain_is_no_candidate(with_base):
             return self.w(x) + chain if with_base else chain
 
     seen = []
-    torch.compile(Chain(), backend=lambda gm, ex: seen.append(PassManager([LoraPass()]).run(gm)[0]) or gm.forward)(
+    torch.compile(Chain(), backend=lambda gm, ex: seen.append(PassManager([op_pass()]).run(gm)[0]) or gm.forward)(
         torch.randn(3, 8))
     sites = [s for st in seen for s in st.sites]
     if with_base:
@@ -205,7 +217,7 @@ def test_spellings_and_convexity():
 
     def backend(gm, ex):
         before = count_ops(gm)
-        seen.append((before, PassManager([LoraPass()]).run(gm)[0], count_ops(gm)))
+        seen.append((before, PassManager([op_pass()]).run(gm)[0], count_ops(gm)))
         return gm.forward
 
     model = Handwritten()
@@ -222,14 +234,14 @@ def test_spellings_and_convexity():
 def test_min_tokens_declines_short_inputs_with_the_reason_and_keeps_longer_ones():
     """tokens() is [2, 16]: 32 rows. min_tokens=33 declines every site (the graph keeps PEFT's
     linears), min_tokens=32 rewrites them all."""
-    _, after, stats = capture(tiny_model(), passes=[LoraPass(min_tokens=33)])
+    _, after, stats = capture(tiny_model(), passes=[op_pass(min_tokens=33)])
     assert stats.rewritten == 0 and len(stats.sites) == 14 and LORA_OP not in count_ops(after)
     assert {s.reason for s in stats.sites} == {
         "32 tokens < min_tokens=33: the fused op's host time per call would exceed what it saves; "
         "PEFT's own linears are left to the compiler"}
     assert {s.check for s in stats.sites} == {"min_tokens"}
     torch._dynamo.reset()
-    _, after, stats = capture(tiny_model(), passes=[LoraPass(min_tokens=32)])
+    _, after, stats = capture(tiny_model(), passes=[op_pass(min_tokens=32)])
     assert stats.rewritten == 14 and count_ops(after)[LORA_OP] > 0
 
 
@@ -239,7 +251,7 @@ def test_min_tokens_keeps_sites_whose_token_count_is_symbolic():
     seen = []
 
     def backend(gm, ex):
-        seen.append(PassManager([LoraPass(min_tokens=10**6)]).run(gm)[0])
+        seen.append(PassManager([op_pass(min_tokens=10**6)]).run(gm)[0])
         return gm.forward
 
     model = torch.compile(tiny_model(), backend=backend)
@@ -255,7 +267,7 @@ def test_min_tokens_keeps_sites_whose_token_count_is_symbolic():
 @pytest.mark.parametrize("bad", [-1, 1.5, "8"])
 def test_min_tokens_must_be_a_non_negative_int(bad):
     with pytest.raises(ValueError, match="min_tokens"):
-        LoraPass(min_tokens=bad)
+        op_pass(min_tokens=bad)
 
 
 def graph_op_nodes(gm):

@@ -37,7 +37,7 @@ def _build(recompute_xa, layers=3, dropout=0.0, offload=True):
     torch._dynamo.reset()
     model = tiny_model(gc=True, sizes={"num_hidden_layers": layers}, lora_dropout=dropout)
     return fxfuse.optimize(model, compiler="aot_eager", verbose=False,
-                           pass_options={"lora": {"recompute_xa": recompute_xa}},
+                           pass_options={"lora": {"recompute_xa": recompute_xa, "graph_ops_below": 0}},
                            offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",), save_attention=False) if offload else False)
 
 
@@ -84,7 +84,7 @@ def test_without_checkpointing_nothing_is_recomputed(monkeypatch):
     seen = _backward_graphs(monkeypatch)
     torch._dynamo.reset()
     model = fxfuse.optimize(tiny_model(gc=False), compiler="aot_eager", verbose=False,
-                            offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",)))
+                            pass_options={"lora": {"graph_ops_below": 0}}, offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",)))
     x = tokens()
     loss_and_grads(model, input_ids=x, labels=x)
     assert _count(seen[0], torch.ops.fxfuse.lora_linear.default) == 0

@@ -53,12 +53,17 @@ def _count(gm, target):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
+# the fused LoRA op at any length: these policies act on it (tiny inputs are below LoraPass's
+# default graph_ops_below, where the sites become graph ops)
+OP = {"lora": {"graph_ops_below": 0}}
+
+
 def _build(save_attention=True, gc=True, seed=0, min_bytes=0, **model_kw):
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = tiny_model(gc=gc, **model_kw)
     offload = ActivationOffload(min_bytes=min_bytes, devices=("cpu",), save_attention=save_attention)
-    return fxfuse.optimize(model, compiler="aot_eager", verbose=False, offload_activations=offload)
+    return fxfuse.optimize(model, compiler="aot_eager", verbose=False, offload_activations=offload, pass_options=OP)
 
 
 def _layer_graph(seen):

@@ -24,12 +24,17 @@ GIB = 2**30
 ROOMY = {"link_rate": 1e18, "tiers": None}  # a tiny model computes too little to hide any copy at the real ratio
 
 
+# the fused LoRA op at any length: these policies act on it (tiny inputs are below LoraPass's
+# default graph_ops_below, where the sites become graph ops)
+OP = {"lora": {"graph_ops_below": 0}}
+
+
 def _build(projections, seed=0, **model_kw):
     torch._dynamo.reset()
     torch.manual_seed(seed)
     model = tiny_model(gc=True, **model_kw)
     offload = ActivationOffload(min_bytes=0, devices=("cpu",), save_projections=projections)
-    return fxfuse.optimize(model, compiler="aot_eager", verbose=False, offload_activations=offload)
+    return fxfuse.optimize(model, compiler="aot_eager", verbose=False, offload_activations=offload, pass_options=OP)
 
 
 def _layer_backward(seen):

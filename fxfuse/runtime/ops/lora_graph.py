@@ -1,8 +1,9 @@
 """`lora_linear_graph`: the math of `fxfuse::lora_linear` (without dropout) as plain torch ops, for
 the compiler to schedule.
 
-Measured (bench/RESULTS.md, twentieth session): 1k on an H200, 5541 tok/s against 4639 with the
-op, but 15.96 GiB against 15.83: so LoraPass(graph_ops_below) is off by default.
+Measured (bench/RESULTS.md, twenty-first session): 1k on an H200, 6373 tok/s against 4113 with
+the op, at 15.88 GiB against 15.83 (with Inductor's buffer reuse off for these graphs: with it,
+15.96). So LoraPass uses them below 2048 tokens by default (GRAPH_OPS_BELOW).
 
 Why: at short context the fused op's host time is the step's limit. A custom op costs ~0.5 ms of
 Python a forward call and ~0.8 ms a backward call on the H200's host, and a 1k step of the 8B shape
@@ -26,6 +27,8 @@ Dropout is not expressed here (the op draws its mask in-kernel): the LoRA pass k
 sites with dropout.
 """
 from __future__ import annotations
+
+import contextlib
 
 from typing import List, Optional, Sequence
 
@@ -120,6 +123,14 @@ def _backward(dys, x2d, weights, a_all, a_kinds, lora_bs, xa, scalings, need_dx,
     return d_as, d_bs, dx
 
 
+def _no_autocast(device_type: str):
+    """Autocast off on this device; a device without autocast (meta, where `fxfuse inspect` traces
+    full-size models) has none to turn off, and torch.autocast would raise there."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _LoraGraph(torch.autograd.Function):
     """Tensors flat in the arguments (autograd differentiates positional tensors only):
     x, n weights, n biases (or None), n lora_A, n lora_B."""
@@ -133,7 +144,7 @@ class _LoraGraph(torch.autograd.Function):
         split = split_path(x2d)
         # the dtypes are the pass's choice (it casts operands as autocast would); autocast must not
         # round the fp32 products to its dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             outs, xa, a_all = _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
         ctx.meta, ctx.split, ctx.x_shape = meta, split, x.shape
         ctx.a_kinds = [(a.shape[0], a.dtype) for a in lora_as]
@@ -147,7 +158,7 @@ class _LoraGraph(torch.autograd.Function):
         weights, lora_bs = rest[:n], rest[n:2 * n]
         dys = [g.reshape(-1, g.shape[-1]).to(x2d.dtype) for g in grads]
         need_dx = ctx.needs_input_grad[1]
-        with torch.autocast(x2d.device.type, enabled=False):
+        with _no_autocast(x2d.device.type):
             d_as, d_bs, dx = _backward(dys, x2d, weights, a_all, ctx.a_kinds, lora_bs, xa, scalings, need_dx,
                                        ctx.split)
         dx = dx.reshape(ctx.x_shape) if dx is not None else None
