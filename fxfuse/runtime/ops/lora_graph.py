@@ -124,11 +124,12 @@ def _backward(dys, x2d, weights, a_all, a_kinds, lora_bs, xa, scalings, need_dx,
 
 
 def _no_autocast(device_type: str):
-    """Autocast off on this device; a device without autocast (meta, where `fxfuse inspect` traces
-    full-size models) has none to turn off, and torch.autocast would raise there."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    """Autocast off on this device. The meta device (where `fxfuse inspect` traces full-size
+    models) has no autocast to turn off, and torch.autocast raises there. (A string test, not
+    torch.amp.is_autocast_available: dynamo cannot trace that builtin and would break the graph.)"""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 class _LoraGraph(torch.autograd.Function):
