@@ -22,9 +22,9 @@ SERIES = [
                                       131072: 49.1}, ""),
     ("fxfuse, no offload", "#72b7b2", {1024: 16.01, 4096: 17.59, 16384: 23.14}, ""),
     ("fxfuse cudagraphs=True", "#f58518", {1024: 15.91}, "H200 2026-12-03 (sixteenth session), 79.1 GiB cap"),
-    ("fxfuse defaults (offload)", "#4c78a8", {1024: 15.83, 4096: 16.41, 16384: 18.87, 32768: 22.10, 65536: 27.05,
+    ("fxfuse defaults (offload)", "#4c78a8", {1024: 15.88, 4096: 16.41, 16384: 18.87, 32768: 22.10, 65536: 27.05,
                                               131072: 44.88},
-     "H200 2026-12-03 (1k: fifteenth session, 128k: fourteenth, others eighteenth), 79.1 GiB cap"),
+     "H200 (1k: 2026-12-04, graph ops, twenty-first session; 128k: fourteenth; others eighteenth), 79.1 GiB cap"),
     ("fxfuse, third session", "#1f3b73", {4096: 16.69, 16384: 18.49, 327680: 62.47},
      "320k: before save_attention, 79.1 GiB cap"),
 ]

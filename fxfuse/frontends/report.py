@@ -183,7 +183,9 @@ class Report:
         for g in self.graphs:
             if g.inductor_patches.get("allow_buffer_reuse") is False:
                 lines.append(f"  graph {g.index}: Inductor's buffer reuse off (its LoRA sites run as graph ops; "
-                             "reuse kept dead buffers across layers and raised the peak)")
+                             "reuse kept dead buffers across layers and raised the peak); the partition "
+                             "policies that act on fxfuse::lora_linear (save_projections, recompute_lora_xa) "
+                             "have no sites among them")
         for err in self.errors:
             lines.append(f"  PASS ERROR (graph compiled without fxfuse rewrites): {err}")
         for err in self.compile_errors:

@@ -3,8 +3,9 @@
 
 The anchor is the activation node: every silu and gelu is a candidate, rewritten or declined with
 a reason (exact-erf gelu, an activation also used elsewhere, broadcasting or mixed dtypes). With
-the LoRA pass first, gate and up are `getitem`s of one grouped `fxfuse::lora_linear`; the pass
-matches the structure and does not care where gate and up come from.
+the LoRA pass first, gate and up are `getitem`s of one grouped `fxfuse::lora_linear` (or of its
+graph-op form below 2048 tokens); the pass matches the structure and does not care where gate and
+up come from.
 """
 from __future__ import annotations
 

@@ -43,11 +43,13 @@ def test_fp32_loss_and_every_lora_grad_match_eager(arch, gc, graph_ops):
     assert fxfuse.report(opt).to_dict()["pass_columns"]["lora"] == columns
 
 
-def test_bf16_is_as_close_to_float64_as_eager():
+@pytest.mark.parametrize("graph_ops_below", [0, None])  # the fused op; the default (graph ops here)
+def test_bf16_is_as_close_to_float64_as_eager(graph_ops_below):
     """bf16 eager is itself ~1e-2 off a float64 run on a model this small; fxfuse (one rounding
     per output) must be no further from float64 than eager is, and within 1e-3 on the loss."""
     ref = tiny_model(dtype=torch.bfloat16, gc=True)
-    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)
+    options = None if graph_ops_below is None else {"lora": {"graph_ops_below": graph_ops_below}}
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False, pass_options=options)
     exact = clone(ref).double()
     inputs = batch()
     l_ref, g_ref = loss_and_grads(ref, **inputs)
@@ -61,9 +63,11 @@ def test_bf16_is_as_close_to_float64_as_eager():
     assert_all_rewritten(opt)
 
 
-def test_full_inductor_training_steps_match_eager():
+@pytest.mark.parametrize("graph_ops_below", [0, None])  # the fused op; the default (graph ops here)
+def test_full_inductor_training_steps_match_eager(graph_ops_below):
     ref = tiny_model(gc=True)
-    opt = fxfuse.optimize(clone(ref), verbose=False)
+    options = None if graph_ops_below is None else {"lora": {"graph_ops_below": graph_ops_below}}
+    opt = fxfuse.optimize(clone(ref), verbose=False, pass_options=options)
     losses = {}
     for name, model in (("eager", ref), ("fxfuse", opt)):
         sgd = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -189,7 +189,7 @@ def test_console_script(tmp_path):
     script = Path(sys.executable).with_name("fxfuse")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "fxfuse.frontends.cli"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(cmd + ["inspect", str(tmp_path), "--json"], capture_output=True, text=True, env=env,
+    res = subprocess.run(cmd + ["inspect", str(tmp_path), "--json", *OP], capture_output=True, text=True, env=env,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
