@@ -7,6 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+# pass_options that keep the fused LoRA op at any length: these tiny inputs are below LoraPass's
+# default graph_ops_below, where the sites become graph ops instead
+FUSED_OP = {"lora": {"graph_ops_below": 0}}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxfuse
 from fxfuse.passes.activation_offload import ActivationOffload
-from tiny import loss_and_grads, rel, tokens
+from tiny import FUSED_OP, loss_and_grads, rel, tokens
 
 DENSE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
@@ -61,7 +61,7 @@ def test_unlisted_architecture_is_rewritten_or_declined_never_wrong(arch, passes
     ref = copy.deepcopy(model)
     opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, offload_activations=offload,
                           passes=list(fxfuse.PASSES) if passes == "all" else None,
-                          pass_options={"lora": {"graph_ops_below": 0}} if passes == "all" else None)
+                          pass_options=FUSED_OP if passes == "all" else None)
     ids = tokens(2, 12)
     l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
     l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)

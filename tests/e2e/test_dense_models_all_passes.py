@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fxfuse
 from fxfuse.passes.activation_offload import ActivationOffload
-from tiny import loss_and_grads, rel, tokens
+from tiny import FUSED_OP, loss_and_grads, rel, tokens
 
 DENSE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=128)
@@ -60,7 +60,7 @@ def test_dense_model_every_pass_equals_eager(arch):
     # the fused LoRA op (not the graph ops 24 tokens would get by default), which the policies and
     # the swiglu / mlp_tiling passes act on; tests/e2e/test_architectures.py runs the defaults
     opt = fxfuse.optimize(model, passes=list(fxfuse.PASSES), compiler="aot_eager", verbose=False,
-                          offload_activations=offload, pass_options={"lora": {"graph_ops_below": 0}})
+                          offload_activations=offload, pass_options=FUSED_OP)
     ids = tokens(2, 12)
     l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
     l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)

@@ -6,13 +6,13 @@ import torch
 
 import fxfuse
 from fxfuse.passes.activation_offload import ActivationOffload
-from tiny import clone, loss_and_grads, rel, tiny_model
+from tiny import FUSED_OP, clone, loss_and_grads, rel, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
 SIZES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
              vocab_size=1024, num_hidden_layers=3)
-OP = {"lora": {"graph_ops_below": 0}}  # tiling is built from the fused op (1024 tokens would get graph ops)
+OP = FUSED_OP
 
 
 @pytest.mark.parametrize("offload", [False, True])

@@ -6,7 +6,7 @@ import torch
 import fxfuse
 from fxfuse.passes.activation_offload import ActivationOffload
 from fxfuse.runtime.ops import offload as ops
-from tiny import clone, delayed, loss_and_grads, rel, tiny_model
+from tiny import FUSED_OP, clone, delayed, loss_and_grads, rel, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
@@ -18,7 +18,7 @@ SIZES = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num
 def _builds(ref, **variants):
     # the fused LoRA op, which save_projections and recompute_lora_xa act on (1024 tokens would get graph ops)
     return {name: fxfuse.optimize(clone(ref), verbose=False, offload_activations=off,
-                                  pass_options={"lora": {"graph_ops_below": 0}}) for name, off in variants.items()}
+                                  pass_options=FUSED_OP) for name, off in variants.items()}
 
 
 def test_offload_matches_the_same_build_without_it(monkeypatch):

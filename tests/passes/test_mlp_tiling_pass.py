@@ -10,11 +10,11 @@ from fxfuse.passes.lora import LoraPass
 from fxfuse.passes.manager import PassManager
 from fxfuse.passes.mlp_tiling import MlpTilingPass
 from fxfuse.passes.pattern import count_ops
-from tiny import clone, loss_and_grads, rel, tiny_model, tokens
+from tiny import FUSED_OP, clone, loss_and_grads, rel, tiny_model, tokens
 
 # the fused LoRA op at any length (these tiny inputs are below LoraPass's default graph_ops_below,
 # where gate and up become graph ops and the pass declines: tested below)
-OP = {"lora": {"graph_ops_below": 0}}
+OP = FUSED_OP
 TILE_ALL = {**OP, "mlp_tiling": {"min_mib": 0, "rows_per_chunk": 7}}
 
 

@@ -12,7 +12,7 @@ import fxfuse  # noqa: E402
 from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
 from fxfuse.passes.recompute_lora_xa import RecomputeLoraXA  # noqa: E402
 from fxfuse.runtime.ops import lora as ops  # noqa: E402
-from tiny import loss_and_grads, tiny_model, tokens  # noqa: E402
+from tiny import FUSED_OP, loss_and_grads, tiny_model, tokens  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -84,7 +84,7 @@ def test_without_checkpointing_nothing_is_recomputed(monkeypatch):
     seen = _backward_graphs(monkeypatch)
     torch._dynamo.reset()
     model = fxfuse.optimize(tiny_model(gc=False), compiler="aot_eager", verbose=False,
-                            pass_options={"lora": {"graph_ops_below": 0}}, offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",)))
+                            pass_options=FUSED_OP, offload_activations=ActivationOffload(min_bytes=0, devices=("cpu",)))
     x = tokens()
     loss_and_grads(model, input_ids=x, labels=x)
     assert _count(seen[0], torch.ops.fxfuse.lora_linear.default) == 0

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 import fxfuse  # noqa: E402
 from fxfuse.passes import activation_offload as ao  # noqa: E402
 from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
-from tiny import loss_and_grads, tiny_model, tokens  # noqa: E402
+from tiny import FUSED_OP, loss_and_grads, tiny_model, tokens  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -55,7 +55,7 @@ def _count(gm, target):
 
 # the fused LoRA op at any length: these policies act on it (tiny inputs are below LoraPass's
 # default graph_ops_below, where the sites become graph ops)
-OP = {"lora": {"graph_ops_below": 0}}
+OP = FUSED_OP
 
 
 def _build(save_attention=True, gc=True, seed=0, min_bytes=0, **model_kw):

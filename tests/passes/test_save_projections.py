@@ -15,7 +15,7 @@ from fxfuse.passes.activation_offload import ActivationOffload  # noqa: E402
 from fxfuse.passes.save_projections import schedule  # noqa: E402
 from test_save_attention import (FUZZ_SHAPES, _count, _graphs, _layer_graph, assert_bit_identical,  # noqa: E402
                                  fuzz_sizes)  # (tests/passes is on the path)
-from tiny import loss_and_grads, tiny_model, tokens  # noqa: E402
+from tiny import FUSED_OP, loss_and_grads, tiny_model, tokens  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 LORA = torch.ops.fxfuse.lora_linear.default
@@ -26,7 +26,7 @@ ROOMY = {"link_rate": 1e18, "tiers": None}  # a tiny model computes too little t
 
 # the fused LoRA op at any length: these policies act on it (tiny inputs are below LoraPass's
 # default graph_ops_below, where the sites become graph ops)
-OP = {"lora": {"graph_ops_below": 0}}
+OP = FUSED_OP
 
 
 def _build(projections, seed=0, **model_kw):
