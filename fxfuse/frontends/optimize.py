@@ -11,6 +11,7 @@ import torch
 from ..passes.activation_offload import ActivationOffload
 from ..passes.causal_mask import CausalMaskPass
 from ..passes.eager_attention import EagerAttentionPass
+from ..passes.fp16_guard import Fp16GuardPass
 from ..passes.fused_linear_cross_entropy import FusedLinearCrossEntropyPass
 from ..passes.grouped_mm import GroupedMmPass
 from ..passes.lora import LoraPass
@@ -42,6 +43,7 @@ PASSES = {
     "rms_norm": RmsNormPass,
     "swiglu": SwigluPass,
     "fused_linear_cross_entropy": FusedLinearCrossEntropyPass,
+    "fp16_guard": Fp16GuardPass,  # last: the passes before it match the model's own dtypes
 }
 
 # What runs when no passes are named. grouped_mm: without it an MoE layer whose experts run

@@ -1,0 +1,96 @@
+"""fp16_guard: a float16 model's residual stream carried in fp32 (opt-in pass)."""
+import copy
+
+import pytest
+import torch
+
+import fxfuse
+from tiny import FUSED_OP, loss_and_grads, rel, tiny_model, tokens
+
+PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
+
+
+def _overflowing(gc):
+    """A tiny fp16 Llama whose residual stream passes 65504 in layer 1 (eager: inf, then NaN)."""
+    m = tiny_model("llama", dtype=torch.float16, gc=gc)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("o_proj.base_layer.weight", "down_proj.base_layer.weight")):
+                p.mul_(3e5)
+            if "embed_tokens" in n:
+                p.normal_(0, 1).mul_(2e4).clamp_(-6e4, 6e4)
+    return m
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_stream_past_fp16_max_stays_finite_and_matches_fp32(gc):
+    torch.manual_seed(0)
+    model = _overflowing(gc)
+    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES)
+    ids = tokens(2, 12)
+    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
+    l32, _ = loss_and_grads(eager32, input_ids=ids, labels=ids)
+    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert not torch.isfinite(l16)  # the premise: eager fp16 overflows
+    assert torch.isfinite(lg) and rel(lg, l32) < 1e-4
+    assert g and all(torch.isfinite(v).all() for v in g.values())
+    s = fxfuse.report(opt).summary()["fp16_guard"]
+    assert s["candidates"] == s["rewritten"] == 4  # two residual adds a layer, two layers
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_ordinary_fp16_model_equals_eager_within_fp16_rounding(gc):
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.float16, gc=gc)
+    ref, ref32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES, pass_options=FUSED_OP)
+    ids = tokens(2, 12)
+    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+    _, g32 = loss_and_grads(ref32, input_ids=ids, labels=ids)
+    assert rel(l_opt, l_ref) < 1e-4
+    for k in g_ref:
+        assert rel(g_opt[k], g_ref[k]) < 1e-2, k
+    # carrying the stream in fp32 is no further from fp32 than eager fp16 is (small slack)
+    assert max(rel(g_opt[k], g32[k]) for k in g32) <= 1.2 * max(rel(g_ref[k], g32[k]) for k in g32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_no_candidates_outside_fp16(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES)
+    ids = tokens(1, 8)
+    loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert fxfuse.report(opt).summary()["fp16_guard"]["candidates"] == 0
+
+
+def test_in_place_op_on_the_stream_is_declined_and_nothing_changes():
+    from fxfuse.passes.fp16_guard import Fp16GuardPass
+    from fxfuse.passes.manager import PassStats
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8, dtype=torch.float16)
+
+        def forward(self, x):
+            h = x + self.lin(x.to(torch.float32).to(torch.float16))  # a residual add over a "norm"
+            out = h * 2
+            h.add_(1)  # mutates the stream: promoting h would change what this writes
+            return out, h
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.compile(Block(), backend=backend)(torch.randn(2, 8, dtype=torch.float16))
+    gm = graphs[0]
+    before = gm.code
+    stats = PassStats("fp16_guard", "")
+    Fp16GuardPass().run(gm, stats)
+    assert stats.candidates == 1 and stats.rewritten == 0
+    assert "in-place" in stats.sites[0].reason
+    assert gm.code == before
