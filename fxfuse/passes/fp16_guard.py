@@ -66,7 +66,7 @@ def _is_layer_norm(user: fx.Node, node: fx.Node) -> bool:
 
 def _is_shape_query(user: fx.Node) -> bool:
     return (user.op == "call_method" and user.target in _SHAPE_METHODS) or \
-        (user.op == "call_function" and user.target is getattr and user.args[1:] in (("shape",), ("dtype",)))
+        (user.op == "call_function" and user.target is getattr and user.args[1:] == ("shape",))
 
 
 def _is_view(user: fx.Node) -> bool:
@@ -192,8 +192,6 @@ class _Plan:
             return False
         # every output that is this node goes out fp32, so each getitem reading it is promoted
         idx = {i for i, o in enumerate(outs) if o is node}
-        if any(o is node for o in outs if not isinstance(o, fx.Node)):
-            return False
         for g in list(call.users):
             if g.args[1] in idx:
                 self.promote(parent, g)
