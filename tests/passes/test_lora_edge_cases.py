@@ -131,3 +131,44 @@ def test_device_move_is_not_a_cast():
     # dynamo may fold the no-op move away; if it stays, the site must be declined, not rewritten
     assert stats.candidates == 1
     assert stats.rewritten == 1 or stats.declined[0].reason
+
+
+def test_in_place_op_on_a_graph_op_output_equals_eager():
+    """Llama 4's MoE adds the routed experts into its shared expert's output in place
+    (`out.add_(routed)`); with the site as graph ops (the default at these sizes) that output used to
+    be a custom Function's view, and autograd refused the in-place add while AOTAutograd traced."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import fxfuse
+    from tiny import rel
+
+    class Inplace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(32, 32, bias=False)
+            self.c = torch.nn.Linear(32, 32, bias=False)
+
+        def forward(self, x):
+            out = self.a(x)
+            out.add_(self.c(x).sum(0, keepdim=True))
+            return out.square().mean()
+
+    torch.manual_seed(0)
+    model = get_peft_model(Inplace(), LoraConfig(r=4, lora_alpha=8, target_modules=["a"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ref = copy.deepcopy(model)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False)
+    x = torch.randn(2, 8, 32)
+    l_ref, l_opt = ref(x), opt(x)
+    l_ref.backward()
+    l_opt.backward()
+    assert rel(l_opt, l_ref) < 1e-5
+    report = fxfuse.report(opt)
+    assert report.summary()["lora"]["rewritten"] == 1 and not report.errors, report.table()
+    for (n, p), (_, q) in zip(ref.named_parameters(), opt.named_parameters()):
+        if p.requires_grad:
+            assert rel(q.grad, p.grad) < 1e-4, n

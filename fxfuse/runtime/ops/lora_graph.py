@@ -150,7 +150,7 @@ class _LoraGraph(torch.autograd.Function):
         ctx.meta, ctx.split, ctx.x_shape = meta, split, x.shape
         ctx.a_kinds = [(a.shape[0], a.dtype) for a in lora_as]
         ctx.save_for_backward(x2d, xa, a_all, *weights, *lora_bs)
-        return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
+        return tuple(outs)  # 2-D: views made in here could not be modified in place by the caller
 
     @staticmethod
     def backward(ctx, *grads):
@@ -175,4 +175,7 @@ def lora_linear_graph(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Opt
     if not (len(biases) == len(lora_as) == len(lora_bs) == len(scalings) == n) or n == 0:
         raise ValueError("lora_linear_graph: weights, biases, lora_as, lora_bs and scalings need one entry per member")
     meta = (n, tuple(float(s) for s in scalings), out_dtype)
-    return _LoraGraph.apply(meta, x, *weights, *biases, *lora_as, *lora_bs)
+    outs = _LoraGraph.apply(meta, x, *weights, *biases, *lora_as, *lora_bs)
+    # reshaped out here, so that a caller's in-place op on an output (Llama 4's `out.add_(routed)`
+    # on its shared expert) meets an ordinary view, not a custom Function's view output
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs)
