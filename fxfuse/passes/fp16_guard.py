@@ -17,8 +17,8 @@ blocks; post-norm blocks (`norm(h + sublayer(h))`) are not candidates.
 
 Declined with the reason, every graph left as it was: an in-place op on the stream or on a view or
 upcast of it (promotion would change what it mutates). A checkpoint body called from several places
-keeps fp16 at its boundary (its callers would all need the same dtypes). Not guarded: a single GEMM's own output past 65504 (inf, as in eager: no fp32-output GEMM is
-used), MoE expert sums (fp16 `index_add_`), and residual adds fused into `fxfuse::rms_norm` by the
+keeps fp16 at its boundary (its callers would all need the same dtypes). Not guarded: a single
+GEMM's own output past 65504 (inf, as in eager: no fp32-output GEMM is used), MoE expert sums (fp16 `index_add_`), and residual adds fused into `fxfuse::rms_norm` by the
 opt-in rms_norm pass (the op stores an fp16 sum, as eager does).
 
 Cost: the stream and its gradient take twice the bytes, the checkpointed layer inputs too. Graphs in
@@ -48,6 +48,11 @@ _IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itr
 
 def _hop_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _body_name(gname: str, attr: fx.Node) -> str:
+    """The graphs_of name of the body a HOP call reads through its get_attr node."""
+    return f"{gname}.{attr.target}" if gname != "<top>" else attr.target
 
 
 def _is_fp16(node) -> bool:
@@ -201,7 +206,7 @@ class _Plan:
         body_attr = call.args[0]
         if not (isinstance(body_attr, fx.Node) and body_attr.op == "get_attr") or node in call.kwargs.values():
             return False
-        body = f"{gname}.{body_attr.target}" if gname != "<top>" else body_attr.target
+        body = _body_name(gname, body_attr)
         if body not in self.graphs or self._caller(body) is None:
             return False
         placeholders = [n for n in self.graphs[body].graph.nodes if n.op == "placeholder"]
@@ -241,8 +246,7 @@ class Fp16GuardPass(GraphPass):
             for n in sub.graph.nodes:
                 if n.op == "call_function" and _hop_name(n) and isinstance(n.args[0] if n.args else None, fx.Node) \
                         and n.args[0].op == "get_attr":
-                    body = f"{gname}.{n.args[0].target}" if gname != "<top>" else n.args[0].target
-                    callers.setdefault(body, []).append((gname, n))
+                    callers.setdefault(_body_name(gname, n.args[0]), []).append((gname, n))
                 stream = residual_stream(n, order)
                 if stream is not None:
                     candidates[gname][n] = stream
