@@ -90,11 +90,22 @@ def _drop_logits(module, args, kwargs, output):
     """Forward hook (keep_logits=False): an output whose loss will be backpropagated carries
     logits=None. The hook runs wherever dynamo's graph breaks put it, so the graph that computes
     the loss cannot see it; the pass keys on the same condition (the loss requires grad) and then
-    returns a NaN stand-in for the logits, which this hook removes."""
+    returns a NaN stand-in for the logits, which this hook removes. A tuple output
+    (`return_dict=False`: loss, logits, ...) gets None in the logits' place, and only where that
+    place holds the stand-in (every stride 0), so another model's tuple is left as it is."""
+    if isinstance(output, tuple):
+        if (len(output) >= 2 and _is_backpropagated_loss(output[0]) and isinstance(output[1], torch.Tensor)
+                and output[1].dim() > 0 and not any(output[1].stride())):
+            return (output[0], None) + tuple(output[2:])
+        return output
     loss = getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor) and loss.requires_grad and getattr(output, "logits", None) is not None:
+    if _is_backpropagated_loss(loss) and getattr(output, "logits", None) is not None:
         output["logits"] = None
     return output
+
+
+def _is_backpropagated_loss(loss) -> bool:
+    return isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad
 
 
 def optimize(model: torch.nn.Module, *, passes: Optional[Iterable[str]] = None, compiler: str = "inductor",

@@ -251,15 +251,22 @@ class LoraPass(GraphPass):
         for m, info, module in sites:
             key = (m["x"], info["out_dtype"], info["compute_dtype"], info["lowrank_dtype"], info["graph"])
             groups[key if self.group else id(m)].append((m, info, module))
+        replaced: dict = {}  # a rewritten site's old output -> its getitem, for sites that read it
         for members in groups.values():
+            for m, _, _ in members:
+                for k in _OPERANDS:
+                    m[k] = replaced.get(m[k], m[k])
             for part in _placeable(gm, members):
                 graph = part[0][1]["graph"]
-                fused = _replace_group(gm, part, graph)
+                fused = _replace_group(gm, part, graph, replaced)
                 stats.add(GRAPH_OP_COLUMN if graph else "fused ops")
                 for m, info, module in part:
                     notes = [f"dropout p={info['p']:g}: the mask is drawn in-kernel" if info["p"] else "", info["note"]]
                     note = "; ".join(n for n in notes if n)
                     stats.sites.append(Site(self.name, module, m["up"].name, gname, True, note, group=fused.name))
+
+
+_OPERANDS = ("x", "weight", "bias", "lora_A", "lora_B")
 
 
 def _rows(m):
@@ -278,15 +285,16 @@ def _placeable(gm: fx.GraphModule, members) -> list:
     if len(members) == 1:
         return [members]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    operands = [m[k] for m, _, _ in members for k in ("x", "weight", "bias", "lora_A", "lora_B")]
+    operands = [m[k] for m, _, _ in members for k in _OPERANDS]
     last = max(order[n] for n in operands if isinstance(n, fx.Node))
     first_root = min(order[m.root] for m, _, _ in members)
     return [members] if last < first_root else [[member] for member in members]
 
 
-def _replace_group(gm: fx.GraphModule, members, graph: bool = False) -> fx.Node:
+def _replace_group(gm: fx.GraphModule, members, graph: bool = False, replaced=None) -> fx.Node:
     """The group's op (graph=False) or its math as graph ops (`lora_linear_graph`), and getitems for
-    the members' outputs in place of their sums."""
+    the members' outputs in place of their sums; `replaced` records old output -> getitem, since a
+    later site may read an earlier one's output (a LoRA linear feeding another, `b(a(x))`)."""
     g = gm.graph
     x = members[0][0]["x"]
     operands = [x] + [m[k] for m, _, _ in members for k in ("weight", "bias", "lora_A", "lora_B")]
@@ -330,6 +338,8 @@ def _replace_group(gm: fx.GraphModule, members, graph: bool = False) -> fx.Node:
             out = g.call_function(operator.getitem, (fused, i))
         out.meta.update({k: v for k, v in m.root.meta.items() if k in ("nn_module_stack", "example_value", "val")})
         m.root.replace_all_uses_with(out)
+        if replaced is not None:
+            replaced[m.root] = out
         cursor = out
     for m, _, _ in members:
         for n in sorted(set(m.nodes), key=order.__getitem__, reverse=True):

@@ -50,3 +50,18 @@ def test_keep_logits_returns_them_in_training():
     assert rel(got.loss.detach(), want.loss.detach()) < 1e-5
     assert ce_summary(opt)["rewritten"] == 0
     assert any("keep_logits=True" in why for why in ce_summary(opt)["declined"])
+
+
+def test_tuple_output_has_none_for_the_dropped_logits():
+    """return_dict=False: the training output is (loss, None, ...), never the pass's NaN stand-in;
+    without labels the tuple starts with the real logits."""
+    ref = tiny_model()
+    opt = fxfuse.optimize(clone(ref), compiler="aot_eager", verbose=False)
+    ids = tokens()
+    out = opt(input_ids=ids, labels=ids, use_cache=False, return_dict=False)
+    want = ref(input_ids=ids, labels=ids, use_cache=False, return_dict=False)
+    assert isinstance(out, tuple) and out[1] is None and len(out) == len(want)
+    assert rel(out[0].detach(), want[0].detach()) < 1e-5
+    assert ce_summary(opt)["rewritten"] == 1
+    got = opt(input_ids=ids, use_cache=False, return_dict=False)
+    torch.testing.assert_close(got[0], ref(input_ids=ids, use_cache=False, return_dict=False)[0], rtol=1e-5, atol=1e-5)

@@ -172,3 +172,45 @@ def test_in_place_op_on_a_graph_op_output_equals_eager():
     for (n, p), (_, q) in zip(ref.named_parameters(), opt.named_parameters()):
         if p.requires_grad:
             assert rel(q.grad, p.grad) < 1e-4, n
+
+
+def test_lora_linear_feeding_another_lora_linear():
+    """gemma3n's laurel block is `b(a(x))` with both linears LoRA-targeted: the second site reads the
+    first one's output, which the first rewrite replaces. Both must be rewritten, equal to eager, with
+    no pass error, as the fused op and as graph ops."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    import fxfuse
+    from tiny import rel
+
+    class Chain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(32, 16, bias=False)
+            self.b = torch.nn.Linear(16, 32, bias=True)
+
+        def forward(self, x):
+            return (self.b(self.a(x)) + x).square().mean()
+
+    for below in (0, 2048):
+        torch.manual_seed(0)
+        model = get_peft_model(Chain(), LoraConfig(r=4, lora_alpha=8, target_modules=["a", "b"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        ref = copy.deepcopy(model)
+        opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False,
+                              pass_options={"lora": {"graph_ops_below": below}})
+        x = torch.randn(2, 8, 32)
+        l_ref, l_opt = ref(x), opt(x)
+        l_ref.backward()
+        l_opt.backward()
+        report = fxfuse.report(opt)
+        assert not report.errors, report.errors
+        assert report.summary()["lora"]["rewritten"] == 2, report.table()
+        assert rel(l_opt, l_ref) < 1e-5
+        for (n, p), (_, q) in zip(ref.named_parameters(), opt.named_parameters()):
+            if p.requires_grad:
+                assert rel(q.grad, p.grad) < 1e-4, (below, n)
