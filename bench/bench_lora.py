@@ -100,19 +100,21 @@ def parse_args(argv=None):
                     help="record the allocator during this step (0-based) and print what is alive at its peak (slows that step; the row says which)")
     ap.add_argument("--inductor-config", default=None,
                     help='torch._inductor.config values set before compiling, as JSON, e.g. \'{"allow_buffer_reuse": false}\'')
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
+                    help="the base model's dtype (fp16: for the opt-in fp16_guard pass; the anchor is bf16)")
     ap.add_argument("--label", default=None, help="name written as 'variant' (default: the variant)")
     return ap.parse_args(argv)
 
 
-def build_model(size: str, device: str, rank: int, use_gc: bool):
-    """The anchor's model: random init on the device, bf16 base, fp32 LoRA adapters."""
+def build_model(size: str, device: str, rank: int, use_gc: bool, dtype: torch.dtype = torch.bfloat16):
+    """The anchor's model: random init on the device, bf16 base (or `dtype`), fp32 LoRA adapters."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(**CONFIGS[size], attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        model = LlamaForCausalLM(cfg).to(dtype)
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS))
     if use_gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -237,7 +239,8 @@ def main(argv=None) -> int:
         import torch._inductor.config as inductor_config
         for key, value in json.loads(args.inductor_config).items():
             setattr(inductor_config, key, value)
-    model, cfg = build_model(args.size, args.device, args.rank, use_gc)
+    model, cfg = build_model(args.size, args.device, args.rank, use_gc,
+                             {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     n_params = sum(p.numel() for p in model.parameters())
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
         fwd = model
         rep = fxfuse.report(model)
 
-    base = dict(variant=args.label or variant, passes=args.passes, pass_options=args.pass_options, inductor_config=args.inductor_config, size=args.size, gc=use_gc, rank=args.rank,
+    base = dict(variant=args.label or variant, passes=args.passes, pass_options=args.pass_options, inductor_config=args.inductor_config, size=args.size, dtype=args.dtype, gc=use_gc, rank=args.rank,
                 compiler=None if variant == "hf" else compiler,
                 dynamic=args.dynamic, automatic_dynamic_shapes=torch._dynamo.config.automatic_dynamic_shapes,
                 cache="warm" if args.warm_cache else "cold", n_seqs_in_process=len(seqs),

@@ -48,6 +48,18 @@ def checkpointed(model):
     return model
 
 
+def overflowing_fp16_llama(gc=False):
+    """A tiny fp16 Llama whose residual stream passes 65504 in layer 1 (eager: inf, then NaN)."""
+    m = tiny_model("llama", dtype=torch.float16, gc=gc)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("o_proj.base_layer.weight", "down_proj.base_layer.weight")):
+                p.mul_(3e5)
+            if "embed_tokens" in n:
+                p.normal_(0, 1).mul_(2e4).clamp_(-6e4, 6e4)
+    return m
+
+
 def clone(model):
     return copy.deepcopy(model)
 

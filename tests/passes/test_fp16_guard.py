@@ -5,27 +5,15 @@ import pytest
 import torch
 
 import fxfuse
-from tiny import FUSED_OP, loss_and_grads, rel, tiny_model, tokens
+from tiny import FUSED_OP, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
 
 PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
-
-
-def _overflowing(gc):
-    """A tiny fp16 Llama whose residual stream passes 65504 in layer 1 (eager: inf, then NaN)."""
-    m = tiny_model("llama", dtype=torch.float16, gc=gc)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith(("o_proj.base_layer.weight", "down_proj.base_layer.weight")):
-                p.mul_(3e5)
-            if "embed_tokens" in n:
-                p.normal_(0, 1).mul_(2e4).clamp_(-6e4, 6e4)
-    return m
 
 
 @pytest.mark.parametrize("gc", [False, True])
 def test_stream_past_fp16_max_stays_finite_and_matches_fp32(gc):
     torch.manual_seed(0)
-    model = _overflowing(gc)
+    model = overflowing_fp16_llama(gc)
     eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
     opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES)
     ids = tokens(2, 12)

@@ -1,0 +1,50 @@
+"""On a CUDA device, through Inductor (with the activation offload and the LoRA kernels): the opt-in
+fp16_guard pass keeps an fp16 Llama whose residual stream passes 65504 finite and equal to the fp32
+model, and leaves an ordinary fp16 model within fp16 rounding of eager. The CPU tests
+(tests/passes/test_fp16_guard.py) run it through aot_eager only."""
+import copy
+
+import pytest
+import torch
+
+import fxfuse
+from tiny import FUSED_OP, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
+
+PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
+LORA_MODES = {"graph ops": None, "fused op": FUSED_OP}
+
+
+@pytest.mark.parametrize("lora", list(LORA_MODES))
+@pytest.mark.parametrize("gc", [False, True])
+def test_overflowing_stream_is_finite_and_matches_fp32(gc, lora):
+    torch.manual_seed(0)
+    model = overflowing_fp16_llama(gc).cuda()
+    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    opt = fxfuse.optimize(model, verbose=False, passes=PASSES, pass_options=LORA_MODES[lora])
+    ids = tokens(2, 12).cuda()
+    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
+    l32, g32 = loss_and_grads(eager32, input_ids=ids, labels=ids)
+    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert not torch.isfinite(l16)  # the premise: eager fp16 overflows
+    assert torch.isfinite(lg) and rel(lg, l32) < 1e-3, (lg, l32)
+    assert g.keys() == g32.keys() and all(torch.isfinite(v).all() for v in g.values())
+    report = fxfuse.report(opt)
+    s = report.summary()["fp16_guard"]
+    assert s["candidates"] == s["rewritten"] == 4 and not report.errors and report.runtime_fallbacks == 0
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_ordinary_fp16_model_equals_eager(gc):
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.float16, gc=gc).cuda()
+    ref = copy.deepcopy(model)
+    opt = fxfuse.optimize(model, verbose=False, passes=PASSES)
+    ids = tokens(2, 12).cuda()
+    l_ref, g_ref = loss_and_grads(ref, input_ids=ids, labels=ids)
+    l_opt, g_opt = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert rel(l_opt, l_ref) < 1e-3
+    for k in g_ref:
+        assert rel(g_opt[k], g_ref[k]) < 2e-2, k
+    assert fxfuse.report(opt).summary()["fp16_guard"]["rewritten"] == 4
