@@ -79,7 +79,8 @@ def parse_args(argv=None):
                     help="cap the caching allocator at this many GiB (e.g. 79.1 to stand for an H100 80GB on an H200)")
     ap.add_argument("--size", choices=sorted(CONFIGS), default="8b")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--steps", type=int, default=7, help="steps per length; the median is over the last 5")
+    ap.add_argument("--steps", type=int, default=7,
+                    help="steps per length; the median is over the steps after the first two (the last 5 of the default 7)")
     ap.add_argument("--offload-options", default=None,
                     help='fxfuse-offload: ActivationOffload keyword arguments as JSON, e.g. \'{"save_attention": false}\'')
     ap.add_argument("--progress", action="store_true", help="print when each phase of a step ends (long context)")
