@@ -15,11 +15,16 @@ where one operand (the stream) also feeds a norm (an fp32 upcast or `F.layer_nor
 other operand is computed. That covers pre-norm blocks, sandwich norms and parallel attention/MLP
 blocks; post-norm blocks (`norm(h + sublayer(h))`) are not candidates.
 
+A residual add's branch that is a LoRA site's output (o_proj, down_proj: the lora pass's op or
+graph ops with one member) is written in fp32 (the base GEMM's fp32 accumulator plus the low-rank
+term, `out_dtype=float32`), so a sublayer output past 65504 joins the stream finite.
+
 Declined with the reason, every graph left as it was: an in-place op on the stream or on a view or
 upcast of it (promotion would change what it mutates). A checkpoint body called from several places
-keeps fp16 at its boundary (its callers would all need the same dtypes). Not guarded: a single
-GEMM's own output past 65504 (inf, as in eager: no fp32-output GEMM is used), MoE expert sums (fp16 `index_add_`), and residual adds fused into `fxfuse::rms_norm` by the
-opt-in rms_norm pass (the op stores an fp16 sum, as eager does).
+keeps fp16 at its boundary (its callers would all need the same dtypes). Residual adds that the
+opt-in rms_norm pass fused into `fxfuse::rms_norm` (the op stores an fp16 sum, as eager does) are
+reported as declined. Not guarded: the output of a linear that is not a LoRA site (inf past 65504,
+as in eager), MoE expert sums (fp16 `index_add_`).
 
 Cost: the stream and its gradient take twice the bytes, the checkpointed layer inputs too. Graphs in
 bf16 or fp32, and fp16 autocast over fp32 weights (whose stream is fp32 already), have no candidates.
@@ -32,6 +37,9 @@ from collections import deque
 import torch
 import torch.fx as fx
 
+from ..runtime.ops import lora as _lora_op  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
+from ..runtime.ops import rms_norm as _rms_op  # noqa: F401  (registers torch.ops.fxfuse.rms_norm)
+from ..runtime.ops.lora_graph import lora_linear_graph
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, canon, example_value, graphs_of, module_path, same_size
 
@@ -44,6 +52,8 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permu
                    torch.flatten, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.t}
 _SHAPE_METHODS = {"size", "dim", "numel", "stride"}
 _IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+# the LoRA ops (fused op, graph ops) and the position of their out_dtype argument
+_LORA_OUT_DTYPE_ARG = {torch.ops.fxfuse.lora_linear.default: 8, lora_linear_graph: 6}
 
 
 def _hop_name(node: fx.Node) -> str:
@@ -127,6 +137,20 @@ def _reaches(start: fx.Node, target: fx.Node, order: dict) -> bool:
     return False
 
 
+def _lora_branch(add: fx.Node, stream: fx.Node):
+    """(the LoRA op, its out_dtype position, its output) where the add's other operand is the output
+    of a one-member LoRA op writing fp16, or None."""
+    other = next((x for x in canon(add).operands if x is not stream), None)
+    if not (isinstance(other, fx.Node) and other.op == "call_function" and other.target is operator.getitem
+            and other.args[1] == 0 and isinstance(other.args[0], fx.Node)):
+        return None
+    op = other.args[0]
+    idx = _LORA_OUT_DTYPE_ARG.get(op.target) if op.op == "call_function" else None
+    if idx is None or len(op.args) <= idx or op.args[idx] != torch.float16 or len(op.args[1]) != 1:
+        return None
+    return op, idx, other
+
+
 def residual_stream(add: fx.Node, order: dict):
     """The stream operand of a residual add, or None when `add` is not one."""
     c = canon(add)
@@ -143,6 +167,20 @@ def residual_stream(add: fx.Node, order: dict):
     return None
 
 
+def _fused_by_rms_norm(pass_name: str, graphs: dict) -> list:
+    """Declined sites for the fp16 residual adds the rms_norm pass fused into its op: the op stores
+    the fp16 sum, and this pass cannot reach inside it."""
+    out = []
+    for gname, sub in graphs.items():
+        for n in sub.graph.nodes:
+            if n.op == "call_function" and n.target is torch.ops.fxfuse.rms_norm.default and len(n.args) > 2 \
+                    and n.args[2] is not None and _is_fp16(n.args[0]):
+                out.append(Site(pass_name, module_path(n), n.name, gname, False,
+                                "residual add fused into fxfuse::rms_norm by the rms_norm pass, which stores the "
+                                "fp16 sum: not guarded (leave rms_norm off to guard it)", check="pattern"))
+    return out
+
+
 class _Plan:
     """What promoting the stream changes, worked out before anything is changed."""
 
@@ -151,6 +189,8 @@ class _Plan:
         self.promoted: dict[str, set] = {g: set() for g in graphs}
         self.copies: dict[str, dict] = {g: {} for g in graphs}  # node -> users that get an fp16 copy
         self.layer_norms: dict[str, list] = {g: [] for g in graphs}
+        self.wide: dict[str, dict] = {g: {} for g in graphs}  # LoRA op -> (out_dtype position, its output)
+        self.wide_adds: set = set()  # (graph, add) whose branch is such an op's output
         self.seeds: list = []
 
     def seed(self, gname: str, add: fx.Node, stream: fx.Node) -> None:
@@ -179,6 +219,18 @@ class _Plan:
                 continue
             else:
                 self.copies[gname].setdefault(node, []).append(u)
+
+    def widen(self) -> None:
+        """LoRA ops whose output is a residual add's branch write it in fp32: the sum joins the fp32
+        stream without being rounded to fp16 first (a branch past 65504 stays finite). Not where
+        the output is itself a stream (promoted, or cast to fp32 where it enters the stream)."""
+        for gname, cands in self.candidates.items():
+            streams = set(cands.values())
+            for add, stream in cands.items():
+                found = _lora_branch(add, stream)
+                if found is not None and found[2] not in self.promoted[gname] and found[2] not in streams:
+                    self.wide[gname][found[0]] = found[1:]
+                    self.wide_adds.add((gname, add))
 
     def _caller(self, gname: str):
         """The one call of a body; None for the top graph and for bodies called from several places
@@ -231,7 +283,8 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, meta_from: fx.Node
 
 class Fp16GuardPass(GraphPass):
     name = "fp16_guard"
-    depends_on = ("fxfuse.passes.pattern",)
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.ops.lora_graph",
+                  "fxfuse.runtime.ops.rms_norm")
 
     def __init__(self):
         self.config = {}
@@ -253,6 +306,7 @@ class Fp16GuardPass(GraphPass):
         sites = {(g, a): Site(self.name, module_path(a), a.name, g, False)
                  for g, c in candidates.items() for a in c}
         stats.sites.extend(sites.values())
+        stats.sites.extend(_fused_by_rms_norm(self.name, graphs))
         if not sites:
             return
         plan = _Plan(graphs, callers, candidates)
@@ -264,12 +318,14 @@ class Fp16GuardPass(GraphPass):
             for s in sites.values():
                 s.reason, s.check = str(e), "check()"
             return
+        plan.widen()
         self._apply(plan, graphs, stats)
         seeds = {(g, a) for g, a, _ in plan.seeds}
         for (g, a), s in sites.items():
             s.rewritten, s.group = True, f"{a.name}:fp32"
-            if (g, a) in seeds:
-                s.reason = "the stream enters fp32 here"
+            notes = ["the stream enters fp32 here" if (g, a) in seeds else "",
+                     "its LoRA branch is written in fp32" if (g, a) in plan.wide_adds else ""]
+            s.reason = "; ".join(n for n in notes if n)
 
     def _apply(self, plan: _Plan, graphs: dict, stats: PassStats) -> None:
         for gname, add, stream in plan.seeds:
@@ -304,3 +360,19 @@ class Fp16GuardPass(GraphPass):
                 stats.add("fp32 layer_norms")
             for node in promoted:
                 node.meta["example_value"] = _fake(node, torch.float32)
+            order = {n: i for i, n in enumerate(graph.nodes)}  # with the nodes inserted above
+            for op, (idx, out) in plan.wide[gname].items():
+                op.update_arg(idx, torch.float32)
+                vals = example_value(op)
+                if isinstance(vals, (list, tuple)) and vals and isinstance(vals[0], torch.Tensor):
+                    op.meta["example_value"] = type(vals)([vals[0].to(torch.float32), *vals[1:]])
+                out.meta["example_value"] = _fake(out, torch.float32)
+                others = [u for u in out.users if u not in plan.candidates[gname]]
+                if others:
+                    first = min(others, key=order.__getitem__)
+                    with graph.inserting_before(first):
+                        copy = _cast(graph, out, torch.float16, first)
+                    for u in others:
+                        u.replace_input_with(out, copy)
+                    stats.add("fp16 copies")
+                stats.add("fp32 LoRA outputs")

@@ -5,6 +5,7 @@ of each fp32 operand, one GEMM with fp32 output: what CUDA runs) is forced on th
 `split_path`, with torch's fp32 GEMM standing in for mm's out_dtype (the same products).
 """
 import math
+import os
 from unittest import mock
 
 import pytest
@@ -210,3 +211,43 @@ def test_meta_tensors_give_shapes_forward_and_backward():
     assert [tuple(o.shape) for o in outs[:2]] == [(3, 5, 48), (3, 5, 16)]
     (outs[0].sum() + outs[1].sum()).backward()
     assert x.grad.shape == x.shape and [t.grad.shape for t in (*a, *b)] == [t.shape for t in (*a, *b)]
+
+
+def _op(x, ws, bs, a_s, b_s, scalings, dys, out_dtype):
+    x = x.clone().requires_grad_()
+    a_s = [a.clone().requires_grad_() for a in a_s]
+    b_s = [b.clone().requires_grad_() for b in b_s]
+    ys = torch.ops.fxfuse.lora_linear(x, ws, bs, a_s, b_s, scalings, [0.0] * len(ws), None, out_dtype)[:len(ws)]
+    grads = torch.autograd.grad(ys, [x, *a_s, *b_s], dys)
+    return ys, grads
+
+
+@pytest.mark.parametrize("impl", ["graph ops", "op, fused kernel", "op, cuBLAS path"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_fp32_outputs_from_16_bit_activations_are_not_rounded_to_16_bits(impl, data):
+    """out_dtype=fp32 with fp16/bf16 activations (the fp16 guard's LoRA sites that join an fp32
+    residual stream): outputs within fp32 rounding of float64, also past fp16's 65504."""
+    x, ws, bs, a_s, b_s, scalings, dys, dtype = _case(data)
+    assume(dtype != F32)
+    dys = [d.float() for d in dys]  # the outputs' gradients come in their dtype
+    if data.draw(st.booleans(), label="outputs past 65504"):
+        (y64, _), _ = _float64(x, ws, bs, a_s, b_s, scalings, dys)
+        peak = max(y.abs().max().item() for y in y64)
+        assume(peak > 0)
+        ws = [(w.double() * (2e5 / peak)).to(dtype) for w in ws]
+        bs = [(b.double() * (2e5 / peak)).to(dtype) if b is not None else None for b in bs]
+        assume(all(torch.isfinite(t).all() for t in ws + [b for b in bs if b is not None]))
+    (want_y, want_g), (scale_y, scale_g) = _float64(x, ws, bs, a_s, b_s, scalings, dys)
+    strategy = {"graph ops": "auto", "op, fused kernel": "triton", "op, cuBLAS path": "cublas"}[impl]
+    with mock.patch.dict(os.environ, {"FXFUSE_LORA_GEMM": strategy}):
+        ys, grads = (_graph if impl == "graph ops" else _op)(x, ws, bs, a_s, b_s, scalings, dys, F32)
+    for y, want, scale in zip(ys, want_y, scale_y):
+        assert y.dtype == F32 and y.shape == want.shape and torch.isfinite(y).all()
+        # far below the activation dtype's own rounding (fp16 2e-3 / bf16 1.6e-2 above)
+        assert _err(y, want, scale) <= 1e-4, (_err(y, want, scale), impl)
+    # the adapters' gradients (dy is rounded to the activation dtype first, as for a 16-bit output)
+    for g, want, scale, t in zip(grads[1:], want_g[1:], scale_g[1:], [*a_s, *b_s]):
+        if torch.isfinite(want.to(t.dtype)).all():
+            assert g.dtype == t.dtype and torch.isfinite(g).all()
+            assert _err(g, want, scale) <= 4 * OUT_TOL[dtype], (_err(g, want, scale), impl)

@@ -27,6 +27,40 @@ def test_stream_past_fp16_max_stays_finite_and_matches_fp32(gc):
     assert s["candidates"] == s["rewritten"] == 4  # two residual adds a layer, two layers
 
 
+@pytest.mark.parametrize("lora", ["graph ops", "fused op"])
+def test_lora_branch_past_fp16_max_is_written_in_fp32(lora):
+    """An MLP whose down projection alone passes 65504 (eager fp16: inf): its LoRA op writes fp32,
+    so the sum with the fp32 stream is the fp32 model's."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.float16)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("gate_proj.base_layer.weight", "up_proj.base_layer.weight")):
+                p.mul_(30)
+            if n.endswith("down_proj.base_layer.weight"):
+                p.mul_(2e4)
+    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES,
+                          pass_options=FUSED_OP if lora == "fused op" else None)
+    ids = tokens(2, 12)
+    mlp_max = []
+    hooks = [layer.mlp.register_forward_hook(lambda mod, args, out: mlp_max.append(out.abs().max()))
+             for layer in eager32.base_model.model.model.layers]
+    l32, _ = loss_and_grads(eager32, input_ids=ids, labels=ids)
+    for h in hooks:
+        h.remove()
+    assert min(mlp_max) > 65504  # the premise: each MLP's output alone overflows fp16
+    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
+    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert not torch.isfinite(l16)
+    assert torch.isfinite(lg) and rel(lg, l32) < 1e-4, (lg, l32)
+    assert g and all(torch.isfinite(v).all() for v in g.values())
+    report = fxfuse.report(opt)
+    # o_proj and down_proj in each of the two layers
+    assert report.columns()["fp16_guard"]["fp32 LoRA outputs"] == 4, report.table()
+    assert sum("LoRA branch is written in fp32" in s.reason for s in report.sites("fp16_guard")) == 4
+
+
 @pytest.mark.parametrize("gc", [False, True])
 def test_ordinary_fp16_model_equals_eager_within_fp16_rounding(gc):
     torch.manual_seed(0)
@@ -82,3 +116,16 @@ def test_in_place_op_on_the_stream_is_declined_and_nothing_changes():
     assert stats.candidates == 1 and stats.rewritten == 0
     assert "in-place" in stats.sites[0].reason
     assert gm.code == before
+
+
+def test_residual_adds_fused_by_rms_norm_are_reported_as_declined():
+    """With the rms_norm pass on, the residual adds live inside its op: the guard cannot carry them in
+    fp32, and says so per add instead of reporting nothing."""
+    model = tiny_model("llama", dtype=torch.float16)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES + ["rms_norm"])
+    ids = tokens(1, 8)
+    loss_and_grads(opt, input_ids=ids, labels=ids)
+    s = fxfuse.report(opt).summary()["fp16_guard"]
+    # each layer's two residual adds, fused into the next norm (post-attention, next layer's or final)
+    assert s["rewritten"] == 0 and s["candidates"] == 4, s
+    assert all("fused into fxfuse::rms_norm" in why for why in s["declined"]), s

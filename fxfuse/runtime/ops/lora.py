@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import env, stats
 from ..kernels import lora as K
 from ..kernels import lora_expand as KE
+from .lora_graph import mm32
 
 OP = "fxfuse::lora_linear"
 _SEED_STRIDE = 7919  # members draw independent masks from one seed
@@ -188,6 +189,8 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
     xa = _xa_kernels(x, lora_as, dropout_ps, seed)
     xa_low = None
     strategy = gemm_strategy(x.device)
+    if strategy == "cublas" and out_dtype == torch.float32 and x.dtype != torch.float32:
+        return _wide_outputs(x, xa, weights, biases, lora_bs, scalings, ranks) + [xa]
     if strategy == "cublas" and _expand_on():
         lows = _low_rank_terms(x, xa, biases, lora_bs, scalings, ranks)
         if lows is not None:
@@ -213,6 +216,22 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
         off += r
         outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
     return outs + [xa]
+
+
+def _wide_outputs(x, xa, weights, biases, lora_bs, scalings, ranks):
+    """fp32 outputs from 16-bit activations on the cuBLAS path (the fp16 guard asks for them where a
+    site's output joins an fp32 residual stream): the base GEMM returns its fp32 accumulator (mm's
+    out_dtype), and s·xa·Bᵀ and the bias are added in fp32, so a sum past 65504 stays finite."""
+    x2d = _flat(x)
+    outs, off = [], 0
+    for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
+        y = mm32(x2d, w.t())
+        y.addmm_(xa[:, off:off + r], bb.t().float(), alpha=s)
+        if b is not None:
+            y += b.float()
+        off += r
+        outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
+    return outs
 
 
 def _g_and_db(dy2d, lora_bs, xa, scalings):

@@ -44,7 +44,7 @@ def split_path(a: Tensor) -> bool:
     return a.is_cuda and a.dtype == torch.bfloat16 and _MM_OUT_DTYPE
 
 
-def _mm32(a: Tensor, b: Tensor) -> Tensor:
+def mm32(a: Tensor, b: Tensor) -> Tensor:
     """a·b accumulated and returned in fp32, both operands in one dtype."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
@@ -75,11 +75,11 @@ def dot32(a: Tensor, b: Tensor, split: bool) -> Tensor:
     split (bf16 a): b in three bf16 parts side by side along the output columns, one GEMM that
     reads a once, the parts' products summed in fp32."""
     if b.dtype == a.dtype:
-        return _mm32(a, b)
+        return mm32(a, b)
     if not split or a.dtype != torch.bfloat16:
         return torch.mm(a.float(), b.float())
     n = b.shape[1]
-    out = _mm32(a, torch.cat(split3(b), dim=1))
+    out = mm32(a, torch.cat(split3(b), dim=1))
     return out[:, :n] + out[:, n:2 * n] + out[:, 2 * n:]
 
 
@@ -92,8 +92,14 @@ def _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
         r = bb.shape[1]
         b_low = (bb.float() * s).to(x2d.dtype)  # s·B rounded to the activation dtype, as the op on CUDA
         xa_i = xa_low[:, off:off + r]
-        low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
-        outs.append(torch.addmm(low, x2d, w.t()).to(out_dtype))
+        if out_dtype == torch.float32 and x2d.dtype != torch.float32:
+            # fp32 out from 16-bit x (the fp16 guard's sites that join an fp32 residual stream): the
+            # base GEMM's fp32 accumulator plus the fp32 low-rank term, never rounded to 16 bits
+            y = mm32(x2d, w.t()) + torch.mm(xa[:, off:off + r], bb.float().t() * s)
+            outs.append(y + b.float() if b is not None else y)
+        else:
+            low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
+            outs.append(torch.addmm(low, x2d, w.t()).to(out_dtype))
         off += r
     return outs, xa, a_all
 
