@@ -64,6 +64,13 @@ DORA_WEIGHT_NORM = ("DoRA's weight norm (PEFT use_dora=True): the low-rank chain
                     "matrix to form B·A, not to activations; the pass fuses plain LoRA only")
 
 
+STACKED_ADAPTERS = ("another adapter's sum, not the base linear: more than one adapter is active on this layer; the "
+                    "pass fuses the first adapter's term with the base linear and leaves this one as PEFT computes it")
+CONV1D_BASE = ("the base layer is a GPT-2-style Conv1D (addmm on the flattened input, PEFT fan_in_fan_out=True), "
+               "not a linear; the pass fuses nn.Linear bases only")
+_VIEWS = {"view", "reshape"}
+
+
 def _lora_module(path: str) -> str:
     """The LoRA layer's path from its lora_B linear's. A frame dynamo starts inside the layer after a
     graph break (DoRA's forward, which takes lora_B as an argument) records only `L['lora_B']`."""
@@ -88,6 +95,31 @@ def _dora_reason(up: fx.Node) -> str:
             others = [example_value(o) for o in c.operands if o is not up]
             if others and isinstance(others[0], torch.Tensor) and others[0].dim() > 0:
                 return DORA_MAGNITUDE
+    return ""
+
+
+def _base_reason(up: fx.Node) -> str:
+    """A reason that names what the scaled low-rank term is added to, where that is not a linear:
+    another adapter's sum (stacked adapters), or a Conv1D's addmm (through its view). "" otherwise."""
+    for scaled in up.users:
+        c = canon(scaled)
+        if c is None or c.kind != "mul":
+            continue
+        for add in scaled.users:
+            c = canon(add)
+            if c is None or c.kind != "add":
+                continue
+            for base in c.operands:
+                if base is scaled or not isinstance(base, fx.Node):
+                    continue
+                if (canon(base) is not None and canon(base).kind == "add") or \
+                        (base.op == "call_function" and base.target is operator.add):
+                    return STACKED_ADAPTERS
+                while base.op == "call_method" and base.target in _VIEWS or \
+                        base.op == "call_function" and base.target is torch.reshape:
+                    base = base.args[0]
+                if base.op == "call_function" and base.target is torch.addmm:
+                    return CONV1D_BASE
     return ""
 
 
@@ -242,8 +274,8 @@ class LoraPass(GraphPass):
                 info["graph"], graph_note = self._as_graph_ops(rows, info)
                 info["note"] = "; ".join(n for n in (info["note"], graph_note) if n)
             except Decline as e:
-                dora = _dora_reason(node) if step == "pattern" else ""
-                reason = f"{dora} (pattern: {e})" if dora else str(e)
+                named = (_dora_reason(node) or _base_reason(node)) if step == "pattern" else ""
+                reason = f"{named} (pattern: {e})" if named else str(e)
                 stats.sites.append(Site(self.name, module, node.name, gname, False, reason, check=step))
                 continue
             sites.append((m, info, module))

@@ -214,3 +214,59 @@ def test_lora_linear_feeding_another_lora_linear():
         for (n, p), (_, q) in zip(ref.named_parameters(), opt.named_parameters()):
             if p.requires_grad:
                 assert rel(q.grad, p.grad) < 1e-4, (below, n)
+
+
+def _declines_equal_eager(model, make_inputs):
+    import copy
+
+    import fxfuse
+    from tiny import rel
+
+    ref = copy.deepcopy(model)
+    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False)
+    inputs = make_inputs()
+    l_ref, l_opt = ref(**inputs).loss, opt(**inputs).loss
+    l_ref.backward()
+    l_opt.backward()
+    assert rel(l_opt, l_ref) < 1e-5
+    for (n, p), (_, q) in zip(ref.named_parameters(), opt.named_parameters()):
+        if p.requires_grad:
+            assert rel(q.grad, p.grad) < 1e-4, n
+    report = fxfuse.report(opt)
+    assert not report.errors and report.runtime_fallbacks == 0
+    return report.summary()["lora"]
+
+
+def test_conv1d_base_is_declined_with_a_reason_that_names_it():
+    """GPT-2's Conv1D (PEFT fan_in_fan_out=True) is addmm + view, not a linear: declined, named."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny import tokens, with_lora
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = with_lora(GPT2LMHeadModel(cfg), r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    ids = tokens(2, 8)
+    s = _declines_equal_eager(model, lambda: dict(input_ids=ids, labels=ids))
+    assert s["candidates"] >= 2 and s["rewritten"] == 0
+    assert all("Conv1D" in why for why in s["declined"]), s
+
+
+def test_second_active_adapter_is_declined_with_a_reason_that_names_it():
+    """Two adapters active on q/v: the first is fused with the base linear, the second's term (added
+    to the first's sum) is declined with a reason that says so."""
+    from peft import LoraConfig
+
+    from tiny import tiny_model, tokens
+
+    model = tiny_model("llama", target_modules=["q_proj", "v_proj"])
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    for n, p in model.named_parameters():
+        if "lora_B.second" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = tokens(2, 8)
+    s = _declines_equal_eager(model, lambda: dict(input_ids=ids, labels=ids))
+    assert s["rewritten"] == 4 and s["candidates"] == 8, s  # 2 layers x q, v x 2 adapters
+    assert all("more than one adapter is active" in why for why in s["declined"]), s
