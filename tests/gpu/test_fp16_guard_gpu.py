@@ -35,6 +35,32 @@ def test_overflowing_stream_is_finite_and_matches_fp32(gc, lora):
     assert s["candidates"] == s["rewritten"] == 4 and not report.errors and report.runtime_fallbacks == 0
 
 
+@pytest.mark.parametrize("lora", list(LORA_MODES))
+def test_lora_branch_past_fp16_max_is_written_in_fp32(lora):
+    """Each MLP's output alone passes 65504: its LoRA op (cuBLAS path, mm's fp32 output) or graph ops
+    write fp32, so the loss is the fp32 model's."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.float16, gc=True)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("gate_proj.base_layer.weight", "up_proj.base_layer.weight")):
+                p.mul_(30)
+            if n.endswith("down_proj.base_layer.weight"):
+                p.mul_(2e4)
+    model = model.cuda()
+    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    opt = fxfuse.optimize(model, verbose=False, passes=PASSES, pass_options=LORA_MODES[lora])
+    ids = tokens(2, 12).cuda()
+    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
+    l32, _ = loss_and_grads(eager32, input_ids=ids, labels=ids)
+    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
+    assert not torch.isfinite(l16)
+    assert torch.isfinite(lg) and rel(lg, l32) < 1e-3, (lg, l32)
+    assert g and all(torch.isfinite(v).all() for v in g.values())
+    report = fxfuse.report(opt)
+    assert report.columns()["fp16_guard"]["fp32 LoRA outputs"] == 4 and not report.errors
+
+
 @pytest.mark.parametrize("gc", [False, True])
 def test_ordinary_fp16_model_equals_eager(gc):
     torch.manual_seed(0)
