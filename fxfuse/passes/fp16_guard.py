@@ -6,7 +6,7 @@ that (outlier features, large MLP/MoE outputs); eager then holds inf, the next n
 backward's stream gradient is fp16 as well. With this pass each residual add runs in fp32 and its
 result stays fp32 along the stream, across layers and checkpoint bodies (AOTAutograd derives an
 fp32 stream gradient). Consumers that do not upcast the stream themselves get an fp16 copy, rounded
-as eager rounds it: linears, attention and the LoRA ops keep fp16 inputs and outputs. Norms that
+as eager rounds it: linears, attention and the LoRA ops keep fp16 inputs. Norms that
 begin with an fp32 upcast (HF's RMSNorm, Gemma's) read the fp32 stream directly, and
 `F.layer_norm` on the stream runs in fp32 (weight and bias upcast) and rounds its output once.
 

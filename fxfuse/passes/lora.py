@@ -115,8 +115,8 @@ def _base_reason(up: fx.Node) -> str:
                 if (canon(base) is not None and canon(base).kind == "add") or \
                         (base.op == "call_function" and base.target is operator.add):
                     return STACKED_ADAPTERS
-                while base.op == "call_method" and base.target in _VIEWS or \
-                        base.op == "call_function" and base.target is torch.reshape:
+                while (base.op == "call_method" and base.target in _VIEWS) or \
+                        (base.op == "call_function" and base.target is torch.reshape):
                     base = base.args[0]
                 if base.op == "call_function" and base.target is torch.addmm:
                     return CONV1D_BASE
