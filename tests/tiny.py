@@ -48,16 +48,30 @@ def checkpointed(model):
     return model
 
 
-def overflowing_fp16_llama(gc=False):
-    """A tiny fp16 Llama whose residual stream passes 65504 in layer 1 (eager: inf, then NaN)."""
+def _fp16_llama_scaled(gc: bool, factors: dict) -> torch.nn.Module:
+    """A tiny fp16 Llama with the base weights whose names end in a key of `factors` scaled by it."""
     m = tiny_model("llama", dtype=torch.float16, gc=gc)
     with torch.no_grad():
         for n, p in m.named_parameters():
-            if n.endswith(("o_proj.base_layer.weight", "down_proj.base_layer.weight")):
-                p.mul_(3e5)
-            if "embed_tokens" in n:
-                p.normal_(0, 1).mul_(2e4).clamp_(-6e4, 6e4)
+            for suffix, factor in factors.items():
+                if n.endswith(suffix):
+                    p.mul_(factor)
     return m
+
+
+def overflowing_fp16_llama(gc=False):
+    """A tiny fp16 Llama whose residual stream passes 65504 in layer 1 (eager: inf, then NaN)."""
+    m = _fp16_llama_scaled(gc, {"o_proj.base_layer.weight": 3e5, "down_proj.base_layer.weight": 3e5})
+    with torch.no_grad():
+        emb = m.get_input_embeddings().weight
+        emb.normal_(0, 1).mul_(2e4).clamp_(-6e4, 6e4)
+    return m
+
+
+def large_mlp_fp16_llama(gc=False):
+    """A tiny fp16 Llama whose MLP outputs alone pass 65504 (eager: inf in the down projection)."""
+    return _fp16_llama_scaled(gc, {"gate_proj.base_layer.weight": 30, "up_proj.base_layer.weight": 30,
+                                   "down_proj.base_layer.weight": 2e4})
 
 
 def clone(model):

@@ -281,6 +281,16 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, meta_from: fx.Node
     return c
 
 
+def _give_fp16_copy(graph: fx.Graph, node: fx.Node, users: list, order: dict, stats: PassStats) -> None:
+    """`users` read an fp16 copy of the (now fp32) node, made before the first of them."""
+    first = min(users, key=order.__getitem__)
+    with graph.inserting_before(first):
+        copy = _cast(graph, node, torch.float16, first)
+    for u in users:
+        u.replace_input_with(node, copy)
+    stats.add("fp16 copies")
+
+
 class Fp16GuardPass(GraphPass):
     name = "fp16_guard"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.ops.lora_graph",
@@ -335,12 +345,7 @@ class Fp16GuardPass(GraphPass):
             graph = graphs[gname].graph
             order = {n: i for i, n in enumerate(graph.nodes)}
             for node, users in plan.copies[gname].items():
-                first = min(users, key=order.__getitem__)
-                with graph.inserting_before(first):
-                    copy = _cast(graph, node, torch.float16, first)
-                for u in users:
-                    u.replace_input_with(node, copy)
-                stats.add("fp16 copies")
+                _give_fp16_copy(graph, node, users, order, stats)
             for ln in plan.layer_norms[gname]:
                 with graph.inserting_before(ln):
                     for i, name in ((2, "weight"), (3, "bias")):
@@ -369,10 +374,5 @@ class Fp16GuardPass(GraphPass):
                 out.meta["example_value"] = _fake(out, torch.float32)
                 others = [u for u in out.users if u not in plan.candidates[gname]]
                 if others:
-                    first = min(others, key=order.__getitem__)
-                    with graph.inserting_before(first):
-                        copy = _cast(graph, out, torch.float16, first)
-                    for u in others:
-                        u.replace_input_with(out, copy)
-                    stats.add("fp16 copies")
+                    _give_fp16_copy(graph, out, others, order, stats)
                 stats.add("fp32 LoRA outputs")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxfuse
-from tiny import FUSED_OP, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
+from tiny import FUSED_OP, large_mlp_fp16_llama, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
@@ -16,11 +16,8 @@ PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 LORA_MODES = {"graph ops": None, "fused op": FUSED_OP}
 
 
-@pytest.mark.parametrize("lora", list(LORA_MODES))
-@pytest.mark.parametrize("gc", [False, True])
-def test_overflowing_stream_is_finite_and_matches_fp32(gc, lora):
-    torch.manual_seed(0)
-    model = overflowing_fp16_llama(gc).cuda()
+def _guarded_equals_fp32(model, lora):
+    """eager fp16 overflows; fxfuse with the guard gives the fp32 model's loss, finite gradients."""
     eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
     opt = fxfuse.optimize(model, verbose=False, passes=PASSES, pass_options=LORA_MODES[lora])
     ids = tokens(2, 12).cuda()
@@ -31,8 +28,16 @@ def test_overflowing_stream_is_finite_and_matches_fp32(gc, lora):
     assert torch.isfinite(lg) and rel(lg, l32) < 1e-3, (lg, l32)
     assert g.keys() == g32.keys() and all(torch.isfinite(v).all() for v in g.values())
     report = fxfuse.report(opt)
-    s = report.summary()["fp16_guard"]
-    assert s["candidates"] == s["rewritten"] == 4 and not report.errors and report.runtime_fallbacks == 0
+    assert not report.errors and report.runtime_fallbacks == 0
+    return report
+
+
+@pytest.mark.parametrize("lora", list(LORA_MODES))
+@pytest.mark.parametrize("gc", [False, True])
+def test_overflowing_stream_is_finite_and_matches_fp32(gc, lora):
+    torch.manual_seed(0)
+    s = _guarded_equals_fp32(overflowing_fp16_llama(gc).cuda(), lora).summary()["fp16_guard"]
+    assert s["candidates"] == s["rewritten"] == 4
 
 
 @pytest.mark.parametrize("lora", list(LORA_MODES))
@@ -40,25 +45,8 @@ def test_lora_branch_past_fp16_max_is_written_in_fp32(lora):
     """Each MLP's output alone passes 65504: its LoRA op (cuBLAS path, mm's fp32 output) or graph ops
     write fp32, so the loss is the fp32 model's."""
     torch.manual_seed(0)
-    model = tiny_model("llama", dtype=torch.float16, gc=True)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("gate_proj.base_layer.weight", "up_proj.base_layer.weight")):
-                p.mul_(30)
-            if n.endswith("down_proj.base_layer.weight"):
-                p.mul_(2e4)
-    model = model.cuda()
-    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
-    opt = fxfuse.optimize(model, verbose=False, passes=PASSES, pass_options=LORA_MODES[lora])
-    ids = tokens(2, 12).cuda()
-    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
-    l32, _ = loss_and_grads(eager32, input_ids=ids, labels=ids)
-    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
-    assert not torch.isfinite(l16)
-    assert torch.isfinite(lg) and rel(lg, l32) < 1e-3, (lg, l32)
-    assert g and all(torch.isfinite(v).all() for v in g.values())
-    report = fxfuse.report(opt)
-    assert report.columns()["fp16_guard"]["fp32 LoRA outputs"] == 4 and not report.errors
+    report = _guarded_equals_fp32(large_mlp_fp16_llama(gc=True).cuda(), lora)
+    assert report.columns()["fp16_guard"]["fp32 LoRA outputs"] == 4
 
 
 @pytest.mark.parametrize("gc", [False, True])

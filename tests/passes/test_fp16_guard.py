@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxfuse
-from tiny import FUSED_OP, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
+from tiny import FUSED_OP, large_mlp_fp16_llama, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
 
 PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 
@@ -32,13 +32,7 @@ def test_lora_branch_past_fp16_max_is_written_in_fp32(lora):
     """An MLP whose down projection alone passes 65504 (eager fp16: inf): its LoRA op writes fp32,
     so the sum with the fp32 stream is the fp32 model's."""
     torch.manual_seed(0)
-    model = tiny_model("llama", dtype=torch.float16)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("gate_proj.base_layer.weight", "up_proj.base_layer.weight")):
-                p.mul_(30)
-            if n.endswith("down_proj.base_layer.weight"):
-                p.mul_(2e4)
+    model = large_mlp_fp16_llama()
     eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
     opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES,
                           pass_options=FUSED_OP if lora == "fused op" else None)
