@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import env, stats
 from ..kernels import lora as K
 from ..kernels import lora_expand as KE
-from .lora_graph import mm32
+from .lora_graph import wide_output
 
 OP = "fxfuse::lora_linear"
 _SEED_STRIDE = 7919  # members draw independent masks from one seed
@@ -220,18 +220,11 @@ def _forward_kernels(x, weights, biases, lora_as, lora_bs, scalings, dropout_ps,
 
 def _wide_outputs(x, xa, weights, biases, lora_bs, scalings, ranks):
     """fp32 outputs from 16-bit activations on the cuBLAS path (the fp16 guard asks for them where a
-    site's output joins an fp32 residual stream): the base GEMM returns its fp32 accumulator (mm's
-    out_dtype), and s·xa·Bᵀ and the bias are added in fp32, so a sum past 65504 stays finite."""
+    site's output joins an fp32 residual stream), by the graph ops' `wide_output`."""
     x2d = _flat(x)
-    outs, off = [], 0
-    for w, b, bb, s, r in zip(weights, biases, lora_bs, scalings, ranks):
-        y = mm32(x2d, w.t())
-        y.addmm_(xa[:, off:off + r], bb.t().float(), alpha=s)
-        if b is not None:
-            y += b.float()
-        off += r
-        outs.append(y.reshape(*x.shape[:-1], w.shape[0]))
-    return outs
+    offs = [sum(ranks[:i]) for i in range(len(ranks))]
+    return [wide_output(x2d, w, b, xa[:, o:o + r], bb, s).reshape(*x.shape[:-1], w.shape[0])
+            for w, b, bb, s, o, r in zip(weights, biases, lora_bs, scalings, offs, ranks)]
 
 
 def _g_and_db(dy2d, lora_bs, xa, scalings):

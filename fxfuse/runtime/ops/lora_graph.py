@@ -53,6 +53,14 @@ def mm32(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a.float(), b.float())  # the same products; a host without mm's out_dtype
 
 
+def wide_output(x2d: Tensor, w: Tensor, b: Optional[Tensor], xa: Tensor, lora_b: Tensor, s: float) -> Tensor:
+    """One member's output in fp32 from 16-bit x (the fp16 guard's LoRA sites that join an fp32
+    residual stream; here and on the op's cuBLAS path): the base GEMM's fp32 accumulator plus the fp32
+    low-rank term s·xa·Bᵀ and bias, never rounded to 16 bits."""
+    y = torch.addmm(mm32(x2d, w.t()), xa, lora_b.t().float(), alpha=s)
+    return y + b.float() if b is not None else y
+
+
 def _top_bf16(t: Tensor) -> Tensor:
     """fp32 t with its mantissa cut to bf16's 8 bits (truncation, by the bits): exactly representable
     in bf16. A rounding cast would not do here: Inductor computes `t.to(bf16).float()` inside a
@@ -90,14 +98,11 @@ def _forward(x2d, weights, biases, lora_as, lora_bs, scalings, out_dtype, split)
     outs, off = [], 0
     for w, b, bb, s in zip(weights, biases, lora_bs, scalings):
         r = bb.shape[1]
-        b_low = (bb.float() * s).to(x2d.dtype)  # s·B rounded to the activation dtype, as the op on CUDA
-        xa_i = xa_low[:, off:off + r]
         if out_dtype == torch.float32 and x2d.dtype != torch.float32:
-            # fp32 out from 16-bit x (the fp16 guard's sites that join an fp32 residual stream): the
-            # base GEMM's fp32 accumulator plus the fp32 low-rank term, never rounded to 16 bits
-            y = mm32(x2d, w.t()) + torch.mm(xa[:, off:off + r], bb.float().t() * s)
-            outs.append(y + b.float() if b is not None else y)
+            outs.append(wide_output(x2d, w, b, xa[:, off:off + r], bb, s))
         else:
+            b_low = (bb.float() * s).to(x2d.dtype)  # s·B rounded to the activation dtype, as the op on CUDA
+            xa_i = xa_low[:, off:off + r]
             low = torch.addmm(b, xa_i, b_low.t()) if b is not None else torch.mm(xa_i, b_low.t())
             outs.append(torch.addmm(low, x2d, w.t()).to(out_dtype))
         off += r
