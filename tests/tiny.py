@@ -48,15 +48,19 @@ def checkpointed(model):
     return model
 
 
-def _fp16_llama_scaled(gc: bool, factors: dict) -> torch.nn.Module:
-    """A tiny fp16 Llama with the base weights whose names end in a key of `factors` scaled by it."""
-    m = tiny_model("llama", dtype=torch.float16, gc=gc)
+def _scaled(m: torch.nn.Module, factors: dict) -> torch.nn.Module:
+    """`m` with the weights whose names end in a key of `factors` scaled by it."""
     with torch.no_grad():
         for n, p in m.named_parameters():
             for suffix, factor in factors.items():
                 if n.endswith(suffix):
                     p.mul_(factor)
     return m
+
+
+def _fp16_llama_scaled(gc: bool, factors: dict, targets=TARGETS) -> torch.nn.Module:
+    """A tiny fp16 Llama with the base weights whose names end in a key of `factors` scaled by it."""
+    return _scaled(tiny_model("llama", dtype=torch.float16, gc=gc, target_modules=targets), factors)
 
 
 def overflowing_fp16_llama(gc=False):
@@ -68,10 +72,31 @@ def overflowing_fp16_llama(gc=False):
     return m
 
 
-def large_mlp_fp16_llama(gc=False):
+def large_mlp_fp16_llama(gc=False, targets=TARGETS):
     """A tiny fp16 Llama whose MLP outputs alone pass 65504 (eager: inf in the down projection)."""
-    return _fp16_llama_scaled(gc, {"gate_proj.base_layer.weight": 30, "up_proj.base_layer.weight": 30,
-                                   "down_proj.base_layer.weight": 2e4})
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    # a LoRA site's base weight is `<name>.base_layer.weight`, a plain linear's `<name>.weight`
+    names = {m: f"{m}.base_layer.weight" if m in targets else f"{m}.weight" for m in mlp}
+    return _fp16_llama_scaled(gc, {names["gate_proj"]: 30, names["up_proj"]: 30, names["down_proj"]: 2e4}, targets)
+
+
+MOE_SIZES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+}
+
+
+def large_moe_fp16(arch, gc=False):
+    """A tiny fp16 MoE (transformers' grouped experts; LoRA on every linear) whose experts' down
+    projections pass 65504 (fp32: expert sums past 1e5 in layer 1; eager fp16: inf, then NaN)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **SIZES, **MOE_SIZES[arch]))
+    gate_up = {"mixtral": 5, "qwen2_moe": 10}[arch]
+    model = _scaled(model.to(torch.float16), {"experts.down_proj": 5e5, "experts.gate_up_proj": gate_up})
+    model = with_lora(model, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
+    return checkpointed(model) if gc else model
 
 
 def clone(model):

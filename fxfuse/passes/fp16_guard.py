@@ -15,16 +15,19 @@ where one operand (the stream) also feeds a norm (an fp32 upcast or `F.layer_nor
 other operand is computed. That covers pre-norm blocks, sandwich norms and parallel attention/MLP
 blocks; post-norm blocks (`norm(h + sublayer(h))`) are not candidates.
 
-A residual add's branch that is a LoRA site's output (o_proj, down_proj: the lora pass's op or
-graph ops with one member) is written in fp32 (the base GEMM's fp32 accumulator plus the low-rank
-term, `out_dtype=float32`), so a sublayer output past 65504 joins the stream finite.
+A residual add's branch is computed in fp32 where it can be (fp32_branch.py): LoRA sites (o_proj,
+down_proj: `out_dtype=float32`), an MoE's down projection (`fxfuse::grouped_mm`, `out_dtype`) and
+its expert sum, plain linears (`linear32`), a sandwich norm's fp32 result (its rounding to fp16
+dropped) write their fp32 accumulators, so a sublayer output past 65504 joins the stream finite.
+Where the walk back from the add meets fp16 it cannot widen, it says so in the add's note.
 
 Declined with the reason, every graph left as it was: an in-place op on the stream or on a view or
 upcast of it (promotion would change what it mutates). A checkpoint body called from several places
 keeps fp16 at its boundary (its callers would all need the same dtypes). Residual adds that the
 opt-in rms_norm pass fused into `fxfuse::rms_norm` (the op stores an fp16 sum, as eager does) are
-reported as declined. Not guarded: the output of a linear that is not a LoRA site (inf past 65504,
-as in eager), MoE expert sums (fp16 `index_add_`).
+reported as declined. Not guarded: intermediates inside a sublayer (an MLP's gate/up products, the
+attention scores are computed by their own ops), experts that accumulate in place (`index_add_` into
+an fp16 buffer: reported in the note).
 
 Cost: the stream and its gradient take twice the bytes, the checkpointed layer inputs too. Graphs in
 bf16 or fp32, and fp16 autocast over fp32 weights (whose stream is fp32 already), have no candidates.
@@ -37,9 +40,9 @@ from collections import deque
 import torch
 import torch.fx as fx
 
-from ..runtime.ops import lora as _lora_op  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
 from ..runtime.ops import rms_norm as _rms_op  # noqa: F401  (registers torch.ops.fxfuse.rms_norm)
-from ..runtime.ops.lora_graph import lora_linear_graph
+from ..runtime.ops.wide_linear import linear32
+from . import fp32_branch
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, canon, example_value, graphs_of, module_path, same_size
 
@@ -52,8 +55,8 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permu
                    torch.flatten, torch.narrow, torch.select, torch.split, torch.chunk, torch.unbind, torch.t}
 _SHAPE_METHODS = {"size", "dim", "numel", "stride"}
 _IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-# the LoRA ops (fused op, graph ops) and the position of their out_dtype argument
-_LORA_OUT_DTYPE_ARG = {torch.ops.fxfuse.lora_linear.default: 8, lora_linear_graph: 6}
+_SOURCE_COLUMNS = {"LoRA op": "fp32 LoRA outputs", "grouped_mm": "fp32 grouped_mm outputs",
+                   "linear": "fp32 linear outputs"}
 
 
 def _hop_name(node: fx.Node) -> str:
@@ -77,6 +80,12 @@ def _is_upcast(user: fx.Node, node: fx.Node) -> bool:
 
 def _is_layer_norm(user: fx.Node, node: fx.Node) -> bool:
     return user.op == "call_function" and user.target in _LAYER_NORM and user.args[:1] == (node,)
+
+
+def _is_cast_of(user: fx.Node, node: fx.Node) -> bool:
+    """`user` casts `node` to a fixed dtype (the same result whether node is fp16 or fp32)."""
+    c = canon(user)
+    return c is not None and c.kind == "to" and c.operands[0] is node
 
 
 def _is_shape_query(user: fx.Node) -> bool:
@@ -137,20 +146,6 @@ def _reaches(start: fx.Node, target: fx.Node, order: dict) -> bool:
     return False
 
 
-def _lora_branch(add: fx.Node, stream: fx.Node):
-    """(the LoRA op, its out_dtype position, its output) where the add's other operand is the output
-    of a one-member LoRA op writing fp16, or None."""
-    other = next((x for x in canon(add).operands if x is not stream), None)
-    if not (isinstance(other, fx.Node) and other.op == "call_function" and other.target is operator.getitem
-            and other.args[1] == 0 and isinstance(other.args[0], fx.Node)):
-        return None
-    op = other.args[0]
-    idx = _LORA_OUT_DTYPE_ARG.get(op.target) if op.op == "call_function" else None
-    if idx is None or len(op.args) <= idx or op.args[idx] != torch.float16 or len(op.args[1]) != 1:
-        return None
-    return op, idx, other
-
-
 def residual_stream(add: fx.Node, order: dict):
     """The stream operand of a residual add, or None when `add` is not one."""
     c = canon(add)
@@ -189,8 +184,7 @@ class _Plan:
         self.promoted: dict[str, set] = {g: set() for g in graphs}
         self.copies: dict[str, dict] = {g: {} for g in graphs}  # node -> users that get an fp16 copy
         self.layer_norms: dict[str, list] = {g: [] for g in graphs}
-        self.wide: dict[str, dict] = {g: {} for g in graphs}  # LoRA op -> (out_dtype position, its output)
-        self.wide_adds: set = set()  # (graph, add) whose branch is such an op's output
+        self.branches: dict[tuple, fp32_branch.Branch] = {}  # (graph, add) -> how its branch is widened
         self.seeds: list = []
 
     def seed(self, gname: str, add: fx.Node, stream: fx.Node) -> None:
@@ -221,16 +215,18 @@ class _Plan:
                 self.copies[gname].setdefault(node, []).append(u)
 
     def widen(self) -> None:
-        """LoRA ops whose output is a residual add's branch write it in fp32: the sum joins the fp32
-        stream without being rounded to fp16 first (a branch past 65504 stays finite). Not where
-        the output is itself a stream (promoted, or cast to fp32 where it enters the stream)."""
+        """Each residual add's branch is computed in fp32 where fp32_branch finds how (LoRA, MoE
+        and plain linear outputs, fp32 values rounded to fp16): the sum joins the fp32 stream without
+        being rounded to fp16 first (a branch past 65504 stays finite). Not where the branch is
+        itself a stream (promoted, or cast to fp32 where it enters the stream)."""
         for gname, cands in self.candidates.items():
             streams = set(cands.values())
+            stop = self.promoted[gname] | set(cands) | streams
             for add, stream in cands.items():
-                found = _lora_branch(add, stream)
-                if found is not None and found[2] not in self.promoted[gname] and found[2] not in streams:
-                    self.wide[gname][found[0]] = found[1:]
-                    self.wide_adds.add((gname, add))
+                other = next((x for x in canon(add).operands if x is not stream), None)
+                if not isinstance(other, fx.Node) or other in self.promoted[gname] or other in streams:
+                    continue
+                self.branches[(gname, add)] = fp32_branch.plan(other, stop, _mutation)
 
     def _caller(self, gname: str):
         """The one call of a body; None for the top graph and for bodies called from several places
@@ -333,8 +329,8 @@ class Fp16GuardPass(GraphPass):
         seeds = {(g, a) for g, a, _ in plan.seeds}
         for (g, a), s in sites.items():
             s.rewritten, s.group = True, f"{a.name}:fp32"
-            notes = ["the stream enters fp32 here" if (g, a) in seeds else "",
-                     "its LoRA branch is written in fp32" if (g, a) in plan.wide_adds else ""]
+            branch = plan.branches.get((g, a))
+            notes = ["the stream enters fp32 here" if (g, a) in seeds else "", branch.describe() if branch else ""]
             s.reason = "; ".join(n for n in notes if n)
 
     def _apply(self, plan: _Plan, graphs: dict, stats: PassStats) -> None:
@@ -365,14 +361,42 @@ class Fp16GuardPass(GraphPass):
                 stats.add("fp32 layer_norms")
             for node in promoted:
                 node.meta["example_value"] = _fake(node, torch.float32)
-            order = {n: i for i, n in enumerate(graph.nodes)}  # with the nodes inserted above
-            for op, (idx, out) in plan.wide[gname].items():
-                op.update_arg(idx, torch.float32)
-                vals = example_value(op)
+        for gname in graphs:
+            self._widen(plan, gname, graphs[gname].graph, stats)
+
+    @staticmethod
+    def _widen(plan: _Plan, gname: str, graph: fx.Graph, stats: PassStats) -> None:
+        """Rewrites the graph's branches as fp32_branch planned them."""
+        mine = [b for (g, _), b in plan.branches.items() if g == gname]
+        sources = {n: s for b in mine for n, s in b.sources.items()}
+        wide = set().union(*(b.wide for b in mine)) if mine else set()
+        casts = set().union(*(b.casts for b in mine)) if mine else set()
+        through = set().union(*(b.through for b in mine)) if mine else set()
+        fine = wide | through | set(plan.candidates[gname]) | plan.promoted[gname]  # readers that take fp32
+        for n, (kind, target) in sources.items():
+            if kind == "LoRA op":
+                idx = fp32_branch.LORA_OUT_DTYPE_ARG[target.target]
+                target.update_arg(idx, torch.float32)
+                vals = example_value(target)
                 if isinstance(vals, (list, tuple)) and vals and isinstance(vals[0], torch.Tensor):
-                    op.meta["example_value"] = type(vals)([vals[0].to(torch.float32), *vals[1:]])
-                out.meta["example_value"] = _fake(out, torch.float32)
-                others = [u for u in out.users if u not in plan.candidates[gname]]
-                if others:
-                    _give_fp16_copy(graph, out, others, order, stats)
-                stats.add("fp32 LoRA outputs")
+                    target.meta["example_value"] = type(vals)([vals[0].to(torch.float32), *vals[1:]])
+            elif kind == "grouped_mm":
+                target.args = (*target.args, torch.float32)
+            else:
+                x, w, b = canon(target).operands
+                target.target, target.args, target.kwargs = linear32, (x, w, b), {}
+            stats.add(_SOURCE_COLUMNS[kind])
+        for n in wide:
+            n.meta["example_value"] = _fake(n, torch.float32)
+        for c in casts:  # readers on the branch read the fp32 value the cast rounded
+            x = canon(c).operands[0]
+            for u in [u for u in c.users if u in fine]:
+                u.replace_input_with(c, x)
+            if not c.users:
+                graph.erase_node(c)
+            stats.add("fp16 roundings dropped")
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(wide, key=order.__getitem__):
+            others = [u for u in n.users if not (u in fine or _is_shape_query(u) or _is_cast_of(u, n))]
+            if others:
+                _give_fp16_copy(graph, n, others, order, stats)

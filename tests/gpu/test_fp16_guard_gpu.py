@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fxfuse
-from tiny import FUSED_OP, large_mlp_fp16_llama, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
+from tiny import (FUSED_OP, large_mlp_fp16_llama, large_moe_fp16, loss_and_grads, overflowing_fp16_llama, rel,
+                  tiny_model, tokens)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")
 
@@ -47,6 +48,21 @@ def test_lora_branch_past_fp16_max_is_written_in_fp32(lora):
     torch.manual_seed(0)
     report = _guarded_equals_fp32(large_mlp_fp16_llama(gc=True).cuda(), lora)
     assert report.columns()["fp16_guard"]["fp32 LoRA outputs"] == 4
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch):
+    """Experts whose down projections pass 65504: fxfuse::grouped_mm writes fp32 (mm's fp32 output)
+    and the expert sum is not rounded, so the loss is the fp32 model's."""
+    report = _guarded_equals_fp32(large_moe_fp16(arch, gc=True).cuda(), "graph ops")
+    assert report.columns()["fp16_guard"]["fp32 grouped_mm outputs"] == 2
+
+
+def test_plain_linear_branch_past_fp16_max_is_computed_in_fp32():
+    """LoRA on q/v only: o_proj and down_proj are plain linears, computed by linear32 (mm's fp32 output)."""
+    torch.manual_seed(0)
+    report = _guarded_equals_fp32(large_mlp_fp16_llama(gc=True, targets=["q_proj", "v_proj"]).cuda(), "graph ops")
+    assert report.columns()["fp16_guard"]["fp32 linear outputs"] == 4
 
 
 @pytest.mark.parametrize("gc", [False, True])

@@ -90,6 +90,33 @@ def test_op_is_bit_identical_to_transformers_and_close_to_float64(case):
         assert not out[sum(sizes):].any()  # rows past the last offset stay zero
 
 
+@settings(max_examples=40, deadline=None)
+@given(grouped_case(), st.sampled_from([1.0, 2e4]))
+def test_fp32_output_from_16_bit_operands_is_the_unrounded_accumulator(case, boost):
+    """out_dtype=float32 (the fp16 guard on an MoE's down projection): each group's fp32 products, not
+    rounded to 16 bits, finite past 65504 (boost: fp16 products well past it); rows past the last
+    offset zero; the fp32 gradient is rounded to the operands' dtype before the backward's products."""
+    sizes, tail, k, n, dtype, scale, seed, _, layout, offs_dtype = case
+    dtype = torch.float16 if dtype == torch.float32 else dtype
+    x, w, offs = _operands(sizes, tail, k, n, dtype, scale, seed, False, layout, offs_dtype)
+    x = (x.float() * boost).clamp(-6e4, 6e4).to(dtype)
+    grad = torch.randn(x.shape[0], n, generator=torch.Generator().manual_seed(seed + 1))
+    xi, wi = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+    out = OURS(xi, wi, offs, torch.float32)
+    out.backward(grad)
+    assert out.dtype == torch.float32 and out.shape == (x.shape[0], n)
+    ref = _reference64(x, w, offs)
+    assert torch.isfinite(out).all()
+    bound = _reference64(x.abs(), w.abs(), offs)  # |x|·|w|: the scale of each output's rounding error
+    assert ((out.double() - ref).abs() <= 1e-5 * bound + 1e-30).all()
+    assert not out[sum(sizes):].any()  # rows past the last offset stay zero
+    # the backward: the 16-bit op's, fed the gradient rounded to 16 bits
+    xr, wr = x.clone().requires_grad_(), w.detach().clone().requires_grad_()
+    OURS(xr, wr, offs).backward(grad.to(dtype))
+    for got, expect in ((xi.grad, xr.grad), (wi.grad, wr.grad)):
+        assert got.dtype == dtype and torch.equal(got.nan_to_num(), expect.nan_to_num())
+
+
 @pytest.mark.parametrize("need_input,need_weight", [(True, False), (False, True), (True, True)])
 def test_backward_computes_only_the_gradients_asked_for(need_input, need_weight):
     x, w, offs = _operands([3, 0, 4], 1, 5, 6, torch.float32, 1.0, 0)

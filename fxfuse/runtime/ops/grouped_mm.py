@@ -13,6 +13,10 @@ a [experts, in, out] gradient that is then dropped.
 
 Same math as transformers' fallback, call for call (one torch.mm per non-empty group into a zeroed
 output; rows past the last offset stay zero), so the results are bit-identical to it.
+
+`out_dtype=torch.float32` (set by the fp16_guard pass on an fp16 MoE's down projection, whose
+products can pass 65504) returns each group's fp32 accumulator instead of rounding it to the input's
+dtype; its backward rounds the fp32 gradient to the input's dtype, as the fp16 model's would be.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+
+from .lora_graph import mm32
 
 OP = "fxfuse::grouped_mm"
 BWD = "fxfuse::grouped_mm_backward"
@@ -39,10 +45,16 @@ def _groups(offs: Tensor):
         start = end
 
 
-def forward_products(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    out = torch.zeros(input.size(0), weight.size(2), device=input.device, dtype=input.dtype)
+def forward_products(input: Tensor, weight: Tensor, offs: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    wide = out_dtype is not None and out_dtype != input.dtype
+    if wide and out_dtype != torch.float32:
+        raise ValueError(f"fxfuse::grouped_mm: out_dtype {out_dtype}: only float32 (or the input's dtype)")
+    out = torch.zeros(input.size(0), weight.size(2), device=input.device, dtype=out_dtype if wide else input.dtype)
     for i, start, end in _groups(offs):
-        torch.mm(input[start:end], weight[i], out=out[start:end])
+        if wide:
+            out[start:end] = mm32(input[start:end], weight[i])
+        else:
+            torch.mm(input[start:end], weight[i], out=out[start:end])
     return out
 
 
@@ -59,13 +71,13 @@ def backward_products(grad: Tensor, input: Optional[Tensor], weight: Tensor, off
 
 
 @torch.library.custom_op(OP, mutates_args=(), tags=_TAGS)
-def grouped_mm(input: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    return forward_products(input, weight, offs)
+def grouped_mm(input: Tensor, weight: Tensor, offs: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    return forward_products(input, weight, offs, out_dtype)
 
 
 @grouped_mm.register_fake
-def _(input, weight, offs):
-    return input.new_empty(input.size(0), weight.size(2))
+def _(input, weight, offs, out_dtype=None):
+    return input.new_empty(input.size(0), weight.size(2), dtype=out_dtype or input.dtype)
 
 
 @torch.library.custom_op(BWD, mutates_args=(), tags=_TAGS)
@@ -83,7 +95,7 @@ def _(grad, input, weight, offs, need_input, need_weight):
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, offs = inputs
+    input, weight, offs = inputs[:3]
     # the input ([tokens x top_k, width]) is kept only for the weight gradient: frozen experts need none
     ctx.save_for_backward(input if ctx.needs_input_grad[1] else None, weight, offs)
 
@@ -92,9 +104,10 @@ def _backward(ctx, grad):
     input, weight, offs = ctx.saved_tensors
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_input or need_weight):
-        return None, None, None
+        return None, None, None, None
+    grad = grad.to(weight.dtype)  # an fp32 output's gradient, rounded as the 16-bit model's would be
     got = iter(torch.ops.fxfuse.grouped_mm_backward(grad, input, weight, offs, need_input, need_weight))
-    return (next(got) if need_input else None), (next(got) if need_weight else None), None
+    return (next(got) if need_input else None), (next(got) if need_weight else None), None, None
 
 
 torch.library.register_autograd(OP, _backward, setup_context=_setup_context)
