@@ -23,18 +23,25 @@ def test_linear32_is_the_unrounded_fp32_accumulator(lead, k, n, dtype, with_bias
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(*lead, k, generator=g) * scale).clamp(-6e4, 6e4).to(dtype).requires_grad_()
     w = torch.randn(n, k, generator=g).to(dtype).requires_grad_()
-    b = (torch.randn(n, generator=g) * scale).clamp(-6e4, 6e4).to(dtype) if with_bias else None
+    b = (torch.randn(n, generator=g) * scale).clamp(-6e4, 6e4).to(dtype).requires_grad_() if with_bias else None
     y = linear32(x, w, b)
     assert y.dtype == torch.float32 and y.shape == (*lead, n)
-    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if b is not None else None)
-    bound = x.double().abs() @ w.double().abs().T + (b.double().abs() if b is not None else 0)
+    b64 = b.detach().double() if b is not None else None
+    ref = torch.nn.functional.linear(x.detach().double(), w.detach().double(), b64)
+    bound = x.detach().double().abs() @ w.detach().double().abs().T + (b64.abs() if b is not None else 0)
     assert torch.isfinite(y).all()
     assert ((y.double() - ref).abs() <= 1e-5 * bound + 1e-30).all()
-    # the gradient reaches the 16-bit operands rounded to their dtype
+    # the backward: the 16-bit linear's, fed the gradient rounded to 16 bits
     grad = torch.randn(*lead, n, generator=g)
     y.backward(grad)
-    dx = (grad.double() @ w.double()).to(dtype)
-    assert x.grad.dtype == dtype and rel(x.grad.float(), dx.float()) < 1e-2 + 1e-30
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch.nn.functional.linear(xr, wr).backward(grad.to(dtype))
+    for got, expect in ((x.grad, xr.grad), (w.grad, wr.grad)):  # dW past 65504 is inf in both
+        assert got.dtype == dtype and torch.equal(got.isinf(), expect.isinf()) and not got.isnan().any()
+        fin = torch.isfinite(expect)
+        assert rel(got[fin].float(), expect[fin].float()) < 2e-3 + 1e-30
+    if with_bias:
+        assert b.grad.dtype == dtype and rel(b.grad.float(), grad.double().reshape(-1, n).sum(0)) < 1e-2
 
 
 def test_linear32_stays_finite_where_the_fp16_linear_overflows():
