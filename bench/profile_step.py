@@ -29,6 +29,12 @@ ap.add_argument("--rows", type=int, default=22)
 ap.add_argument("--passes", default=None, help="fxfuse variant: comma-separated passes (default: the variant's)")
 ap.add_argument("--offload", choices=["on", "off"], default="on", help="fxfuse variant: activation offload")
 ap.add_argument("--gaps", action="store_true", help="idle gaps of the compute stream: where it waits, and on what")
+ap.add_argument("--gaps-only", action="store_true", help="with --gaps: skip the kernel table and breakdown (two "
+                "profiled steps fewer: at 32 layers x 128k a step is ~40 s)")
+ap.add_argument("--warm", type=int, default=2, help="steps after the first, before the timed ones")
+ap.add_argument("--timed", type=int, default=5, help="timed steps (the median is printed)")
+ap.add_argument("--host-fraction", type=float, default=None, help="fxfuse variant: the offload's host_fraction")
+ap.add_argument("--gpu-gib", type=float, default=None, help="cap the allocator at this many GiB (as bench_lora.py)")
 ap.add_argument("--no-hf-breaks", action="store_true",
                 help="pass use_cache=False (HF's checkpointing sets it anyway, with a logger warning dynamo "
                      "cannot trace: a graph break) and skip enable_input_require_grads (not needed with "
@@ -36,6 +42,8 @@ ap.add_argument("--no-hf-breaks", action="store_true",
                      "breaks remain: transformers' gradient_checkpointing_enable installs that hook itself")
 a = ap.parse_args()
 
+if a.gpu_gib:
+    torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory))
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, attn_implementation="sdpa")
 torch.manual_seed(0)
@@ -52,8 +60,12 @@ if a.variant == "compile":
 elif a.variant == "fxfuse-lora":
     fwd = fxfuse.optimize(model, passes=["lora"], verbose=False)
 elif a.variant == "fxfuse":
+    offload = a.offload == "on"
+    if offload and a.host_fraction is not None:
+        from fxfuse.passes.activation_offload import ActivationOffload
+        offload = ActivationOffload(host_fraction=a.host_fraction)
     fwd = fxfuse.optimize(model, verbose=False, passes=a.passes.split(",") if a.passes else None,
-                          offload_activations=a.offload == "on")
+                          offload_activations=offload)
 elif a.variant == "hf":
     fwd = model
 else:
@@ -77,10 +89,10 @@ t0 = time.perf_counter()
 step()
 torch.cuda.synchronize()
 first = time.perf_counter() - t0
-for _ in range(2):
+for _ in range(a.warm):
     step()
 times = []
-for _ in range(5):
+for _ in range(a.timed):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     step()
@@ -90,42 +102,43 @@ med = statistics.median(times)
 label = a.variant + (" no-hf-breaks" if a.no_hf_breaks else "")
 print(f"PROFILE {label} seq={a.seq} layers={a.layers} step_ms={med * 1e3:.1f} first_s={first:.1f} "
       f"tok_s={a.seq / med:.0f}", flush=True)
-activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-with torch.profiler.profile(activities=activities) as prof:
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=70))
+if not a.gaps_only:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=70))
 
-# Kernel families, first match wins: where a layer's GPU time goes, and how much of the step the GPU waits.
-# Inductor's kernels (triton_poi_/triton_red_/...) come first: their names carry the ops they fuse
-# ("triton_poi_fused_lora_linear_backward_mul_silu_..."), which would match fxfuse's LoRA family.
-FAMILIES = [("inductor fused", ("triton_",)),
-            ("memcpy/offload", ("memcpy", "Memcpy", "copy_kernel", "CatArrayBatched")),
-            ("flash attention", ("flash", "fmha", "attention")),
-            ("fxfuse lora triton", ("_skinny", "_lowrank", "_lora", "_weight_grad")),
-            ("fxfuse ce triton", ("_ce_", "cross_entropy", "_logsumexp")),
-            ("gemm (cuBLAS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "Kernel2")),
-            ("adamw/foreach", ("foreach", "multi_tensor", "adam")),
-            ("other", ("",))]
-kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-fam_us, fam_n = {}, {}
-for e in kernels:
-    fam = next(f for f, keys in FAMILIES if any(k in e.name for k in keys))
-    fam_us[fam] = fam_us.get(fam, 0.0) + e.device_time
-    fam_n[fam] = fam_n.get(fam, 0) + 1
-busy = sum(fam_us.values()) / 2e3
-span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 2e3 if kernels else 0.0
-print(f"BREAKDOWN {a.variant} seq={a.seq} layers={a.layers} per step: kernel-sum {busy:.2f} ms, "
-      f"first-to-last kernel {span:.2f} ms, launches {len(kernels) // 2}")
-for fam, us in sorted(fam_us.items(), key=lambda kv: -kv[1]):
-    print(f"BREAKDOWN   {fam:<20} {us / 2e3:8.2f} ms  {fam_n[fam] // 2:5d} launches")
-# The 20 longest kernels by total time, full names (the table above truncates them).
-tot = {}
-for e in kernels:
-    tot[e.name] = tot.get(e.name, 0.0) + e.device_time
-for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:20]:
-    print(f"KERNEL {us / 2e3:8.3f} ms/step  {name[:160]}")
+    # Kernel families, first match wins: where a layer's GPU time goes, and how much of the step the GPU waits.
+    # Inductor's kernels (triton_poi_/triton_red_/...) come first: their names carry the ops they fuse
+    # ("triton_poi_fused_lora_linear_backward_mul_silu_..."), which would match fxfuse's LoRA family.
+    FAMILIES = [("inductor fused", ("triton_",)),
+                ("memcpy/offload", ("memcpy", "Memcpy", "copy_kernel", "CatArrayBatched")),
+                ("flash attention", ("flash", "fmha", "attention")),
+                ("fxfuse lora triton", ("_skinny", "_lowrank", "_lora", "_weight_grad")),
+                ("fxfuse ce triton", ("_ce_", "cross_entropy", "_logsumexp")),
+                ("gemm (cuBLAS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "Kernel2")),
+                ("adamw/foreach", ("foreach", "multi_tensor", "adam")),
+                ("other", ("",))]
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    fam_us, fam_n = {}, {}
+    for e in kernels:
+        fam = next(f for f, keys in FAMILIES if any(k in e.name for k in keys))
+        fam_us[fam] = fam_us.get(fam, 0.0) + e.device_time
+        fam_n[fam] = fam_n.get(fam, 0) + 1
+    busy = sum(fam_us.values()) / 2e3
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 2e3 if kernels else 0.0
+    print(f"BREAKDOWN {a.variant} seq={a.seq} layers={a.layers} per step: kernel-sum {busy:.2f} ms, "
+          f"first-to-last kernel {span:.2f} ms, launches {len(kernels) // 2}")
+    for fam, us in sorted(fam_us.items(), key=lambda kv: -kv[1]):
+        print(f"BREAKDOWN   {fam:<20} {us / 2e3:8.2f} ms  {fam_n[fam] // 2:5d} launches")
+    # The 20 longest kernels by total time, full names (the table above truncates them).
+    tot = {}
+    for e in kernels:
+        tot[e.name] = tot.get(e.name, 0.0) + e.device_time
+    for name, us in sorted(tot.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"KERNEL {us / 2e3:8.3f} ms/step  {name[:160]}")
 if a.gaps:  # CUDA activity only: recording host ops would add host time and inflate the gaps
     import gap_report
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as gprof:
