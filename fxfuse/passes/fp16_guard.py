@@ -289,8 +289,9 @@ def _give_fp16_copy(graph: fx.Graph, node: fx.Node, users: list, order: dict, st
 
 class Fp16GuardPass(GraphPass):
     name = "fp16_guard"
-    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.lora", "fxfuse.runtime.ops.lora_graph",
-                  "fxfuse.runtime.ops.rms_norm")
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.passes.fp32_branch", "fxfuse.runtime.ops.lora",
+                  "fxfuse.runtime.ops.lora_graph", "fxfuse.runtime.ops.rms_norm", "fxfuse.runtime.ops.grouped_mm",
+                  "fxfuse.runtime.ops.wide_linear")
 
     def __init__(self):
         self.config = {}

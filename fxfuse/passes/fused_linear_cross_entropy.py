@@ -154,7 +154,8 @@ def check(m: Match) -> dict:
 
 class FusedLinearCrossEntropyPass(GraphPass):
     name = "fused_linear_cross_entropy"
-    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.cross_entropy", "fxfuse.runtime.kernels.cross_entropy")
+    depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.cross_entropy", "fxfuse.runtime.kernels.cross_entropy",
+                  "fxfuse.runtime.ops.lora", "fxfuse.runtime.ops.lora_graph")
 
     def __init__(self, keep_logits: bool = True):
         # True by default: only the frontend, which also drops the stand-in from the model output,

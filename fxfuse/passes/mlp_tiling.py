@@ -86,7 +86,7 @@ class _BySize(Decline):
 class MlpTilingPass(GraphPass):
     name = "mlp_tiling"
     depends_on = ("fxfuse.passes.pattern", "fxfuse.runtime.ops.tiled_mlp", "fxfuse.runtime.ops.lora",
-                  "fxfuse.runtime.kernels.lora")
+                  "fxfuse.runtime.kernels.lora", "fxfuse.runtime.ops.lora_graph")
 
     def __init__(self, min_mib: float = 4096, chunk_mib: float = 256, rows_per_chunk: Optional[int] = None):
         """min_mib: tile once one [tokens, intermediate] tensor is this big. chunk_mib: each chunk's
