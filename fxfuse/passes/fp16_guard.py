@@ -13,7 +13,10 @@ begin with an fp32 upcast (HF's RMSNorm, Gemma's) read the fp32 stream directly,
 A residual add is found by structure, not by module names: an fp16 add of two same-shaped tensors
 where one operand (the stream) also feeds a norm (an fp32 upcast or `F.layer_norm`) from which the
 other operand is computed. That covers pre-norm blocks, sandwich norms and parallel attention/MLP
-blocks; post-norm blocks (`norm(h + sublayer(h))`) are not candidates.
+blocks; post-norm blocks (`norm(h + sublayer(h))`) are not candidates. Nor is an add whose stream and
+branch both enter its graph as inputs, after a graph break: nothing in that graph shows the norm
+(transformers' eager experts loop breaks the graph at its data-dependent `nonzero`, so those MoE
+layers' residual adds stay fp16 and are not in the report; the default grouped experts trace whole).
 
 A residual add's branch is computed in fp32 where it can be (fp32_branch.py): LoRA sites (o_proj,
 down_proj: `out_dtype=float32`), an MoE's down projection (`fxfuse::grouped_mm`, `out_dtype`) and
