@@ -31,8 +31,7 @@ import torch.fx as fx
 from ..runtime.ops import grouped_mm as _grouped_op  # noqa: F401  (registers torch.ops.fxfuse.grouped_mm)
 from ..runtime.ops import lora as _lora_op  # noqa: F401  (registers torch.ops.fxfuse.lora_linear)
 from ..runtime.ops.lora_graph import lora_linear_graph
-from ..runtime.ops.wide_linear import linear32
-from .pattern import Decline, canon, example_value
+from .pattern import canon, example_value
 
 # the LoRA ops (fused op, graph ops) and the position of their out_dtype argument
 LORA_OUT_DTYPE_ARG = {torch.ops.fxfuse.lora_linear.default: 8, lora_linear_graph: 6}
@@ -147,8 +146,10 @@ def plan(branch: fx.Node, stop: set, mutation) -> Branch:
             # fp32 already (an expert sum, a norm's math): walk on to fp16 values it upcasts or promotes
             c = canon(n)
             upcast = c is not None and c.kind == "to" and c.attrs["dtype"] == torch.float32
-            todo.extend([c.operands[0]] if upcast else _followed(n) or [])
-            found.through.add(n)
+            ops = [c.operands[0]] if upcast else _followed(n)
+            if ops:  # it promotes (or casts) what it reads: a widened operand changes nothing else
+                found.through.add(n)
+                todo.extend(ops)
             continue
         if not _is16(n):
             continue
