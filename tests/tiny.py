@@ -99,6 +99,14 @@ def large_moe_fp16(arch, gc=False):
     return checkpointed(model) if gc else model
 
 
+class Fp16LinearBlock(torch.nn.Module):
+    """One fp16 `Linear(8, 8)` as `self.lin`: small graph-level tests subclass it with a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8, dtype=torch.float16)
+
+
 def clone(model):
     return copy.deepcopy(model)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fxfuse
-from tiny import FUSED_OP, large_mlp_fp16_llama, loss_and_grads, overflowing_fp16_llama, rel, tiny_model, tokens
+from tiny import (FUSED_OP, Fp16LinearBlock, large_mlp_fp16_llama, loss_and_grads, overflowing_fp16_llama, rel,
+                  tiny_model, tokens)
 
 PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 
@@ -85,11 +86,7 @@ def test_in_place_op_on_the_stream_is_declined_and_nothing_changes():
     from fxfuse.passes.fp16_guard import Fp16GuardPass
     from fxfuse.passes.manager import PassStats
 
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8, dtype=torch.float16)
-
+    class Block(Fp16LinearBlock):
         def forward(self, x):
             h = x + self.lin(x.to(torch.float32).to(torch.float16))  # a residual add over a "norm"
             out = h * 2

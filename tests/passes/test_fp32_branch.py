@@ -10,7 +10,7 @@ import fxfuse
 from fxfuse.passes.fp16_guard import Fp16GuardPass
 from fxfuse.passes.manager import PassStats
 from fxfuse.runtime.ops.wide_linear import linear32
-from tiny import large_mlp_fp16_llama, large_moe_fp16, loss_and_grads, rel, tiny_model, tokens
+from tiny import Fp16LinearBlock, large_mlp_fp16_llama, large_moe_fp16, loss_and_grads, rel, tokens
 
 PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 
@@ -139,11 +139,7 @@ def _guarded(block, *inputs):
 def test_an_in_place_expert_accumulation_is_left_fp16_and_the_note_says_where():
     """Experts that accumulate with index_add_ into an fp16 buffer (transformers' eager experts): the
     buffer is written in place, so the walk stops there; the stream is still guarded."""
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8, dtype=torch.float16)
-
+    class Block(Fp16LinearBlock):
         def forward(self, x, idx):
             y = self.lin(x.to(torch.float32).to(torch.float16))  # a "norm", then the expert
             return x + torch.zeros_like(x).index_add_(0, idx, y)
@@ -157,11 +153,7 @@ def test_an_in_place_expert_accumulation_is_left_fp16_and_the_note_says_where():
 
 def test_an_op_the_walk_does_not_know_is_reported_and_the_rest_is_widened():
     """A branch `tanh(a) + lin(h)`: the linear is widened, tanh's fp16 output stays (the note names it)."""
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(8, 8, dtype=torch.float16)
-
+    class Block(Fp16LinearBlock):
         def forward(self, x):
             h = x.to(torch.float32).to(torch.float16)
             return x + (torch.tanh(h) + self.lin(h))
