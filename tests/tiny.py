@@ -125,6 +125,15 @@ def loss_and_grads(model, **inputs):
     return out.loss.detach(), grads
 
 
+def eager16_eager32_optimized(model, ids, **optimize_kwargs):
+    """(loss, grads) of an eager fp16 copy, an eager fp32 copy and fxfuse.optimize(model), on `ids`,
+    and the optimized model."""
+    import fxfuse
+    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
+    opt = fxfuse.optimize(model, **optimize_kwargs)
+    return [loss_and_grads(m, input_ids=ids, labels=ids) for m in (eager16, eager32, opt)], opt
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

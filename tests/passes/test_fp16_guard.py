@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fxfuse
-from tiny import (FUSED_OP, Fp16LinearBlock, large_mlp_fp16_llama, loss_and_grads, overflowing_fp16_llama, rel,
-                  tiny_model, tokens)
+from tiny import (FUSED_OP, Fp16LinearBlock, eager16_eager32_optimized, large_mlp_fp16_llama, loss_and_grads,
+                  overflowing_fp16_llama, rel, tiny_model, tokens)
 
 PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 
@@ -15,12 +15,8 @@ PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 def test_stream_past_fp16_max_stays_finite_and_matches_fp32(gc):
     torch.manual_seed(0)
     model = overflowing_fp16_llama(gc)
-    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
-    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES)
-    ids = tokens(2, 12)
-    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
-    l32, _ = loss_and_grads(eager32, input_ids=ids, labels=ids)
-    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
+    ((l16, _), (l32, _), (lg, g)), opt = eager16_eager32_optimized(model, tokens(2, 12), compiler="aot_eager",
+                                                                  verbose=False, passes=PASSES)
     assert not torch.isfinite(l16)  # the premise: eager fp16 overflows
     assert torch.isfinite(lg) and rel(lg, l32) < 1e-4
     assert g and all(torch.isfinite(v).all() for v in g.values())

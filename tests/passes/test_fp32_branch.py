@@ -10,7 +10,8 @@ import fxfuse
 from fxfuse.passes.fp16_guard import Fp16GuardPass
 from fxfuse.passes.manager import PassStats
 from fxfuse.runtime.ops.wide_linear import linear32
-from tiny import Fp16LinearBlock, large_mlp_fp16_llama, large_moe_fp16, loss_and_grads, rel, tokens
+from tiny import (Fp16LinearBlock, eager16_eager32_optimized, large_mlp_fp16_llama, large_moe_fp16, loss_and_grads,
+                  rel, tokens)
 
 PASSES = list(fxfuse.DEFAULT_PASSES) + ["fp16_guard"]
 
@@ -86,13 +87,9 @@ def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch, gc):
 def test_plain_linear_branch_past_fp16_max_is_computed_in_fp32():
     """LoRA on q/v only: o_proj and down_proj are plain linears, and the guard gives them fp32 outputs."""
     model = large_mlp_fp16_llama(targets=["q_proj", "v_proj"])
-    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
-    ids = tokens(2, 12)
-    l16, _ = loss_and_grads(eager16, input_ids=ids, labels=ids)
-    l32, _ = loss_and_grads(eager32, input_ids=ids, labels=ids)
+    ((l16, _), (l32, _), (lg, grads)), opt = eager16_eager32_optimized(model, tokens(2, 12), compiler="aot_eager",
+                                                                       verbose=False, passes=PASSES)
     assert not torch.isfinite(l16)
-    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES)
-    lg, grads = loss_and_grads(opt, input_ids=ids, labels=ids)
     assert torch.isfinite(lg) and rel(lg, l32) < 1e-4, (lg, l32)
     assert grads and all(torch.isfinite(v).all() for v in grads.values())
     report = fxfuse.report(opt)
@@ -108,12 +105,8 @@ def test_sandwich_norm_branch_reads_the_norms_fp32_result():
     cfg = AutoConfig.for_model("gemma2", **SIZES, head_dim=16)
     model = with_lora(AutoModelForCausalLM.from_config(cfg).to(torch.float16), r=8, lora_alpha=16,
                       target_modules=TARGETS)
-    eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
-    opt = fxfuse.optimize(model, compiler="aot_eager", verbose=False, passes=PASSES)
-    ids = tokens(2, 12)
-    l16, g16 = loss_and_grads(eager16, input_ids=ids, labels=ids)
-    l32, g32 = loss_and_grads(eager32, input_ids=ids, labels=ids)
-    lg, g = loss_and_grads(opt, input_ids=ids, labels=ids)
+    ((l16, g16), (l32, g32), (lg, g)), opt = eager16_eager32_optimized(model, tokens(2, 12), compiler="aot_eager",
+                                                                       verbose=False, passes=PASSES)
     assert rel(lg, l32) < 1e-4 and rel(lg, l16) < 1e-4
     assert max(rel(g[k], g32[k]) for k in g32) <= 1.2 * max(rel(g16[k], g32[k]) for k in g32)
     report = fxfuse.report(opt)
