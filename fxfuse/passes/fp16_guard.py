@@ -15,8 +15,9 @@ where one operand (the stream) also feeds a norm (an fp32 upcast or `F.layer_nor
 other operand is computed. That covers pre-norm blocks, sandwich norms and parallel attention/MLP
 blocks; post-norm blocks (`norm(h + sublayer(h))`) are not candidates. Nor is an add whose stream and
 branch both enter its graph as inputs, after a graph break: nothing in that graph shows the norm
-(transformers' eager experts loop breaks the graph at its data-dependent `nonzero`, so those MoE
-layers' residual adds stay fp16 and are not in the report; the default grouped experts trace whole).
+(transformers' eager experts loop breaks the graph at its data-dependent `nonzero`; the default grouped
+experts trace whole). Those adds stay fp16; where one is an add of two graph inputs it is reported
+as declined, so that it is not left silently.
 
 A residual add's branch is computed in fp32 where it can be (fp32_branch.py): LoRA sites (o_proj,
 down_proj: `out_dtype=float32`), an MoE's down projection (`fxfuse::grouped_mm`, `out_dtype`) and
@@ -179,6 +180,26 @@ def _fused_by_rms_norm(pass_name: str, graphs: dict) -> list:
     return out
 
 
+def _split_adds(pass_name: str, graphs: dict, candidates: dict) -> list:
+    """Declined sites for fp16 adds of two same-shaped inputs of the top graph: a residual add whose
+    norm a graph break left in an earlier graph looks like this, and nothing here shows which operand
+    is the stream. Reported so that it is not silently left in fp16."""
+    out = []
+    sub = graphs.get("<top>")
+    for n in sub.graph.nodes if sub is not None else ():
+        c = canon(n)
+        if n in candidates.get("<top>", {}) or c is None or c.kind != "add" or not _is_fp16(n):
+            continue
+        a, b = c.operands
+        if all(isinstance(x, fx.Node) and x.op == "placeholder" and _is_fp16(x) for x in (a, b)) \
+                and same_size(example_value(a).numel(), example_value(b).numel()):
+            out.append(Site(pass_name, module_path(n), n.name, "<top>", False,
+                            "an fp16 add of two inputs of this graph: a residual add split from its norm by a "
+                            "graph break (the report lists them) cannot be told from any other add here: "
+                            "not guarded", check="pattern"))
+    return out
+
+
 class _Plan:
     """What promoting the stream changes, worked out before anything is changed."""
 
@@ -317,6 +338,7 @@ class Fp16GuardPass(GraphPass):
                  for g, c in candidates.items() for a in c}
         stats.sites.extend(sites.values())
         stats.sites.extend(_fused_by_rms_norm(self.name, graphs))
+        stats.sites.extend(_split_adds(self.name, graphs, candidates))
         if not sites:
             return
         plan = _Plan(graphs, callers, candidates)

@@ -16,8 +16,10 @@ then compute in fp32 by type promotion. Operands followed: those of the op's own
 routing weight is not followed; it multiplies the wide value as it is). Anything else with an fp16
 value (an activation, an unrewritten `grouped_mm_fallback`, an in-place accumulation) is where the
 walk stops, and it is reported: that part of the branch stays fp16. Readers of a widened value outside
-the branch get an fp16 copy, so nothing else changes dtype. A branch that something writes into
-in place is left as it is, with the reason.
+the branch get an fp16 copy, so nothing else changes dtype. A branch value that something writes
+into in place is left as it is, with the reason, except a source's output whose only in-place ops
+are elementwise ones straight into it, with nothing viewing it (gpt-oss's `out.add_(bias)` on its
+experts' output): those then compute in fp32.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ _PASS_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeez
 _PASS_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten,
                    torch.narrow, torch.select, torch.t, torch.masked_fill, torch.neg, operator.neg, torch.clone}
 _SUB = {operator.sub, torch.sub}
+# in-place elementwise ops a widened source's output may take as they are (gpt-oss adds its experts'
+# biases with `out.add_(bias)`): written into the fp32 output, they compute in fp32
+_ELEMENTWISE_IN_PLACE = {"add_", "sub_", "mul_", "div_", "masked_fill_"}
 _SUMS = {torch.sum}
 
 
@@ -53,6 +58,7 @@ class Branch:
     casts: set = field(default_factory=set)  # fp16 casts whose branch readers read their input instead
     wide: set = field(default_factory=set)  # nodes whose value becomes fp32 (sources' outputs included)
     through: set = field(default_factory=set)  # fp32 nodes on the branch: they read widened values as they are
+    in_place: set = field(default_factory=set)  # elementwise in-place ops on a widened source's output
     left: list = field(default_factory=list)  # (node, why) where the walk met fp16 it cannot widen
 
     def describe(self) -> str:
@@ -126,6 +132,22 @@ def _followed(node: fx.Node) -> Optional[list]:
     return None
 
 
+def _own_in_place(node: fx.Node) -> Optional[list]:
+    """The in-place ops on `node` when all are elementwise ones written straight into it and nothing
+    views it (a wider `node` then changes only their precision); None otherwise."""
+    ops = []
+    for u in node.users:
+        t = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if u.op == "call_method" and t in _ELEMENTWISE_IN_PLACE and u.args[:1] == (node,) \
+                and not any(a is node for a in u.args[1:]):
+            ops.append(u)
+        elif t.endswith("_") or t in ("view", "view_as", "expand", "as_strided", "transpose", "permute", "t",
+                                      "unsqueeze", "squeeze", "narrow", "select", "__getitem__") \
+                or u.target is operator.getitem or u.kwargs.get("out") is node:
+            return None
+    return ops
+
+
 def _cast16(node: fx.Node) -> Optional[fx.Node]:
     """The input of a cast to fp16 (`.to`, `.half()`, `.type`, `.type_as`), else None."""
     c = canon(node)
@@ -154,12 +176,14 @@ def plan(branch: fx.Node, stop: set, mutation) -> Branch:
         if not _is16(n):
             continue
         bad = mutation(n)
-        if bad is not None:
+        src = source(n)
+        own = _own_in_place(n) if bad is not None and src is not None else None
+        if bad is not None and not own:
             found.left.append((n, f"in-place {getattr(bad.target, '__name__', bad.target)} ({bad.name}) writes into it"))
             continue
-        src = source(n)
         if src is not None:
             found.sources[n] = src
+            found.in_place.update(own or ())
             continue
         x = _cast16(n)
         ops = [x] if x is not None else _followed(n)
@@ -182,7 +206,7 @@ def plan(branch: fx.Node, stop: set, mutation) -> Branch:
             found.casts.add(n)
         else:
             found.wide.add(n)
-    found.wide |= set(found.sources)
+    found.wide |= set(found.sources) | found.in_place  # an in-place op's result is its (now fp32) operand
     if branch not in found.wide and branch not in found.casts:
         return Branch(left=found.left)
     return found

@@ -161,3 +161,38 @@ def test_an_op_the_walk_does_not_know_is_reported_and_the_rest_is_widened():
     ref = x.double() + torch.tanh(x.double()) + torch.nn.functional.linear(x.double(), block.lin.weight.double(),
                                                                            block.lin.bias.double())
     assert rel(out, ref) < 1e-3
+
+
+def test_an_in_place_bias_add_on_a_widened_output_runs_in_fp32():
+    """gpt-oss adds its experts' biases in place (`out.add_(bias)`) on the grouped matmul's output: the
+    output is widened all the same, and the in-place add writes into the fp32 tensor."""
+    class Block(Fp16LinearBlock):
+        def forward(self, x):
+            y = torch.nn.functional.linear(x.to(torch.float32).to(torch.float16), self.lin.weight)
+            y.add_(self.lin.bias)
+            return (x + y).float()  # the stream, read in fp32
+
+    block = Block()
+    with torch.no_grad():
+        block.lin.weight.fill_(100.0)  # each output 8 * 100 * 100 = 80000 > 65504
+        block.lin.bias.fill_(1.0)
+    x = torch.full((2, 8), 100.0, dtype=torch.float16)
+    assert torch.isinf(block(x)).all()  # eager fp16
+    out, gm, stats = _guarded(block, x)
+    note = stats.sites[0].reason
+    assert "1 linear output" in note and "left in fp16" not in note, note
+    assert torch.equal(out, torch.full((2, 8), 80101.0))
+
+
+def test_a_residual_add_split_from_its_norm_by_a_graph_break_is_reported():
+    """After a graph break the add's graph holds two inputs and an add: no norm shows which is the
+    stream. It stays fp16, and the report says so instead of leaving it out."""
+    class Block(Fp16LinearBlock):
+        def forward(self, x):
+            y = self.lin(x.to(torch.float32).to(torch.float16))
+            torch._dynamo.graph_break()
+            return x + y
+
+    _, _, stats = _guarded(Block(), torch.randn(2, 8, dtype=torch.float16))
+    declined = [s for s in stats.sites if not s.rewritten]
+    assert len(declined) == 1 and "graph break" in declined[0].reason, stats.sites
