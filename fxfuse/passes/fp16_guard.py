@@ -21,8 +21,9 @@ as declined, so that it is not left silently.
 
 A residual add's branch is computed in fp32 where it can be (fp32_branch.py): LoRA sites (o_proj,
 down_proj: `out_dtype=float32`), an MoE's down projection (`fxfuse::grouped_mm`, `out_dtype`) and
-its expert sum, plain linears (`linear32`), a sandwich norm's fp32 result (its rounding to fp16
-dropped) write their fp32 accumulators, so a sublayer output past 65504 joins the stream finite.
+its expert sum, plain linears (`linear32`), batched-matmul experts (`bmm32`), a sandwich norm's
+fp32 result (its rounding to fp16 dropped) write their fp32 accumulators, so a sublayer output past
+65504 joins the stream finite.
 Where the walk back from the add meets fp16 it cannot widen, it says so in the add's note.
 
 Declined with the reason, every graph left as it was: an in-place op on the stream or on a view or
@@ -45,7 +46,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.ops import rms_norm as _rms_op  # noqa: F401  (registers torch.ops.fxfuse.rms_norm)
-from ..runtime.ops.wide_linear import linear32
+from ..runtime.ops.wide_linear import bmm32, linear32
 from . import fp32_branch
 from .manager import GraphPass, PassStats, Site
 from .pattern import Decline, canon, example_value, graphs_of, module_path, same_size
@@ -60,7 +61,7 @@ _VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.transpose, torch.permu
 _SHAPE_METHODS = {"size", "dim", "numel", "stride"}
 _IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 _SOURCE_COLUMNS = {"LoRA op": "fp32 LoRA outputs", "grouped_mm": "fp32 grouped_mm outputs",
-                   "linear": "fp32 linear outputs"}
+                   "linear": "fp32 linear outputs", "bmm": "fp32 bmm outputs"}
 
 
 def _hop_name(node: fx.Node) -> str:
@@ -408,6 +409,8 @@ class Fp16GuardPass(GraphPass):
                     target.meta["example_value"] = type(vals)([vals[0].to(torch.float32), *vals[1:]])
             elif kind == "grouped_mm":
                 target.args = (*target.args, torch.float32)
+            elif kind == "bmm":
+                target.target = bmm32
             else:
                 x, w, b = canon(target).operands
                 target.target, target.args, target.kwargs = linear32, (x, w, b), {}

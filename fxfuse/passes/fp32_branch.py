@@ -6,8 +6,8 @@ the branch is walked back from the add, through the ops that follow their input'
 produced its fp16 values:
 
 - sources that can write fp32 instead: a one-member LoRA op (its `out_dtype`), `fxfuse::grouped_mm`
-  (an MoE's experts, `out_dtype`), a plain `F.linear` (-> `linear32`): each returns its fp32
-  accumulator, not rounded;
+  (an MoE's experts, `out_dtype`), a plain `F.linear` (-> `linear32`), `torch.bmm` (experts as one
+  batched matmul, -> `bmm32`): each returns its fp32 accumulator, not rounded;
 - casts to fp16 of a value that is fp32 (a norm computed in fp32, an MoE's fp32 expert sum): the
   branch reads the fp32 value instead.
 
@@ -107,6 +107,8 @@ def source(node: fx.Node) -> Optional[tuple]:
     if c is not None and c.kind == "linear" and _is16(c.operands[0]) and _is16(c.operands[1]) \
             and (c.operands[2] is None or _is16(c.operands[2])):
         return "linear", node
+    if node.target is torch.bmm and len(node.args) == 2 and not node.kwargs and all(_is16(a) for a in node.args):
+        return "bmm", node
     return None
 
 
@@ -132,18 +134,18 @@ def _followed(node: fx.Node) -> Optional[list]:
     return None
 
 
-def _own_in_place(node: fx.Node) -> Optional[list]:
-    """The in-place ops on `node` when all are elementwise ones written straight into it and nothing
-    views it (a wider `node` then changes only their precision); None otherwise."""
+def _own_in_place(node: fx.Node, mutation) -> Optional[list]:
+    """The in-place ops on `node` when all are elementwise ones written straight into it, and nothing
+    else writes into it or into a view of it (a wider `node` then changes only their precision); None
+    otherwise."""
     ops = []
     for u in node.users:
-        t = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
-        if u.op == "call_method" and t in _ELEMENTWISE_IN_PLACE and u.args[:1] == (node,) \
-                and not any(a is node for a in u.args[1:]):
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if u.op == "call_method" and name in _ELEMENTWISE_IN_PLACE and u.args[:1] == (node,) \
+                and not any(a is node for a in u.args[1:]) and not u.kwargs:
             ops.append(u)
-        elif t.endswith("_") or t in ("view", "view_as", "expand", "as_strided", "transpose", "permute", "t",
-                                      "unsqueeze", "squeeze", "narrow", "select", "__getitem__") \
-                or u.target is operator.getitem or u.kwargs.get("out") is node:
+        elif (name.endswith("_") and not name.startswith("_")) or u.target is operator.setitem \
+                or u.kwargs.get("out") is node or mutation(u) is not None:
             return None
     return ops
 
@@ -177,20 +179,25 @@ def plan(branch: fx.Node, stop: set, mutation) -> Branch:
             continue
         bad = mutation(n)
         src = source(n)
-        own = _own_in_place(n) if bad is not None and src is not None else None
+        own = _own_in_place(n, mutation) if bad is not None and src is not None else None
         if bad is not None and not own:
-            found.left.append((n, f"in-place {getattr(bad.target, '__name__', bad.target)} ({bad.name}) writes into it"))
+            op_name = getattr(bad.target, "__name__", bad.target)
+            found.left.append((n, f"in-place {op_name} ({bad.name}) writes into it"))
             continue
         if src is not None:
             found.sources[n] = src
-            found.in_place.update(own or ())
+            for op in own or ():  # what they add into it is part of the branch too (llama 4's routed experts)
+                found.in_place.add(op)
+                size = _numel(n)
+                todo.extend(a for a in op.args[1:] if isinstance(a, fx.Node) and _numel(a) == size)
             continue
+        if n.op in ("placeholder", "get_attr"):
+            continue  # a given value (a weight, a bias, an input): nothing here computes it
         x = _cast16(n)
         ops = [x] if x is not None else _followed(n)
         if not ops:
             name = getattr(n.target, "__name__", str(n.target))
-            why = "an input of this graph" if n.op == "placeholder" else \
-                f"in-place {name} into an fp16 buffer" if name.endswith("_") and not name.startswith("_") else \
+            why = f"in-place {name} into an fp16 buffer" if name.endswith("_") and not name.startswith("_") else \
                 f"{name} is not an op the guard widens through"
             found.left.append((n, why))
             continue
