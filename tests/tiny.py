@@ -84,7 +84,15 @@ MOE_SIZES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
+    # experts as one bmm, a shared expert the routed sum is added into in place
+    "llama4_text": dict(head_dim=16, attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                        intermediate_size_mlp=96, interleave_moe_layer_step=1, no_rope_layers=[1, 0],
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # expert biases added in place to the grouped matmul's output; attention sinks
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"]),
 }
+MOE_SCALES = {"mixtral": (5e5, 5), "qwen2_moe": (5e5, 10), "llama4_text": (5e5, 10), "gpt_oss": (2e5, 5)}
 
 
 def large_moe_fp16(arch, gc=False):
@@ -93,8 +101,8 @@ def large_moe_fp16(arch, gc=False):
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **SIZES, **MOE_SIZES[arch]))
-    gate_up = {"mixtral": 5, "qwen2_moe": 10}[arch]
-    model = _scaled(model.to(torch.float16), {"experts.down_proj": 5e5, "experts.gate_up_proj": gate_up})
+    down, gate_up = MOE_SCALES[arch]
+    model = _scaled(model.to(torch.float16), {"experts.down_proj": down, "experts.gate_up_proj": gate_up})
     model = with_lora(model, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS)
     return checkpointed(model) if gc else model
 

@@ -50,12 +50,13 @@ def test_lora_branch_past_fp16_max_is_written_in_fp32(lora):
     assert report.columns()["fp16_guard"]["fp32 LoRA outputs"] == 4
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch):
-    """Experts whose down projections pass 65504: fxfuse::grouped_mm writes fp32 (mm's fp32 output)
-    and the expert sum is not rounded, so the loss is the fp32 model's."""
+@pytest.mark.parametrize("arch,kind", [("mixtral", "grouped_mm"), ("qwen2_moe", "grouped_mm"), ("gpt_oss", "grouped_mm"),
+                                       ("llama4_text", "bmm")])
+def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch, kind):
+    """Experts whose down projections pass 65504: fxfuse::grouped_mm or bmm32 write fp32 (cuBLAS's
+    fp32 output) and the expert sum is not rounded, so the loss is the fp32 model's."""
     report = _guarded_equals_fp32(large_moe_fp16(arch, gc=True).cuda(), "graph ops")
-    assert report.columns()["fp16_guard"]["fp32 grouped_mm outputs"] == 2
+    assert report.columns()["fp16_guard"][f"fp32 {kind} outputs"] == 2
 
 
 def test_plain_linear_branch_past_fp16_max_is_computed_in_fp32():

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import fxfuse
 from fxfuse.passes.fp16_guard import Fp16GuardPass
 from fxfuse.passes.manager import PassStats
-from fxfuse.runtime.ops.wide_linear import linear32
+from fxfuse.runtime.ops.wide_linear import bmm32, linear32
 from tiny import (Fp16LinearBlock, eager16_eager32_optimized, large_mlp_fp16_llama, large_moe_fp16, loss_and_grads,
                   rel, tokens)
 
@@ -45,6 +45,29 @@ def test_linear32_is_the_unrounded_fp32_accumulator(lead, k, n, dtype, with_bias
         assert b.grad.dtype == dtype and rel(b.grad.float(), grad.double().reshape(-1, n).sum(0)) < 1e-2
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 9), st.integers(1, 17), st.integers(1, 17),
+       st.sampled_from([torch.float16, torch.bfloat16]), st.sampled_from([1e-3, 1.0, 3e4]), st.integers(0, 2**16))
+def test_bmm32_is_the_unrounded_fp32_accumulator(batch, m, k, n, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.randn(batch, m, k, generator=g) * scale).clamp(-6e4, 6e4).to(dtype).requires_grad_()
+    b = torch.randn(batch, k, n, generator=g).to(dtype).requires_grad_()
+    y = bmm32(a, b)
+    assert y.dtype == torch.float32 and y.shape == (batch, m, n) and torch.isfinite(y).all()
+    ref = torch.bmm(a.detach().double(), b.detach().double())
+    bound = torch.bmm(a.detach().double().abs(), b.detach().double().abs())
+    assert ((y.double() - ref).abs() <= 1e-5 * bound + 1e-30).all()
+    # the backward: the 16-bit bmm's, fed the gradient rounded to 16 bits
+    grad = torch.randn(batch, m, n, generator=g)
+    y.backward(grad)
+    ar, br = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.bmm(ar, br).backward(grad.to(dtype))
+    for got, expect in ((a.grad, ar.grad), (b.grad, br.grad)):  # past 65504: inf in both
+        assert got.dtype == dtype and torch.equal(got.isinf(), expect.isinf()) and not got.isnan().any()
+        fin = torch.isfinite(expect)
+        assert rel(got[fin].float(), expect[fin].float()) < 2e-3 + 1e-30
+
+
 def test_linear32_stays_finite_where_the_fp16_linear_overflows():
     x = torch.full((2, 8), 300.0, dtype=torch.float16)
     w = torch.full((4, 8), 100.0, dtype=torch.float16)  # each output 240000 > 65504
@@ -52,7 +75,12 @@ def test_linear32_stays_finite_where_the_fp16_linear_overflows():
     assert torch.equal(linear32(x, w), torch.full((2, 4), 240000.0))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+# where each architecture's experts live, and the column their widened matmuls count in
+MOE = {"mixtral": ("mlp", "grouped_mm"), "qwen2_moe": ("mlp", "grouped_mm"), "gpt_oss": ("mlp", "grouped_mm"),
+       "llama4_text": ("feed_forward", "bmm")}
+
+
+@pytest.mark.parametrize("arch", list(MOE))
 @pytest.mark.parametrize("gc", [False, True])
 def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch, gc):
     """Experts whose down projections pass 65504 (eager fp16: inf, then NaN): the guard has the
@@ -61,7 +89,8 @@ def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch, gc):
     model = large_moe_fp16(arch, gc=gc)
     eager16, eager32 = copy.deepcopy(model), copy.deepcopy(model).float()
     finite = []
-    hooks = [layer.mlp.experts.register_forward_hook(lambda mod, args, out: finite.append(
+    block, kind = MOE[arch]
+    hooks = [getattr(layer, block).experts.register_forward_hook(lambda mod, args, out: finite.append(
         (torch.isfinite(args[0]).all().item(), torch.isfinite(out).all().item())))
         for layer in eager16.base_model.model.model.layers]
     ids = tokens(2, 12)
@@ -77,9 +106,9 @@ def test_moe_branch_past_fp16_max_is_computed_in_fp32(arch, gc):
     assert grads and all(torch.isfinite(v).all() for v in grads.values())
     report = fxfuse.report(opt)
     cols = report.columns()["fp16_guard"]
-    assert cols["fp32 grouped_mm outputs"] == 2, report.table()  # one MoE a layer, two layers
+    assert cols[f"fp32 {kind} outputs"] == 2, report.table()  # one MoE a layer, two layers
     notes = [s.reason for s in report.sites("fp16_guard")]
-    assert sum("grouped_mm output" in n for n in notes) == 2, notes
+    assert sum(f"{kind} output" in n for n in notes) == 2 and not any("left in fp16" in n for n in notes), notes
     if arch == "qwen2_moe":  # the shared expert's down_proj is a LoRA site (all linears targeted)
         assert sum("LoRA op output" in n for n in notes) == 2, notes
 
