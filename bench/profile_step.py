@@ -41,9 +41,14 @@ ap.add_argument("--no-hf-breaks", action="store_true",
                      "use_reentrant=False). Measured 2026-12-02: the logger break goes, requires_grad_() "
                      "breaks remain: transformers' gradient_checkpointing_enable installs that hook itself")
 a = ap.parse_args()
+if a.gaps_only and not a.gaps:
+    ap.error("--gaps-only skips the kernel table in favour of --gaps: give --gaps too")
+if a.timed < 1:
+    ap.error("--timed needs at least one step (the median is printed)")
 
 if a.gpu_gib:
-    torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_gib * 2**30 / total))
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=a.layers, num_attention_heads=32,
                   num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, attn_implementation="sdpa")
 torch.manual_seed(0)
