@@ -396,9 +396,9 @@ class Fp16GuardPass(GraphPass):
         """Rewrites the graph's branches as fp32_branch planned them."""
         mine = [b for (g, _), b in plan.branches.items() if g == gname]
         sources = {n: s for b in mine for n, s in b.sources.items()}
-        wide = set().union(*(b.wide for b in mine)) if mine else set()
-        casts = set().union(*(b.casts for b in mine)) if mine else set()
-        through = set().union(*(b.through for b in mine)) if mine else set()
+        wide = set().union(*(b.wide for b in mine))
+        casts = set().union(*(b.casts for b in mine))
+        through = set().union(*(b.through for b in mine))
         fine = wide | through | set(plan.candidates[gname]) | plan.promoted[gname]  # readers that take fp32
         for n, (kind, target) in sources.items():
             if kind == "LoRA op":
